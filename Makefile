@@ -1,0 +1,35 @@
+# One command each on a fresh clone: `make test`, `make bench`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# An exact torch pin: 2.13.0 installs a CPU wheel from local disk here; an unpinned torch pulls
+# a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench bench-quick lint gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m asyncnn.bench
+
+bench-quick: $(STAMP)
+	$(PY) -m asyncnn.bench --quick
+
+lint: $(STAMP)
+	$(PY) -m ruff check asyncnn tests benchmarks examples
+	$(PY) -m ruff format --check asyncnn tests benchmarks examples
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

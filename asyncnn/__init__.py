@@ -1,0 +1,35 @@
+"""asyncnn: run PyTorch models and tensor pipelines as asyncio tasks joined by bounded queues.
+
+Example::
+
+    import asyncnn
+
+    pipe = asyncnn.Pipeline([asyncnn.Stage(decode), asyncnn.Stage(model), asyncnn.Stage(encode)])
+    async with pipe:
+        y = await pipe.send(x)
+"""
+
+from __future__ import annotations
+
+from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull, StageError
+from .graph import Graph, Node
+from .metrics import PipelineStats, StageStats
+from .pipeline import Pipeline
+from .stage import Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncnnError",
+    "Graph",
+    "GraphError",
+    "Node",
+    "Pipeline",
+    "PipelineClosed",
+    "PipelineFull",
+    "PipelineStats",
+    "Stage",
+    "StageError",
+    "StageStats",
+    "__version__",
+]

@@ -1,0 +1,48 @@
+"""The one exception tree of asyncnn.
+
+Everything asyncnn raises on purpose derives from :class:`AsyncnnError`::
+
+    AsyncnnError
+    ├── GraphError         (also ValueError)  the graph or pipeline declaration is wrong
+    ├── StageError                            a user stage raised; ``.stage`` names it, the cause is chained
+    ├── PipelineClosed                        the pipeline is not running (never started, closing, closed)
+    └── PipelineFull                          ``submit_nowait`` found the admission queue full
+
+Bad arguments to constructors raise the built-ins (``TypeError``/``ValueError``) with a message that
+names the value and the fix; ``GraphError`` is also a ``ValueError`` so that either catch works.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AsyncnnError", "GraphError", "PipelineClosed", "PipelineFull", "StageError"]
+
+
+class AsyncnnError(Exception):
+    """Root of every exception that asyncnn raises on purpose."""
+
+
+class GraphError(AsyncnnError, ValueError):
+    """A graph or pipeline declaration is invalid (cycle, dangling stage, no input or output)."""
+
+
+class StageError(AsyncnnError):
+    """A user stage raised while processing a request.
+
+    ``stage`` is the stage's name; the original exception is ``__cause__``. Only the requests of the
+    failing call get this error: the pipeline keeps serving.
+    """
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[type[StageError], tuple[str, str]]:
+        return (type(self), (self.stage, str(self)))
+
+
+class PipelineClosed(AsyncnnError):
+    """The pipeline does not accept or finish this request: it is not running, or it shut down."""
+
+
+class PipelineFull(AsyncnnError):
+    """``submit_nowait`` found the admission queue full; retry later or shed the load (HTTP 503)."""

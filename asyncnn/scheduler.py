@@ -1,0 +1,369 @@
+"""Turns a validated plan into running tasks: channels, stage workers, joins, the sink, shutdown.
+
+Shape of a running pipeline::
+
+    admission ─▶ [stage a] ─▶ ch ─▶ [stage b] ─┬▶ ch ─▶ [stage c] ─┬▶ join ─▶ [stage d] ─▶ sink
+                                               └▶ ch ─▶ [stage e] ─┘
+
+Every arrow is a bounded :class:`~asyncnn.channels.Channel`. A stage with ``workers=k`` runs k
+worker tasks on its input channel; the last worker to finish closes the stage's outputs, so
+closing admission drains the whole graph in order and the sink finishes last.
+
+Exactly-once bookkeeping lives here: a request is in ``inflight`` from admission until it ends,
+and whichever place ends it (the sink, a failing stage, a boundary that finds it cancelled, or the
+forced shutdown) pops it from there first; only the one that pops it counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio import EndOfStream, WouldBlock
+
+from .batching import Envelope, Request
+from .channels import Channel
+from .errors import PipelineClosed, StageError
+from .executors import ThreadWorker, prepare_call
+from .graph import Plan
+from .stage import Stage
+
+__all__ = ["Counters", "Scheduler", "StageCounters"]
+
+_MISSING = object()
+
+
+class StageCounters:
+    """Mutable per-stage figures, updated on the hot path (plain int adds)."""
+
+    __slots__ = ("batches", "failures", "items")
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.batches = 0
+        self.failures = 0
+
+
+@dataclass
+class Counters:
+    """Pipeline-wide request outcomes; ``admitted == completed + failed + cancelled + in_flight``."""
+
+    admitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class _JoinState:
+    """Parks the parts of each request until one has arrived on every port."""
+
+    __slots__ = ("parts", "ports")
+
+    def __init__(self, ports: int) -> None:
+        self.ports = ports
+        self.parts: dict[int, list[Any]] = {}
+
+    def offer(self, port: int, req: Request, payload: Any) -> tuple[Any, ...] | None:
+        slot = self.parts.get(req.id)
+        if slot is None:
+            slot = [_MISSING] * self.ports
+            self.parts[req.id] = slot
+            if req.parked is None:
+                req.parked = []
+            req.parked.append(self.parts)
+        slot[port] = payload
+        if any(p is _MISSING for p in slot):
+            return None
+        del self.parts[req.id]
+        assert req.parked is not None
+        req.parked.remove(self.parts)
+        return tuple(slot)
+
+
+class _Node:
+    """Run-time state of one stage."""
+
+    def __init__(self, stage: Stage, index: int, inputs: tuple[int, ...], queue_size: int):
+        self.stage = stage
+        self.index = index
+        self.inputs = inputs
+        self.call = prepare_call(stage)
+        self.runs_on = stage.runs_on
+        self.is_join = len(inputs) > 1
+        # One channel per input port; a join also gets a merged work channel fed by collectors.
+        self.ports = [Channel[Envelope](queue_size, f"{stage.name}[{p}]") for p in range(len(inputs))]
+        self.work = (
+            Channel[Envelope](queue_size, f"{stage.name}.joined") if self.is_join else self.ports[0]
+        )
+        self.outs: list[Channel[Envelope]] = []
+        self.live_workers = stage.workers
+        self.live_collectors = len(inputs)
+        self.join = _JoinState(len(inputs)) if self.is_join else None
+        self.counters = StageCounters()
+        self.threads: list[ThreadWorker] = []
+
+
+class Scheduler:
+    """Owns the channels and tasks of one running pipeline.
+
+    ``start(tg)`` launches every task in the caller's task group; ``admission`` is where requests
+    enter; ``finished`` is set once the sink has seen the end of the stream (a full drain).
+    """
+
+    def __init__(self, plan: Plan, queue_size: int) -> None:
+        self.plan = plan
+        self.queue_size = queue_size
+        self.inflight: dict[int, Request] = {}
+        self.counters = Counters()
+        self.nodes = [_Node(n.stage, i, n.inputs, queue_size) for i, n in enumerate(plan.nodes)]
+        self.sink_ports = [Channel[Envelope](queue_size, f"output[{p}]") for p in plan.outputs]
+        self.sink_join = _JoinState(len(plan.outputs)) if len(plan.outputs) > 1 else None
+        self.live_sinks = len(self.sink_ports)
+        self.finished: asyncio.Event | None = None
+        # Wire every producer to the port channels of its consumers.
+        input_outs: list[Channel[Envelope]] = []
+        for node in self.nodes:
+            for port, src in enumerate(node.inputs):
+                (input_outs if src == -1 else self.nodes[src].outs).append(node.ports[port])
+        for port, src in enumerate(plan.outputs):
+            (input_outs if src == -1 else self.nodes[src].outs).append(self.sink_ports[port])
+        self.input_outs = input_outs
+        self.admission = (
+            input_outs[0] if len(input_outs) == 1 else Channel[Envelope](queue_size, "input")
+        )
+
+    @property
+    def capacity(self) -> int:
+        """How many requests the graph can hold at once (all buffers plus running calls)."""
+        chans = 1 + len(self.sink_ports) + sum(len(n.ports) + n.is_join for n in self.nodes)
+        return chans * self.queue_size + sum(n.stage.workers for n in self.nodes)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop) -> None:
+        self.finished = asyncio.Event()
+        if self.admission is not self.input_outs[0]:
+            tg.start_soon(self._fan_out_input, name="asyncnn:input")
+        for node in self.nodes:
+            if node.is_join:
+                for port, ch in enumerate(node.ports):
+                    tg.start_soon(self._collect, node, port, ch, name=f"asyncnn:{node.stage.name}:join")
+            for w in range(node.stage.workers):
+                worker = None
+                if node.runs_on == "thread":
+                    worker = ThreadWorker(f"{node.stage.name}:{w}", loop)
+                    node.threads.append(worker)
+                tg.start_soon(self._work, node, worker, name=f"asyncnn:{node.stage.name}:{w}")
+        for port, ch in enumerate(self.sink_ports):
+            tg.start_soon(self._sink, port, ch, name="asyncnn:sink")
+
+    def close_admission(self) -> None:
+        self.admission.close()
+
+    async def stop_threads(self, timeout: float | None) -> None:
+        workers = [w for n in self.nodes for w in n.threads]
+        for w in workers:
+            w.stop()
+        for w in workers:
+            await w.wait_stopped(timeout)
+
+    def fail_all(self, reason: BaseException | None) -> None:
+        """End every request still in flight with ``PipelineClosed`` (forced shutdown)."""
+        for req in list(self.inflight.values()):
+            exc = PipelineClosed(
+                "pipeline closed before this request finished "
+                "(aclose timeout, cancellation, or a runtime failure)"
+            )
+            if reason is not None:
+                exc.__cause__ = reason
+            self._end_failed(req, exc)
+        for node in self.nodes:
+            for ch in (*node.ports, node.work):
+                ch.drain_nowait()
+
+    # -- request outcomes ------------------------------------------------------------------------
+
+    def admit(self, req: Request) -> None:
+        self.inflight[req.id] = req
+        self.counters.admitted += 1
+
+    def _release(self, req: Request) -> bool:
+        """Take ``req`` out of flight; True for the one caller that gets to count its outcome."""
+        if self.inflight.pop(req.id, None) is None:
+            return False
+        if req.parked:
+            for parts in req.parked:
+                parts.pop(req.id, None)
+            req.parked = None
+        return True
+
+    def _drop(self, req: Request) -> None:
+        """A boundary found ``req`` already ended (cancelled by its caller, or failed elsewhere)."""
+        if self._release(req) and req.future.cancelled():
+            self.counters.cancelled += 1
+
+    def _end_failed(self, req: Request, exc: BaseException) -> None:
+        if self._release(req):
+            if req.future.cancelled():
+                self.counters.cancelled += 1
+                return
+            self.counters.failed += 1
+            if not req.future.done():
+                req.future.set_exception(exc)
+
+    def _fail(self, node: _Node, env: Envelope, cause: Exception) -> None:
+        node.counters.failures += 1
+        name = node.stage.name
+        for req in env.requests:
+            err = StageError(name, f"stage {name!r} raised {type(cause).__name__}: {cause}")
+            err.__cause__ = cause
+            self._end_failed(req, err)
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    async def _work(self, node: _Node, worker: ThreadWorker | None) -> None:
+        inq = node.work
+        recv_nowait, recv = inq.receive_nowait, inq.receive
+        call, runs_on, is_join = node.call, node.runs_on, node.is_join
+        counters = node.counters
+        outs = node.outs
+        single_out = outs[0] if len(outs) == 1 else None
+        run: Callable[[Callable[..., Any], tuple[Any, ...]], Awaitable[Any]] | None = (
+            worker.run if worker is not None else None
+        )
+        try:
+            while True:
+                try:
+                    env = recv_nowait()
+                except WouldBlock:
+                    try:
+                        env = await recv()
+                    except EndOfStream:
+                        return
+                except EndOfStream:
+                    return
+                reqs = env.requests
+                if len(reqs) == 1:
+                    if reqs[0].future.done():
+                        self._drop(reqs[0])
+                        continue
+                else:
+                    live = [r for r in reqs if not r.future.done()]
+                    if len(live) != len(reqs):
+                        for r in reqs:
+                            if r.future.done():
+                                self._drop(r)
+                        if not live:
+                            continue
+                        # Batched envelopes (issue 4) must remove the dead rows; until then an
+                        # envelope only holds several requests when they share one payload.
+                        env.requests = reqs = live
+                try:
+                    if runs_on == "loop":
+                        out = await (call(*env.payload) if is_join else call(env.payload))
+                    elif runs_on == "inline":
+                        out = call(*env.payload) if is_join else call(env.payload)
+                    else:
+                        assert run is not None
+                        out = await run(call, env.payload if is_join else (env.payload,))
+                except Exception as exc:
+                    self._fail(node, env, exc)
+                    continue
+                counters.items += len(reqs)
+                counters.batches += 1
+                env.payload = out
+                if single_out is not None:
+                    try:
+                        single_out.send_nowait(env)
+                    except WouldBlock:
+                        await single_out.send(env)
+                else:
+                    await self._send_all(outs, env)
+        finally:
+            node.live_workers -= 1
+            if node.live_workers == 0:
+                for ch in outs:
+                    ch.close()
+
+    @staticmethod
+    async def _send_all(outs: list[Channel[Envelope]], env: Envelope) -> None:
+        # Fan-out: every consumer gets its own envelope around the same payload.
+        for i, ch in enumerate(outs):
+            e = env if i == 0 else Envelope(env.payload, env.requests)
+            try:
+                ch.send_nowait(e)
+            except WouldBlock:
+                await ch.send(e)
+
+    async def _fan_out_input(self) -> None:
+        try:
+            while True:
+                try:
+                    env = await self.admission.receive()
+                except EndOfStream:
+                    return
+                await self._send_all(self.input_outs, env)
+        finally:
+            for ch in self.input_outs:
+                ch.close()
+
+    async def _collect(self, node: _Node, port: int, ch: Channel[Envelope]) -> None:
+        join = node.join
+        assert join is not None
+        try:
+            while True:
+                try:
+                    env = await ch.receive()
+                except EndOfStream:
+                    return
+                for req in env.requests:
+                    if req.future.done():
+                        self._drop(req)
+                        continue
+                    parts = join.offer(port, req, env.payload)
+                    if parts is not None:
+                        await node.work.send(Envelope(parts, [req]))
+        finally:
+            node.live_collectors -= 1
+            if node.live_collectors == 0:
+                node.work.close()
+
+    async def _sink(self, port: int, ch: Channel[Envelope]) -> None:
+        recv_nowait, recv = ch.receive_nowait, ch.receive
+        inflight = self.inflight
+        counters = self.counters
+        join = self.sink_join
+        try:
+            while True:
+                try:
+                    env = recv_nowait()
+                except WouldBlock:
+                    try:
+                        env = await recv()
+                    except EndOfStream:
+                        return
+                except EndOfStream:
+                    return
+                payload = env.payload
+                for req in env.requests:
+                    fut = req.future
+                    if fut.done():
+                        self._drop(req)
+                        continue
+                    if join is not None:
+                        parts = join.offer(port, req, payload)
+                        if parts is None:
+                            continue
+                        result: Any = parts
+                    else:
+                        result = payload
+                    if inflight.pop(req.id, None) is not None:
+                        counters.completed += 1
+                        fut.set_result(result)
+        finally:
+            self.live_sinks -= 1
+            if self.live_sinks == 0 and self.finished is not None:
+                self.finished.set()

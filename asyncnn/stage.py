@@ -1,0 +1,120 @@
+"""The user's declaration of one step of a pipeline: what runs, where, and how many at once."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Executor", "Stage", "is_module"]
+
+Executor = Literal["auto", "inline", "thread"]
+_EXECUTORS = ("auto", "inline", "thread")
+
+
+def is_module(fn: object) -> bool:
+    """True when ``fn`` is a ``torch.nn.Module`` (without importing torch when nobody has)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(fn, torch.nn.Module)
+
+
+def _is_async(fn: object) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we want the bound method, not callable()
+    return call is not None and not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+
+
+def _is_async_gen(fn: object) -> bool:
+    if inspect.isasyncgenfunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004
+    return call is not None and not inspect.isfunction(fn) and inspect.isasyncgenfunction(call)
+
+
+def _default_name(fn: object) -> str:
+    if is_module(fn):
+        return type(fn).__name__
+    name = getattr(fn, "__name__", None)
+    if name is None:
+        inner = getattr(fn, "func", None)  # functools.partial
+        name = getattr(inner, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else str(name)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Stage:
+    """One step of a pipeline.
+
+    Args:
+        fn: an ``async def`` (runs on the event loop), a sync callable or an ``nn.Module`` (runs on
+            the stage's own worker thread(s), modules under ``torch.inference_mode()``).
+        name: unique name in the pipeline; defaults to the function's or module class's name, with
+            a suffix (``f_2``) when two stages would share it.
+        workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
+        executor: ``"auto"`` (coroutines on the loop, everything else on dedicated threads),
+            ``"inline"`` (a cheap sync function called on the loop itself) or ``"thread"``.
+
+    Raises:
+        TypeError: ``fn`` is not callable, is an async generator, or does not fit ``executor``.
+        ValueError: ``workers`` is not a whole number >= 1, or ``executor`` is unknown.
+
+    Example::
+
+        Stage(model, workers=2)          # two threads run the model
+        Stage(fetch)                     # async def: on the loop
+        Stage(str.upper, executor="inline")
+    """
+
+    fn: Callable[..., Any] = field(kw_only=False)
+    name: str = None  # type: ignore[assignment]  # filled in __post_init__
+    workers: int = 1
+    executor: Executor = "auto"
+
+    def __post_init__(self) -> None:
+        fn = self.fn
+        if not callable(fn):
+            raise TypeError(
+                f"Stage(fn={fn!r}): fn must be an async def, a function or an nn.Module, "
+                f"not {type(fn).__name__}"
+            )
+        if _is_async_gen(fn):
+            raise TypeError(
+                f"Stage({_default_name(fn)}): fn is an async generator; a stage returns one "
+                "result per call: write `async def` that returns, or collect the items into a list"
+            )
+        if self.name is None:
+            object.__setattr__(self, "name", _default_name(fn))
+        elif not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Stage(name={self.name!r}): name must be a non-empty string")
+        w = self.workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"stage {self.name!r}: workers={w!r} must be a whole number >= 1")
+        if self.executor not in _EXECUTORS:
+            raise ValueError(
+                f"stage {self.name!r}: executor={self.executor!r} is unknown; "
+                f"use one of {', '.join(map(repr, _EXECUTORS))}"
+            )
+        if self.is_async and self.executor == "thread":
+            raise TypeError(
+                f"stage {self.name!r}: an async def runs on the event loop; "
+                "drop executor='thread' or pass a sync function"
+            )
+
+    @property
+    def is_async(self) -> bool:
+        """True when ``fn`` is a coroutine function (it runs on the event loop)."""
+        return _is_async(self.fn)
+
+    @property
+    def runs_on(self) -> Literal["loop", "inline", "thread"]:
+        """Where calls of ``fn`` run once ``"auto"`` is resolved."""
+        if self.is_async:
+            return "loop"
+        return "inline" if self.executor == "inline" else "thread"
+
+    def __repr__(self) -> str:
+        extra = f", workers={self.workers}" if self.workers != 1 else ""
+        return f"Stage({self.name!r}, runs_on={self.runs_on!r}{extra})"
