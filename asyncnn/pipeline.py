@@ -83,8 +83,8 @@ class Pipeline:
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._host: asyncio.Task[Any] | None = None
-        self._closed_event: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._feeders: set[anyio.CancelScope] = set()
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -113,8 +113,7 @@ class Pipeline:
                 f"this pipeline is {self._state}: a Pipeline runs once; build a new one to run again"
             )
         self._loop = asyncio.get_running_loop()
-        self._host = asyncio.current_task()
-        self._closed_event = asyncio.Event()
+        self._stopped = asyncio.Event()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
@@ -133,69 +132,61 @@ class Pipeline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        if exc is None:
-            return await self._close(self.drain_timeout)
-        # The body failed or was cancelled: do not wait on a drain, end everything now.
-        return await self._close(0, exc)
+        if self._tg is None:
+            return None
+        own: BaseException | None = None
+        try:
+            # A failed or cancelled body does not wait on a drain: everything ends now.
+            await self._stop(self.drain_timeout if exc is None else 0)
+        except BaseException as err:  # the drain was cancelled: a runtime task crashed, or
+            own = err  # our caller gave up; either way the task group decides below
+        pending = exc if exc is not None else own
+        # The caller's own exception propagates as it is, not wrapped in an ExceptionGroup;
+        # cancellations go to the task group, which does the cancel-scope bookkeeping.
+        forward = pending if isinstance(pending, asyncio.CancelledError) else None
+        tg, self._tg = self._tg, None
+        suppress = await tg.__aexit__(
+            type(forward) if forward else None, forward, forward.__traceback__ if forward else None
+        )
+        if own is not None and not suppress:
+            raise own
+        return bool(suppress) and forward is not None and forward is exc
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds (``None``:
         no bound), then end the rest with ``PipelineClosed`` and stop every task and thread.
 
-        Call it from the task that entered ``async with`` (leaving the block afterwards is a
-        no-op), or from any other task to close the pipeline and wait until it is closed.
+        Any task may call it; leaving ``async with`` afterwards only tidies up. Requests still
+        in flight at the deadline end with ``PipelineClosed`` at once, even while a stage's
+        thread is still busy with them.
         """
-        await self._close(timeout)
+        await self._stop(timeout)
 
-    async def _close(self, timeout: float | None, body_exc: BaseException | None = None) -> bool:
+    async def _stop(self, timeout: float | None) -> None:
         if self._state == "new":
             self._state = "closed"
-            return False
-        if self._state == "closed":
-            return False
-        assert self._tg is not None and self._closed_event is not None
-        if asyncio.current_task() is not self._host:
-            # Only the host task may exit the task group: drain from here, let the host finish.
-            if self._state == "running":
-                self._state = "closing"
-                self._sched.close_admission()
-                await self._wait_drained(timeout)
-                self._tg.cancel_scope.cancel()
-            await self._closed_event.wait()
-            return False
+            return
+        assert self._stopped is not None
+        if self._state != "running":
+            await self._stopped.wait()
+            return
         self._state = "closing"
-        self._sched.close_admission()
-        own_exc: BaseException | None = None
-        if body_exc is None:
-            try:
-                await self._wait_drained(timeout)
-            except BaseException as exc:  # cancelled: a stage task crashed, or our caller gave up
-                own_exc = exc
-        exc = body_exc or own_exc
-        self._tg.cancel_scope.cancel()
-        failure: BaseException | None = None
+        sched = self._sched
+        sched.close_admission()
         try:
-            suppress = await self._tg.__aexit__(
-                type(exc) if exc else None, exc, exc.__traceback__ if exc else None
-            )
-        except BaseException as raised:
-            failure = raised
-            raise
+            finished = sched.finished
+            assert finished is not None
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                await finished.wait()
         finally:
-            self._sched.fail_all(failure)
+            sched.cancel_tasks()
+            for scope in self._feeders:
+                scope.cancel()
+            sched.fail_all(sched.crash)
             with anyio.CancelScope(shield=True):
-                await self._sched.stop_threads(_THREAD_JOIN_TIMEOUT)
+                await sched.stop_threads(_THREAD_JOIN_TIMEOUT)
             self._state = "closed"
-            self._closed_event.set()
-        if own_exc is not None and not suppress:
-            raise own_exc
-        return bool(suppress) and body_exc is not None
-
-    async def _wait_drained(self, timeout: float | None) -> None:
-        finished = self._sched.finished
-        assert finished is not None
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            await finished.wait()
+            self._stopped.set()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -271,12 +262,17 @@ class Pipeline:
         feed_error: list[BaseException] = []
         scope = anyio.CancelScope()
         outstanding: set[asyncio.Future[Any]] = set()  # unordered: admitted, not yet done
+        feeding = True
 
         def on_done(fut: asyncio.Future[Any]) -> None:
             outstanding.discard(fut)
-            pending.send_nowait(fut)  # never full: at most `window` futures are outstanding
+            if not pending.closed:
+                pending.send_nowait(fut)  # never full: at most `window` are outstanding
+                if not feeding and not outstanding:
+                    pending.close()
 
         async def feed() -> None:
+            nonlocal feeding
             with scope:
                 try:
                     if isinstance(inputs, AsyncIterable):
@@ -288,14 +284,12 @@ class Pipeline:
                 except Exception as exc:
                     feed_error.append(exc)
                 finally:
-                    if ordered:
-                        pending.close()
-                    else:
-                        # Close once every outstanding future has landed in `pending`.
-                        for _ in range(window):
-                            await slots.acquire()
-                        pending.close()
+                    feeding = False
+                    self._feeders.discard(scope)
+                    if ordered or not outstanding:
+                        pending.close()  # unordered: else the last on_done closes it
 
+        self._feeders.add(scope)
         self._tg.start_soon(feed, name="asyncnn:stream-feed")
         try:
             while True:

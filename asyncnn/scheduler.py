@@ -123,6 +123,8 @@ class Scheduler:
         self.sink_join = _JoinState(len(plan.outputs)) if len(plan.outputs) > 1 else None
         self.live_sinks = len(self.sink_ports)
         self.finished: asyncio.Event | None = None
+        self.crash: BaseException | None = None
+        self._scopes: list[anyio.CancelScope] = []
         # Wire every producer to the port channels of its consumers.
         input_outs: list[Channel[Envelope]] = []
         for node in self.nodes:
@@ -146,19 +148,43 @@ class Scheduler:
     def start(self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop) -> None:
         self.finished = asyncio.Event()
         if self.admission is not self.input_outs[0]:
-            tg.start_soon(self._fan_out_input, name="asyncnn:input")
+            self._spawn(tg, "input", self._fan_out_input)
         for node in self.nodes:
+            name = node.stage.name
             if node.is_join:
                 for port, ch in enumerate(node.ports):
-                    tg.start_soon(self._collect, node, port, ch, name=f"asyncnn:{node.stage.name}:join")
+                    self._spawn(tg, f"{name}:join{port}", self._collect, node, port, ch)
             for w in range(node.stage.workers):
                 worker = None
                 if node.runs_on == "thread":
-                    worker = ThreadWorker(f"{node.stage.name}:{w}", loop)
+                    worker = ThreadWorker(f"{name}:{w}", loop)
                     node.threads.append(worker)
-                tg.start_soon(self._work, node, worker, name=f"asyncnn:{node.stage.name}:{w}")
+                self._spawn(tg, f"{name}:{w}", self._work, node, worker)
         for port, ch in enumerate(self.sink_ports):
-            tg.start_soon(self._sink, port, ch, name="asyncnn:sink")
+            self._spawn(tg, f"output{port}", self._sink, port, ch)
+
+    def _spawn(
+        self, tg: anyio.abc.TaskGroup, name: str, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        # Each runtime task gets its own cancel scope so that a forced stop cancels the runtime
+        # without cancelling the task that owns the pipeline (whose body runs in tg's scope).
+        scope = anyio.CancelScope()
+        self._scopes.append(scope)
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await fn(*args)
+                except BaseException as exc:
+                    if not isinstance(exc, asyncio.CancelledError) and self.crash is None:
+                        self.crash = exc  # the cause that every failed request will chain
+                    raise
+
+        tg.start_soon(run, name=f"asyncnn:{name}")
+
+    def cancel_tasks(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
 
     def close_admission(self) -> None:
         self.admission.close()
@@ -290,9 +316,11 @@ class Scheduler:
 
     @staticmethod
     async def _send_all(outs: list[Channel[Envelope]], env: Envelope) -> None:
-        # Fan-out: every consumer gets its own envelope around the same payload.
+        # Fan-out: every consumer gets its own envelope around the same payload. Read the fields
+        # first: once a consumer holds `env` it may replace its payload while we wait here.
+        payload, requests = env.payload, env.requests
         for i, ch in enumerate(outs):
-            e = env if i == 0 else Envelope(env.payload, env.requests)
+            e = env if i == 0 else Envelope(payload, requests)
             try:
                 ch.send_nowait(e)
             except WouldBlock:

@@ -1,0 +1,34 @@
+"""Shared test set-up: every async test runs under a hang guard."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+
+import anyio
+import pytest
+
+HANG_GUARD_S = 20.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Wrap each async test in fail_after so that a hang fails the test instead of the CI run.
+    for item in items:
+        fn = getattr(item, "obj", None)
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def guarded(*args, __fn=fn, **kwargs):  # type: ignore[no-untyped-def]
+                with anyio.fail_after(HANG_GUARD_S):
+                    return await __fn(*args, **kwargs)
+
+            item.obj = guarded  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak():
+    """No asyncnn worker thread outlives the test that started it."""
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("asyncnn:")]
+    assert not leaked, f"threads left running: {leaked}"

@@ -1,0 +1,96 @@
+import asyncio
+
+import anyio
+import pytest
+from anyio import ClosedResourceError, EndOfStream, WouldBlock
+from anyio import wait_all_tasks_blocked
+
+from asyncnn.channels import Channel
+
+
+async def test_fifo_and_bound():
+    ch = Channel[int](2, "c")
+    ch.send_nowait(1)
+    ch.send_nowait(2)
+    with pytest.raises(WouldBlock):
+        ch.send_nowait(3)
+    assert ch.receive_nowait() == 1
+    assert await ch.receive() == 2
+    with pytest.raises(WouldBlock):
+        ch.receive_nowait()
+    st = ch.statistics()
+    assert (st.depth, st.peak_depth, st.capacity) == (0, 2, 2)
+
+
+async def test_close_drains_then_ends_and_senders_fail():
+    ch = Channel[int](4)
+    ch.send_nowait(1)
+    ch.close()
+    with pytest.raises(ClosedResourceError):
+        ch.send_nowait(2)
+    assert await ch.receive() == 1
+    with pytest.raises(EndOfStream):
+        await ch.receive()
+
+
+async def test_backpressure_blocks_sender_until_room():
+    ch = Channel[int](1)
+    ch.send_nowait(0)
+    sent = asyncio.Event()
+
+    async def producer():
+        await ch.send(1)
+        sent.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(producer)
+        await wait_all_tasks_blocked()
+        assert not sent.is_set()
+        assert ch.statistics().waiting_senders == 1
+        assert ch.receive_nowait() == 0
+        await sent.wait()
+    assert ch.receive_nowait() == 1
+
+
+async def test_close_wakes_blocked_receiver_and_sender():
+    ch = Channel[int](1)
+    ch.send_nowait(0)
+    full = Channel[int](1)
+    results = []
+
+    async def sender():
+        try:
+            await ch.send(1)
+        except ClosedResourceError:
+            results.append("sender closed")
+
+    async def receiver():
+        try:
+            await full.receive()
+        except EndOfStream:
+            results.append("receiver ended")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        tg.start_soon(receiver)
+        await wait_all_tasks_blocked()
+        ch.close()
+        full.close()
+    assert sorted(results) == ["receiver ended", "sender closed"]
+
+
+async def test_cancelled_waiter_passes_its_wakeup_on():
+    ch = Channel[int](1)
+    first = asyncio.create_task(ch.receive())
+    second = asyncio.create_task(ch.receive())
+    await wait_all_tasks_blocked()
+    ch.send_nowait(7)  # wakes the first waiter ...
+    first.cancel()  # ... which is cancelled before it runs: the item must reach the second
+    assert await second == 7
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+def test_bad_capacity():
+    with pytest.raises(ValueError, match="capacity"):
+        Channel(0)
