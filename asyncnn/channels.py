@@ -70,7 +70,7 @@ class Channel(Generic[T]):
     # -- sending ---------------------------------------------------------------------------------
 
     def send_nowait(self, item: T) -> None:
-        """Append ``item`` now; raise ``WouldBlock`` when full, ``ClosedResourceError`` when closed."""
+        """Append ``item`` now; ``WouldBlock`` when full, ``ClosedResourceError`` when closed."""
         if self._closed:
             raise ClosedResourceError
         buf = self._buf
@@ -100,9 +100,12 @@ class Channel(Generic[T]):
         return not self._closed and len(self._buf) < self._capacity
 
     async def wait_room(self) -> None:
-        """Wait until the channel has room (or is closed)."""
+        """Wait until the channel has room (or is closed). Waiters are served first come, first
+        served: one woken but overtaken by a sender that did not wait keeps its place in line."""
+        first = True
         while not self._closed and len(self._buf) >= self._capacity:
-            await self._wait(self._putters)
+            await self._wait(self._putters, front=not first)
+            first = False
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -170,9 +173,12 @@ class Channel(Generic[T]):
 
     # -- internals -------------------------------------------------------------------------------
 
-    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
+    async def _wait(self, waiters: deque[asyncio.Future[None]], front: bool = False) -> None:
         fut = asyncio.get_running_loop().create_future()
-        waiters.append(fut)
+        if front:
+            waiters.appendleft(fut)
+        else:
+            waiters.append(fut)
         try:
             await fut
         except asyncio.CancelledError:

@@ -3,10 +3,10 @@
 Everything asyncnn raises on purpose derives from :class:`AsyncnnError`::
 
     AsyncnnError
-    ├── GraphError         (also ValueError)  the graph or pipeline declaration is wrong
-    ├── StageError                            a user stage raised; ``.stage`` names it, the cause is chained
-    ├── PipelineClosed                        the pipeline is not running (never started, closing, closed)
-    └── PipelineFull                          ``submit_nowait`` found the admission queue full
+    ├── GraphError      the graph or pipeline declaration is wrong (also a ValueError)
+    ├── StageError      a user stage raised; ``.stage`` names it, the cause is chained
+    ├── PipelineClosed  the pipeline is not running (never started, closing, closed)
+    └── PipelineFull    ``submit_nowait`` found the admission queue full
 
 Bad arguments to constructors raise the built-ins (``TypeError``/``ValueError``) with a message that
 names the value and the fix; ``GraphError`` is also a ``ValueError`` so that either catch works.

@@ -1,8 +1,8 @@
-"""Where a stage's function runs: on the event loop, inline, or on the stage's own threads.
+"""Where a stage's function runs: on the event loop, inline, or on its own threads.
 
-A stage that is not a coroutine gets dedicated worker threads (never the shared default pool), so a
-slow model cannot starve other stages, and torch releases the GIL while it computes. A call is handed
-to a thread through a ``SimpleQueue``; the result comes back to the loop through
+A stage that is not a coroutine gets dedicated worker threads (never the shared default pool),
+so a slow model cannot starve other stages, and torch releases the GIL while it computes. A call
+is handed to a thread through a ``SimpleQueue``; the result comes back to the loop through
 ``call_soon_threadsafe``, which resolves an asyncio future. The loop never waits on a thread.
 """
 

@@ -164,7 +164,7 @@ class Graph:
                 stage=dataclasses.replace(n.stage, name=name) if n.stage.name != name else n.stage,
                 inputs=tuple(pos[id(p)] for p in n.parents),
             )
-            for n, name in zip(order, names)
+            for n, name in zip(order, names, strict=True)
             if n.stage is not None
         )
         return Plan(nodes=plan_nodes, outputs=tuple(pos[id(p)] for p in self._outputs))
@@ -183,7 +183,7 @@ class Graph:
         for n in self._nodes:
             for p in n.parents:
                 children.setdefault(id(p), []).append(n)
-        ready = [self._input]
+        ready: list[Node] = [self._input] if self._input is not None else []
         order: list[Node] = []
         while ready:
             n = ready.pop(0)

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-from anyio import ClosedResourceError, EndOfStream, WouldBlock
+from anyio import EndOfStream, WouldBlock
 
 from .batching import Envelope, Request
 from .channels import Channel
@@ -110,7 +110,7 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         if self._state != "new":
             raise AsyncnnError(
-                f"this pipeline is {self._state}: a Pipeline runs once; build a new one to run again"
+                f"this pipeline is {self._state}: a Pipeline runs once; build a new one to rerun"
             )
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
@@ -152,7 +152,7 @@ class Pipeline:
             raise own
         return bool(suppress) and forward is not None and forward is exc
 
-    async def aclose(self, timeout: float | None = None) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds (``None``:
         no bound), then end the rest with ``PipelineClosed`` and stop every task and thread.
 
@@ -162,7 +162,7 @@ class Pipeline:
         """
         await self._stop(timeout)
 
-    async def _stop(self, timeout: float | None) -> None:
+    async def _stop(self, timeout: float | None) -> None:  # noqa: ASYNC109
         if self._state == "new":
             self._state = "closed"
             return
@@ -204,27 +204,32 @@ class Pipeline:
         """
         if self._state != "running":
             raise self._closed_error()
-        assert self._loop is not None
-        req = Request(next(self._ids), self._loop.create_future())
-        try:
-            self._sched.admission.send_nowait(Envelope(x, [req]))
-        except WouldBlock:
+        if not self._sched.admission.has_room():
             raise PipelineFull(
                 f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
                 "retry later, use `await pipe.submit(x)` to wait, or raise queue_size"
-            ) from None
-        except ClosedResourceError:
-            raise self._closed_error() from None
+            )
+        return self._admit(x)
+
+    def _admit(self, x: Any) -> asyncio.Future[Any]:
+        # Callers checked that the pipeline runs and admission has room.
+        req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
         self._sched.admit(req)
+        self._sched.admission.send_nowait(Envelope(x, [req]))
         return req.future
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
-        """Admit ``x``, waiting while the pipeline is full, and return a future of its result."""
-        while True:
-            try:
-                return self.submit_nowait(x)
-            except PipelineFull:
-                await self._sched.admission.wait_room()
+        """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
+
+        Raises:
+            PipelineClosed: the pipeline is not running, or closed while we waited.
+        """
+        admission = self._sched.admission
+        while self._state == "running" and not admission.has_room():
+            await admission.wait_room()
+        if self._state != "running":
+            raise self._closed_error()
+        return self._admit(x)
 
     async def send(self, x: Any) -> Any:
         """Run one request through the pipeline and return its result.
@@ -235,7 +240,10 @@ class Pipeline:
 
         Cancelling the caller drops the request at the next stage boundary.
         """
-        fut = await self.submit(x)
+        if self._state == "running" and self._sched.admission.has_room():
+            fut = self._admit(x)  # the fast path: no suspension before the result
+        else:
+            fut = await self.submit(x)
         return await fut
 
     async def stream(

@@ -49,7 +49,7 @@ class StageCounters:
 
 @dataclass
 class Counters:
-    """Pipeline-wide request outcomes; ``admitted == completed + failed + cancelled + in_flight``."""
+    """Request outcomes: ``admitted == completed + failed + cancelled + in_flight``."""
 
     admitted: int = 0
     completed: int = 0
@@ -94,7 +94,9 @@ class _Node:
         self.runs_on = stage.runs_on
         self.is_join = len(inputs) > 1
         # One channel per input port; a join also gets a merged work channel fed by collectors.
-        self.ports = [Channel[Envelope](queue_size, f"{stage.name}[{p}]") for p in range(len(inputs))]
+        self.ports = [
+            Channel[Envelope](queue_size, f"{stage.name}[{p}]") for p in range(len(inputs))
+        ]
         self.work = (
             Channel[Envelope](queue_size, f"{stage.name}.joined") if self.is_join else self.ports[0]
         )
@@ -189,7 +191,7 @@ class Scheduler:
     def close_admission(self) -> None:
         self.admission.close()
 
-    async def stop_threads(self, timeout: float | None) -> None:
+    async def stop_threads(self, timeout: float | None) -> None:  # noqa: ASYNC109
         workers = [w for n in self.nodes for w in n.threads]
         for w in workers:
             w.stop()

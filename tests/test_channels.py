@@ -2,8 +2,7 @@ import asyncio
 
 import anyio
 import pytest
-from anyio import ClosedResourceError, EndOfStream, WouldBlock
-from anyio import wait_all_tasks_blocked
+from anyio import ClosedResourceError, EndOfStream, WouldBlock, wait_all_tasks_blocked
 
 from asyncnn.channels import Channel
 

@@ -35,6 +35,11 @@ def test_contract_imports():
 
 
 def test_exception_tree():
-    for exc in (asyncnn.GraphError, asyncnn.StageError, asyncnn.PipelineClosed, asyncnn.PipelineFull):
+    for exc in (
+        asyncnn.GraphError,
+        asyncnn.StageError,
+        asyncnn.PipelineClosed,
+        asyncnn.PipelineFull,
+    ):
         assert issubclass(exc, asyncnn.AsyncnnError)
     assert issubclass(asyncnn.GraphError, ValueError)

@@ -1,4 +1,5 @@
 import asyncio
+import sys
 import threading
 
 import anyio
@@ -15,6 +16,9 @@ from asyncnn import (
     Stage,
     StageError,
 )
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 async def inc(x):

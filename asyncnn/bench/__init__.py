@@ -1,0 +1,11 @@
+"""``python -m asyncnn.bench``: asyncnn against plain baselines, side by side, in one run.
+
+See ``python -m asyncnn.bench --help`` and ``shared/BENCH.md`` for the protocol.
+"""
+
+from __future__ import annotations
+
+from ._core import Context, Row, Workload
+from .cli import WORKLOADS, main
+
+__all__ = ["WORKLOADS", "Context", "Row", "Workload", "main"]

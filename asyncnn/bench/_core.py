@@ -1,0 +1,183 @@
+"""The bench's machinery: results, repeats, environment, verdicts, the report.
+
+Every figure is a median of repeats, measured side by side with its baseline in the same run
+(interleaved, after a warm-up), because these machines are shared and noisy: a ratio is what we
+claim, never a bare absolute number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "Context",
+    "Measure",
+    "Row",
+    "Workload",
+    "environment",
+    "percentile",
+    "run_on_loop",
+]
+
+
+@dataclass
+class Context:
+    """What a workload needs to know about this run."""
+
+    quick: bool
+    repeats: int
+    loop: str  # "asyncio" | "uvloop"
+    device: str
+    progress: Callable[[str], None]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measure:
+    """One timed run of one system: ``items`` done in ``seconds``, optional latencies."""
+
+    items: int
+    seconds: float
+    latencies: list[float] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    workload: str
+    system: str
+    loop: str
+    rate: float  # items or requests per second (median of repeats)
+    rate_min: float
+    rate_max: float
+    unit: str = "items/s"
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    ratio: float | None = None  # against the workload's baseline (higher is better)
+    ratio_label: str = ""
+    bound: float | None = None  # fraction of the ideal bound
+    target: str = ""
+    verdict: str = ""
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named benchmark: ``run(ctx)`` returns its rows (baselines first)."""
+
+    name: str
+    summary: str
+    run: Callable[[Context], list[Row]]
+    needs_cuda: bool = False
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summarize(
+    workload: str,
+    system: str,
+    loop: str,
+    runs: list[Measure],
+    *,
+    unit: str = "items/s",
+    note: str = "",
+) -> Row:
+    """Median rate and spread over repeats; latencies pooled from the median run."""
+    rates = [m.rate for m in runs]
+    med = statistics.median(rates)
+    row = Row(workload, system, loop, med, min(rates), max(rates), unit=unit, note=note)
+    mid = sorted(runs, key=lambda m: m.rate)[len(runs) // 2]
+    if mid.latencies:
+        row.p50_ms = percentile(mid.latencies, 50) * 1e3
+        row.p99_ms = percentile(mid.latencies, 99) * 1e3
+    return row
+
+
+def run_on_loop(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run ``main()`` on a fresh event loop of the given kind."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def interleave(
+    repeats: int,
+    systems: dict[str, Callable[[], Measure]],
+    progress: Callable[[str], None],
+) -> dict[str, list[Measure]]:
+    """Warm every system up once, then run them in turn ``repeats`` times."""
+    out: dict[str, list[Measure]] = {name: [] for name in systems}
+    for name, fn in systems.items():
+        progress(f"warm-up {name}")
+        fn()
+    for r in range(repeats):
+        for name, fn in systems.items():
+            progress(f"{name} {r + 1}/{repeats}")
+            out[name].append(fn())
+    return out
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def timed(fn: Callable[[], Awaitable[int]]) -> Callable[[], Coroutine[Any, Any, Measure]]:
+    async def run() -> Measure:
+        t0 = time.perf_counter()
+        n = await fn()
+        return Measure(n, time.perf_counter() - t0)
+
+    return run
+
+
+def environment(loop: str, device: str) -> dict[str, Any]:
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "loop": loop,
+        "uvloop": uv,
+        "cpus": os.cpu_count(),
+        "gpu": gpu,
+        "device": device,
+        "argv": sys.argv[1:],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }

@@ -1,0 +1,215 @@
+"""Command line of the bench: pick workloads, run them with progress, print one table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._core import Context, Row, Workload, environment
+from .workloads_core import overhead, reqresp
+
+__all__ = ["WORKLOADS", "main"]
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload(
+            "overhead",
+            "8 async identity stages, 200k items streamed, vs asyncio.Queue chain",
+            overhead,
+        ),
+        Workload(
+            "reqresp",
+            "1,024 clients awaiting send() through 4 stages, vs queues + futures",
+            reqresp,
+        ),
+    ]
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m asyncnn.bench",
+        description=(
+            "Measure asyncnn against what you would otherwise write, in the same run. Every "
+            "figure is the median of --repeats runs after a warm-up, with its spread; ratios "
+            "compare systems measured side by side."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="smaller runs (under a minute in all)")
+    p.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAME",
+        help="run this workload (repeatable); default: every CPU workload",
+    )
+    p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument(
+        "--loop",
+        default=None,
+        metavar="asyncio|uvloop|all",
+        help="event loop to run on (default: uvloop where installed); 'all' runs both",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per system (>= 1; default 3)"
+    )
+    p.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
+    return p
+
+
+def _loops(arg: str | None) -> list[str]:
+    try:
+        import uvloop  # noqa: F401
+
+        have_uv = True
+    except ImportError:
+        have_uv = False
+    if arg is None:
+        return ["uvloop" if have_uv else "asyncio"]
+    loops = ["asyncio", "uvloop"] if arg == "all" else [arg]
+    for lp in loops:
+        if lp not in ("asyncio", "uvloop"):
+            raise SystemExit(f"--loop {arg!r}: use asyncio, uvloop or all")
+        if lp == "uvloop" and not have_uv:
+            raise SystemExit("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    return loops
+
+
+class _Progress:
+    """A rich progress bar when rich is installed, plain lines otherwise."""
+
+    def __init__(self) -> None:
+        try:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._rich: Any = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                transient=True,
+                console=None,
+            )
+        except ImportError:
+            self._rich = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self._rich is not None:
+            self._rich.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
+
+    def workload(self, name: str) -> Callable[[str], None]:
+        if self._rich is not None:
+            task = self._rich.add_task(name)
+
+            def update(step: str) -> None:
+                self._rich.update(task, description=f"{name}: {step}")
+
+            return update
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        return lambda step: None
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = [
+        "workload",
+        "loop",
+        "system",
+        "throughput",
+        "spread",
+        "p50 ms",
+        "p99 ms",
+        "ratio",
+        "bound",
+        "target",
+        "verdict",
+        "note",
+    ]
+    lines = [header]
+    for r in rows:
+        lines.append(
+            [
+                r.workload,
+                r.loop,
+                r.system,
+                f"{r.rate:,.0f} {r.unit}",
+                f"{r.rate_min:,.0f}–{r.rate_max:,.0f}",
+                _fmt(r.p50_ms, ".2f"),
+                _fmt(r.p99_ms, ".2f"),
+                _fmt(r.ratio, ".2f") + ("x" if r.ratio is not None else ""),
+                _fmt(r.bound, ".2f"),
+                r.target,
+                r.verdict,
+                r.note,
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = []
+    for k, line in enumerate(lines):
+        cells = (str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+        out.append("| " + " | ".join(cells) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for w in WORKLOADS.values():
+            print(f"{w.name:<10} {w.summary}{'  [cuda]' if w.needs_cuda else ''}")
+        return 0
+    if args.repeats is not None and args.repeats < 1:
+        print(f"--repeats {args.repeats}: must be >= 1", file=sys.stderr)
+        return 2
+    names = args.workload or [w.name for w in WORKLOADS.values() if not w.needs_cuda]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; --list shows {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        print(f"--device {args.device!r}: use cpu or cuda[:N]", file=sys.stderr)
+        return 2
+    loops = _loops(args.loop)
+    repeats = args.repeats or 3
+    env = environment(",".join(loops), args.device)
+    print(
+        f"asyncnn bench · Python {env['python']} · torch {env['torch']} "
+        f"({env['torch_threads']} threads) · loop {env['loop']} · {env['cpus']} CPUs · "
+        f"GPU {env['gpu'] or 'none'} · device {env['device']}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    failed = False
+    with _Progress() as progress:
+        for loop in loops:
+            for name in names:
+                w = WORKLOADS[name]
+                ctx = Context(
+                    args.quick, repeats, loop, args.device, progress.workload(f"{name} ({loop})")
+                )
+                try:
+                    rows.extend(w.run(ctx))
+                except AssertionError as exc:
+                    print(f"{name}: correctness check FAILED: {exc}", file=sys.stderr)
+                    failed = True
+    print(format_table(rows))
+    print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": [r.as_dict() for r in rows]}, f, indent=2)
+    return 1 if failed else 0
