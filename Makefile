@@ -31,5 +31,9 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check asyncnn tests benchmarks examples
 	$(PY) -m mypy
 
+# On a CUDA machine (no venv needed there): the gpu tests and the gpu bench workload, a table.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -12,13 +14,13 @@ from typing import Any, Literal
 import anyio
 from anyio import EndOfStream, WouldBlock
 
-from .batching import Envelope, Request
+from .batching import Envelope, Request, count_rows
 from .channels import Channel
-from .errors import AsyncnnError, PipelineClosed, PipelineFull
-from .graph import Graph, Plan
+from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull
+from .graph import Graph, Plan, balance
 from .metrics import PipelineStats, snapshot
 from .scheduler import Scheduler
-from .stage import Stage
+from .stage import Stage, is_module
 
 __all__ = ["Pipeline"]
 
@@ -42,6 +44,17 @@ class Pipeline:
         queue_size: capacity of every queue between stages (backpressure beyond it), >= 1.
         drain_timeout: the most seconds leaving ``async with`` waits for in-flight requests
             before ending the rest with ``PipelineClosed``; ``None`` waits as long as it takes.
+        output_device: where results are returned: ``"cpu"`` (default; a placed CUDA stage
+            copies its output back on a copy stream) or ``None`` (left where the stage put it).
+        torch_threads: torch intra-op threads for the stage threads. ``"auto"`` (default): when
+            several CPU compute threads (module or ``device="cpu"`` stages, counting workers)
+            share the machine, each gets ``cpu_count // threads`` so they do not oversubscribe
+            the cores; with one, torch's setting is left alone. An int sets it; ``None`` never
+            touches it. torch's setting is process-wide; it is restored when the pipeline stops.
+        microbatch: split each request's rows (dim 0) into pieces of this many rows that flow
+            through the stages one after another, so that stages work on different parts of one
+            large request at once; the result is concatenated back. Chains only; stages must
+            treat rows independently (e.g. modules in eval mode).
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -62,6 +75,9 @@ class Pipeline:
         *,
         queue_size: int = 64,
         drain_timeout: float | None = 30.0,
+        output_device: str | None = "cpu",
+        torch_threads: int | Literal["auto"] | None = "auto",
+        microbatch: int | None = None,
     ) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"Pipeline: queue_size={queue_size!r} must be a whole number >= 1")
@@ -76,15 +92,129 @@ class Pipeline:
         else:
             graph = Graph.chain([_as_stage(s) for s in stages])
         self._plan: Plan = graph.validate()
+        if output_device is not None and str(output_device) != "cpu":
+            raise ValueError(
+                f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
+                "or None (results stay where the last stage put them)"
+            )
+        if microbatch is not None:
+            if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
+                raise ValueError(f"Pipeline: microbatch={microbatch!r} must be a whole number >= 1")
+            if any(len(n.inputs) != 1 for n in self._plan.nodes) or len(self._plan.outputs) != 1:
+                raise GraphError(
+                    "microbatch needs a chain of stages (no fan-in, one output): "
+                    "split the request before the graph instead"
+                )
         self.queue_size = queue_size
         self.drain_timeout = drain_timeout
-        self._sched = Scheduler(self._plan, queue_size)
+        self.microbatch = microbatch
+        self.torch_threads = self._resolve_threads(torch_threads)
+        self._sched = Scheduler(
+            self._plan,
+            queue_size,
+            output_device=output_device,
+            torch_threads=self.torch_threads,
+            microbatch=microbatch,
+        )
         self._state: _State = "new"
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopped: asyncio.Event | None = None
         self._feeders: set[anyio.CancelScope] = set()
+
+    def _resolve_threads(self, threads: int | Literal["auto"] | None) -> int | None:
+        if threads is None:
+            return None
+        if threads == "auto":
+            compute = sum(
+                s.workers
+                for s in self._plan.stages
+                if s.runs_on == "thread"
+                and (is_module(s.fn) or (s.device is not None and str(s.device) == "cpu"))
+            )
+            return max(1, (os.cpu_count() or 1) // compute) if compute > 1 else None
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(
+                f"Pipeline: torch_threads={threads!r} must be 'auto', None or a whole number >= 1"
+            )
+        return threads
+
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        stages: int | None = None,
+        devices: Sequence[str | Any] | None = None,
+        *,
+        sample: Any = None,
+        microbatch: int | None = None,
+        **kwargs: Any,
+    ) -> Pipeline:
+        """A pipeline that runs an ``nn.Sequential`` layer by layer: "each layer is a task".
+
+        Args:
+            module: an ``nn.Sequential``; its top-level children run in order.
+            stages: group consecutive layers into this many stages (default: one per layer, or
+                one per device), balanced by the time each layer takes on ``sample`` when given,
+                else by parameter count.
+            devices: place the groups on these devices in order (pipeline parallelism); one
+                device per stage.
+            sample: an input to time the layers on (it is run once per layer, in order).
+            microbatch: split each request into pieces of this many rows (see ``Pipeline``).
+            **kwargs: passed to ``Pipeline`` (``queue_size``, ``output_device``, ...).
+
+        The output equals ``module(x)`` for modules whose layers treat rows independently when
+        ``microbatch`` is set (eval mode).
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.Sequential`` (the message says how to wrap it).
+            ValueError: ``stages`` or ``devices`` do not fit the number of layers.
+        """
+        import torch
+
+        if not isinstance(module, torch.nn.Sequential):
+            kind = type(module).__name__
+            raise TypeError(
+                f"Pipeline.from_module: {kind} is not an nn.Sequential, so its forward() cannot "
+                "be split safely. Wrap the parts that run in order: "
+                "nn.Sequential(model.backbone, model.head), or pass your own split: "
+                "Pipeline([Stage(part1), Stage(part2)])"
+            )
+        named = list(module.named_children())
+        if not named:
+            raise ValueError("Pipeline.from_module: the nn.Sequential has no layers")
+        if devices is not None:
+            devices = list(devices)
+            if stages is None:
+                stages = len(devices)
+            if len(devices) != stages:
+                raise ValueError(
+                    f"Pipeline.from_module: {len(devices)} device(s) for {stages} stage(s): "
+                    "give one device per stage"
+                )
+        if stages is None:
+            sizes = [1] * len(named)
+        else:
+            if isinstance(stages, bool) or not isinstance(stages, int):
+                raise TypeError(f"Pipeline.from_module: stages={stages!r} must be an int")
+            costs = (
+                _layer_times([m for _, m in named], sample)
+                if sample is not None
+                else [1.0 + sum(p.numel() for p in m.parameters()) for _, m in named]
+            )
+            sizes = balance(costs, stages)
+        built: list[Stage] = []
+        i = 0
+        for g, size in enumerate(sizes):
+            group = named[i : i + size]
+            i += size
+            fn = group[0][1] if size == 1 else torch.nn.Sequential(*(m for _, m in group))
+            label = group[0][0] if size == 1 else f"{group[0][0]}-{group[-1][0]}"
+            name = f"{label}:{type(group[0][1]).__name__}" if size == 1 else f"layers{label}"
+            device = devices[g] if devices is not None else None
+            built.append(Stage(fn, name=name, executor="thread", device=device))
+        return cls(built, microbatch=microbatch, **kwargs)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -112,6 +242,7 @@ class Pipeline:
             raise AsyncnnError(
                 f"this pipeline is {self._state}: a Pipeline runs once; build a new one to rerun"
             )
+        self._check_devices()
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         tg = anyio.create_task_group()
@@ -125,6 +256,25 @@ class Pipeline:
         self._tg = tg
         self._state = "running"
         return self
+
+    def _check_devices(self) -> None:
+        for stage in self.stages:
+            dev = stage.device
+            if dev is None or str(dev) == "cpu":
+                continue
+            import torch
+
+            if not torch.cuda.is_available():
+                raise AsyncnnError(
+                    f"stage {stage.name!r} is placed on {str(dev)!r} but CUDA is not available "
+                    "here: place it on 'cpu' or run on a machine with a GPU"
+                )
+            index = torch.device(dev).index or 0
+            if index >= torch.cuda.device_count():
+                raise AsyncnnError(
+                    f"stage {stage.name!r} is placed on {str(dev)!r} but this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s)"
+                )
 
     async def __aexit__(
         self,
@@ -213,6 +363,11 @@ class Pipeline:
 
     def _admit(self, x: Any) -> asyncio.Future[Any]:
         # Callers checked that the pipeline runs and admission has room.
+        if self.microbatch is not None:
+            try:
+                count_rows(x)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"microbatch={self.microbatch}: {exc}") from None
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
         self._sched.admit(req)
         self._sched.admission.send_nowait(Envelope(x, [req]))
@@ -344,3 +499,22 @@ class Pipeline:
             fut = await self.submit(x)
             outstanding.add(fut)
             fut.add_done_callback(on_done)
+
+
+def _layer_times(layers: list[Any], sample: Any, repeats: int = 3) -> list[float]:
+    """Seconds each layer takes on the activations that reach it (median of ``repeats``)."""
+    import torch
+
+    times: list[float] = []
+    x = sample
+    with torch.inference_mode():
+        for layer in layers:
+            runs = []
+            y = layer(x)  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                y = layer(x)
+                runs.append(time.perf_counter() - t0)
+            times.append(sorted(runs)[len(runs) // 2] + 1e-9)
+            x = y
+    return times

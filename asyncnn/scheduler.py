@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import torch
 from anyio import EndOfStream, WouldBlock
 
-from .batching import Envelope, Request
+from .batching import Envelope, Request, concat_rows, split_rows
 from .channels import Channel
+from .devices import Completion, Device, make_device
 from .errors import PipelineClosed, StageError
 from .executors import ThreadWorker, prepare_call
 from .graph import Plan
@@ -34,6 +36,13 @@ from .stage import Stage
 __all__ = ["Counters", "Scheduler", "StageCounters"]
 
 _MISSING = object()
+
+
+def _open_device(device: Any, fn: Any) -> Device:
+    # Runs on the stage's thread: creating streams and moving a module may block for a while.
+    impl = make_device(device)
+    impl.place(fn)
+    return impl
 
 
 class StageCounters:
@@ -66,10 +75,14 @@ class _JoinState:
         self.ports = ports
         self.parts: dict[int, list[Any]] = {}
 
-    def offer(self, port: int, req: Request, payload: Any) -> tuple[Any, ...] | None:
+    def offer(
+        self, port: int, req: Request, payload: Any, ports: int | None = None
+    ) -> tuple[Any, ...] | None:
+        """Park ``payload`` as part ``port`` of ``req``; all parts once the last one arrives.
+        ``ports`` overrides the count for this request (micro-batch chunks vary per request)."""
         slot = self.parts.get(req.id)
         if slot is None:
-            slot = [_MISSING] * self.ports
+            slot = [_MISSING] * (ports or self.ports)
             self.parts[req.id] = slot
             if req.parked is None:
                 req.parked = []
@@ -106,6 +119,9 @@ class _Node:
         self.join = _JoinState(len(inputs)) if self.is_join else None
         self.counters = StageCounters()
         self.threads: list[ThreadWorker] = []
+        # A torch.device, or None: inputs are used wherever they are.
+        self.device = None if stage.device is None else torch.device(stage.device)
+        self.to_host = False  # set by the scheduler: a consumer needs the output on the host
 
 
 class Scheduler:
@@ -115,9 +131,20 @@ class Scheduler:
     enter; ``finished`` is set once the sink has seen the end of the stream (a full drain).
     """
 
-    def __init__(self, plan: Plan, queue_size: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        queue_size: int,
+        *,
+        output_device: Any = "cpu",
+        torch_threads: int | None = None,
+        microbatch: int | None = None,
+    ) -> None:
         self.plan = plan
         self.queue_size = queue_size
+        self.torch_threads = torch_threads
+        self.microbatch = microbatch
+        self._saved_threads: int | None = None
         self.inflight: dict[int, Request] = {}
         self.counters = Counters()
         self.nodes = [_Node(n.stage, i, n.inputs, queue_size) for i, n in enumerate(plan.nodes)]
@@ -136,8 +163,19 @@ class Scheduler:
             (input_outs if src == -1 else self.nodes[src].outs).append(self.sink_ports[port])
         self.input_outs = input_outs
         self.admission = (
-            input_outs[0] if len(input_outs) == 1 else Channel[Envelope](queue_size, "input")
+            input_outs[0]
+            if len(input_outs) == 1 and microbatch is None
+            else Channel[Envelope](queue_size, "input")
         )
+        self.chunks = _JoinState(1) if microbatch is not None else None
+        # A placed stage copies its output to the host when a consumer lives elsewhere.
+        for node in self.nodes:
+            if node.device is not None and node.device.type != "cpu":
+                here = node.device
+                users = [self.nodes[j].device for j, _ in plan.consumers(node.index)]
+                if node.index in plan.outputs and output_device is not None:
+                    users.append(output_device)
+                node.to_host = any(u is None or str(u) != str(here) for u in users)
 
     @property
     def capacity(self) -> int:
@@ -149,19 +187,37 @@ class Scheduler:
 
     def start(self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop) -> None:
         self.finished = asyncio.Event()
-        if self.admission is not self.input_outs[0]:
-            self._spawn(tg, "input", self._fan_out_input)
+        if self.admission is not self.input_outs[0] or self.microbatch is not None:
+            self._spawn(tg, "input", self._input)
+        if self.torch_threads is not None:
+            import torch
+
+            self._saved_threads = torch.get_num_threads()
         for node in self.nodes:
             name = node.stage.name
             if node.is_join:
                 for port, ch in enumerate(node.ports):
                     self._spawn(tg, f"{name}:join{port}", self._collect, node, port, ch)
             for w in range(node.stage.workers):
-                worker = None
-                if node.runs_on == "thread":
-                    worker = ThreadWorker(f"{name}:{w}", loop)
-                    node.threads.append(worker)
-                self._spawn(tg, f"{name}:{w}", self._work, node, worker)
+                if node.runs_on != "thread":
+                    self._spawn(tg, f"{name}:{w}", self._work, node, None)
+                    continue
+                worker = ThreadWorker(f"{name}:{w}", loop)
+                node.threads.append(worker)
+                if self.torch_threads is not None:
+                    import torch
+
+                    worker.run(torch.set_num_threads, (self.torch_threads,))
+                if node.device is None:
+                    self._spawn(tg, f"{name}:{w}", self._work, node, worker)
+                    continue
+                waiter = ThreadWorker(f"{name}:{w}:wait", loop)
+                node.threads.append(waiter)
+                launched = Channel[tuple[Envelope, Any, Completion]](
+                    node.stage.max_inflight, f"{name}:{w}:inflight"
+                )
+                self._spawn(tg, f"{name}:{w}:launch", self._launch, node, worker, launched)
+                self._spawn(tg, f"{name}:{w}:complete", self._complete, node, waiter, launched)
         for port, ch in enumerate(self.sink_ports):
             self._spawn(tg, f"output{port}", self._sink, port, ch)
 
@@ -197,6 +253,10 @@ class Scheduler:
             w.stop()
         for w in workers:
             await w.wait_stopped(timeout)
+        if self._saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._saved_threads)  # torch's setting is process-wide
 
     def fail_all(self, reason: BaseException | None) -> None:
         """End every request still in flight with ``PipelineClosed`` (forced shutdown)."""
@@ -320,25 +380,113 @@ class Scheduler:
     async def _send_all(outs: list[Channel[Envelope]], env: Envelope) -> None:
         # Fan-out: every consumer gets its own envelope around the same payload. Read the fields
         # first: once a consumer holds `env` it may replace its payload while we wait here.
-        payload, requests = env.payload, env.requests
+        payload, requests, chunk = env.payload, env.requests, env.chunk
         for i, ch in enumerate(outs):
-            e = env if i == 0 else Envelope(payload, requests)
+            e = env if i == 0 else Envelope(payload, requests, chunk)
             try:
                 ch.send_nowait(e)
             except WouldBlock:
                 await ch.send(e)
 
-    async def _fan_out_input(self) -> None:
+    async def _input(self) -> None:
+        """Between admission and the first stages: micro-batch splitting and input fan-out."""
+        size = self.microbatch
+        outs = self.input_outs
         try:
             while True:
                 try:
                     env = await self.admission.receive()
                 except EndOfStream:
                     return
-                await self._send_all(self.input_outs, env)
+                if size is None:
+                    await self._send_all(outs, env)
+                    continue
+                try:
+                    parts = split_rows(env.payload, size)
+                except Exception as exc:
+                    for req in env.requests:
+                        self._end_failed(req, exc)
+                    continue
+                for i, part in enumerate(parts):
+                    await self._send_all(outs, Envelope(part, env.requests, (i, len(parts))))
         finally:
-            for ch in self.input_outs:
+            for ch in outs:
                 ch.close()
+
+    async def _take(self, inq: Channel[Envelope]) -> Envelope | None:
+        """The next envelope with live requests, or None at the end of the stream."""
+        while True:
+            try:
+                env = inq.receive_nowait()
+            except WouldBlock:
+                try:
+                    env = await inq.receive()
+                except EndOfStream:
+                    return None
+            except EndOfStream:
+                return None
+            live = [r for r in env.requests if not r.future.done()]
+            if len(live) != len(env.requests):
+                for r in env.requests:
+                    if r.future.done():
+                        self._drop(r)
+                if not live:
+                    continue
+                env.requests = live
+            return env
+
+    async def _launch(
+        self,
+        node: _Node,
+        worker: ThreadWorker,
+        launched: Channel[tuple[Envelope, Any, Completion]],
+    ) -> None:
+        """A placed stage, part one: hand batches to the device without waiting for them."""
+        assert node.device is not None
+        try:
+            device: Device = await worker.run(_open_device, (node.device, node.stage.fn))
+            call, is_join, to_host = node.call, node.is_join, node.to_host
+            while (env := await self._take(node.work)) is not None:
+                args = env.payload if is_join else (env.payload,)
+                try:
+                    out, done = await worker.run(device.launch, (call, args, to_host))
+                except Exception as exc:
+                    self._fail(node, env, exc)
+                    continue
+                await launched.send((env, out, done))  # at most max_inflight on the streams
+        finally:
+            launched.close()
+
+    async def _complete(
+        self,
+        node: _Node,
+        waiter: ThreadWorker,
+        launched: Channel[tuple[Envelope, Any, Completion]],
+    ) -> None:
+        """A placed stage, part two: await each batch's completion in launch order, pass it on."""
+        counters, outs = node.counters, node.outs
+        try:
+            while True:
+                try:
+                    env, out, done = await launched.receive()
+                except EndOfStream:
+                    return
+                if not done.done:  # a non-blocking query; the blocking wait is the waiter's
+                    try:
+                        await waiter.run(done.wait, ())
+                    except Exception as exc:  # an asynchronous CUDA error surfaces here
+                        self._fail(node, env, exc)
+                        continue
+                done.keep = ()
+                counters.items += len(env.requests)
+                counters.batches += 1
+                env.payload = out
+                await self._send_all(outs, env)
+        finally:
+            node.live_workers -= 1
+            if node.live_workers == 0:
+                for ch in outs:
+                    ch.close()
 
     async def _collect(self, node: _Node, port: int, ch: Channel[Envelope]) -> None:
         join = node.join
@@ -355,7 +503,7 @@ class Scheduler:
                         continue
                     parts = join.offer(port, req, env.payload)
                     if parts is not None:
-                        await node.work.send(Envelope(parts, [req]))
+                        await node.work.send(Envelope(parts, [req], env.chunk))
         finally:
             node.live_collectors -= 1
             if node.live_collectors == 0:
@@ -366,6 +514,7 @@ class Scheduler:
         inflight = self.inflight
         counters = self.counters
         join = self.sink_join
+        chunks = self.chunks
         try:
             while True:
                 try:
@@ -390,6 +539,16 @@ class Scheduler:
                         result: Any = parts
                     else:
                         result = payload
+                    if chunks is not None and env.chunk is not None:
+                        index, total = env.chunk
+                        pieces = chunks.offer(index, req, result, total)
+                        if pieces is None:
+                            continue
+                        try:
+                            result = concat_rows(list(pieces))
+                        except Exception as exc:
+                            self._end_failed(req, exc)
+                            continue
                     if inflight.pop(req.id, None) is not None:
                         counters.completed += 1
                         fut.set_result(result)

@@ -6,7 +6,10 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Executor", "Stage", "is_module"]
 
@@ -56,6 +59,11 @@ class Stage:
         workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
         executor: ``"auto"`` (coroutines on the loop, everything else on dedicated threads),
             ``"inline"`` (a cheap sync function called on the loop itself) or ``"thread"``.
+        device: run the stage on this device (``"cpu"``, ``"cuda:0"``, a ``torch.device``): its
+            module is moved there, its inputs are moved there on its thread, and on CUDA it
+            owns streams so that copies overlap compute. ``None``: inputs are used as they come.
+        max_inflight: on CUDA, how many batches may be queued on the stage's streams at once
+            (>= 1; default 2, so the GPU never idles between batches while memory stays bounded).
 
     Raises:
         TypeError: ``fn`` is not callable, is an async generator, or does not fit ``executor``.
@@ -72,6 +80,8 @@ class Stage:
     name: str = None  # type: ignore[assignment]  # filled in __post_init__
     workers: int = 1
     executor: Executor = "auto"
+    device: str | torch.device | None = None
+    max_inflight: int = 2
 
     def __post_init__(self) -> None:
         fn = self.fn
@@ -102,6 +112,20 @@ class Stage:
                 f"stage {self.name!r}: an async def runs on the event loop; "
                 "drop executor='thread' or pass a sync function"
             )
+        m = self.max_inflight
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"stage {self.name!r}: max_inflight={m!r} must be a whole number >= 1")
+        if self.device is not None:
+            from .devices import parse_device
+
+            dev = parse_device(self.device, f"stage {self.name!r}")
+            if self.runs_on != "thread":
+                raise TypeError(
+                    f"stage {self.name!r}: device={str(dev)!r} needs a sync function or a module "
+                    "(placed stages run on their own thread so that copies never block the "
+                    "event loop); move the device work out of the async def or the inline stage"
+                )
+            object.__setattr__(self, "device", dev)
 
     @property
     def is_async(self) -> bool:
@@ -117,4 +141,6 @@ class Stage:
 
     def __repr__(self) -> str:
         extra = f", workers={self.workers}" if self.workers != 1 else ""
+        if self.device is not None:
+            extra += f", device={str(self.device)!r}"
         return f"Stage({self.name!r}, runs_on={self.runs_on!r}{extra})"

@@ -13,6 +13,12 @@ HANG_GUARD_S = 20.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
     # Wrap each async test in fail_after so that a hang fails the test instead of the CI run.
     for item in items:
         fn = getattr(item, "obj", None)

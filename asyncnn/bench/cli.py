@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._core import Context, Row, Workload, environment
+from .models import load_user_model
 from .workloads_core import overhead, reqresp
+from .workloads_devices import gpu, overlap
 
 __all__ = ["WORKLOADS", "main"]
 
@@ -26,6 +28,17 @@ WORKLOADS: dict[str, Workload] = {
             "reqresp",
             "1,024 clients awaiting send() through 4 stages, vs queues + futures",
             reqresp,
+        ),
+        Workload(
+            "overlap",
+            "async read 5 ms -> MLP in a thread -> async write 2 ms, vs sequential, hand-written",
+            overlap,
+        ),
+        Workload(
+            "gpu",
+            "pinned batches -> H2D -> MLP -> D2H on a CUDA stage, vs a sequential loop",
+            gpu,
+            needs_cuda=True,
         ),
     ]
 }
@@ -59,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=None, help="timed repeats per system (>= 1; default 3)"
     )
     p.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
+    p.add_argument(
+        "--model",
+        metavar="MODULE:CALLABLE",
+        help="your own model: a factory returning an nn.Module, run by the overlap workload",
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="N,N,...",
+        help="shape of one input row for --model (without the batch dim), e.g. 3,224,224",
+    )
     return p
 
 
@@ -175,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         print(f"--repeats {args.repeats}: must be >= 1", file=sys.stderr)
         return 2
-    names = args.workload or [w.name for w in WORKLOADS.values() if not w.needs_cuda]
+    cuda = args.device.startswith("cuda")
+    names = args.workload or [w.name for w in WORKLOADS.values() if not w.needs_cuda or cuda]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         print(f"unknown workload(s) {unknown}; --list shows {list(WORKLOADS)}", file=sys.stderr)
@@ -183,6 +207,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         print(f"--device {args.device!r}: use cpu or cuda[:N]", file=sys.stderr)
         return 2
+    options: dict[str, Any] = {}
+    if args.model:
+        if not args.input_shape:
+            print("--model needs --input-shape (one row, without the batch dim)", file=sys.stderr)
+            return 2
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            print(
+                f"--input-shape {args.input_shape!r}: use numbers like 3,224,224", file=sys.stderr
+            )
+            return 2
+        options["model"] = load_user_model(args.model)
+        options["input_shape"] = shape
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"--device {args.device}: CUDA is not available here", file=sys.stderr)
+            return 2
     loops = _loops(args.loop)
     repeats = args.repeats or 3
     env = environment(",".join(loops), args.device)

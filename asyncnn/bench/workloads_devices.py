@@ -1,0 +1,275 @@
+"""Workloads for compute placement: ``overlap`` (host I/O around CPU compute) and ``gpu``."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import torch
+
+from ..pipeline import Pipeline
+from ..stage import Stage
+from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from .models import bench_mlp
+
+__all__ = ["gpu", "overlap"]
+
+READ_S = 0.005
+WRITE_S = 0.002
+OVERLAP_BATCH = 128
+
+
+def _compute_time(model: Any, x: torch.Tensor, n: int = 20) -> float:
+    """Median seconds of one forward in a tight loop (the bound's compute term)."""
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -- overlap -------------------------------------------------------------------------------------
+
+
+def overlap(ctx: Context) -> list[Row]:
+    model = ctx.options.get("model") or bench_mlp()
+    shape = ctx.options.get("input_shape") or (512,)
+    n = 60 if ctx.quick else 200
+    batches = [torch.randn(OVERLAP_BATCH, *shape) for _ in range(8)]
+    with torch.inference_mode():
+        expected = [model(b) for b in batches]
+
+    def check(outs: dict[int, torch.Tensor], who: str) -> None:
+        for i, y in outs.items():
+            if not torch.allclose(y, expected[i % len(batches)], rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"overlap: {who} returned a wrong result for batch {i}")
+
+    async def read(i: int) -> tuple[int, torch.Tensor]:
+        await anyio.sleep(READ_S)  # stands for a socket or file read
+        return i, batches[i % len(batches)]
+
+    def infer(item: tuple[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+        with torch.inference_mode():
+            return item[0], model(item[1])
+
+    def make_writer(outs: dict[int, torch.Tensor]) -> Any:
+        async def write(item: tuple[int, torch.Tensor]) -> None:
+            await anyio.sleep(WRITE_S)
+            outs[item[0]] = item[1]
+
+        return write
+
+    async def sequential(count: int) -> dict[int, torch.Tensor]:
+        outs: dict[int, torch.Tensor] = {}
+        write = make_writer(outs)
+        for i in range(count):
+            await write(infer(await read(i)))
+        return outs
+
+    async def hand_written(count: int) -> dict[int, torch.Tensor]:
+        """Queues between three tasks and one dedicated compute thread."""
+        outs: dict[int, torch.Tensor] = {}
+        write = make_writer(outs)
+        loop = asyncio.get_running_loop()
+        q1: asyncio.Queue[Any] = asyncio.Queue(4)
+        q2: asyncio.Queue[Any] = asyncio.Queue(4)
+        with ThreadPoolExecutor(1) as pool:
+
+            async def reader() -> None:
+                for i in range(count):
+                    await q1.put(await read(i))
+                await q1.put(None)
+
+            async def computer() -> None:
+                while (item := await q1.get()) is not None:
+                    await q2.put(await loop.run_in_executor(pool, infer, item))
+                await q2.put(None)
+
+            async def writer() -> None:
+                while (item := await q2.get()) is not None:
+                    await write(item)
+
+            await asyncio.gather(reader(), computer(), writer())
+        return outs
+
+    async def with_asyncnn(count: int) -> dict[int, torch.Tensor]:
+        outs: dict[int, torch.Tensor] = {}
+        pipe = Pipeline(
+            [Stage(read), Stage(infer, name="model"), Stage(make_writer(outs), name="write")],
+            queue_size=4,
+        )
+        async with pipe:
+            async for _ in pipe.stream(range(count)):
+                pass
+        ctx.options.setdefault("stats", {})["overlap"] = pipe.stats()
+        return outs
+
+    systems = {
+        "sequential loop": sequential,
+        "hand-written overlapped": hand_written,
+        "asyncnn Pipeline": with_asyncnn,
+    }
+    for name, fn in systems.items():
+        check(run_on_loop(ctx.loop, lambda fn=fn: fn(10)), name)  # type: ignore[misc]
+
+    compute_times: list[float] = []
+
+    def timed(fn: Any) -> Measure:
+        compute_times.append(_compute_time(model, batches[0]))  # re-measured between runs
+        t0 = time.perf_counter()
+        outs = run_on_loop(ctx.loop, lambda: fn(n))
+        m = Measure(len(outs), time.perf_counter() - t0)
+        return m
+
+    runners: dict[str, Any] = {k: functools.partial(timed, fn) for k, fn in systems.items()}
+    runs = interleave(ctx.repeats, runners, ctx.progress)
+    compute = statistics.median(compute_times)
+    bound = 1.0 / max(READ_S, compute, WRITE_S)
+    rows = [summarize("overlap", name, ctx.loop, runs[name], unit="batches/s") for name in systems]
+    seq, hand, ours = rows
+    for row in rows:
+        row.bound = row.rate / bound
+        row.note = (
+            f"compute {compute * 1e3:.1f} ms, read {READ_S * 1e3:.0f} ms, "
+            f"write {WRITE_S * 1e3:.0f} ms"
+        )
+    hand.ratio = hand.rate / seq.rate
+    hand.ratio_label = "vs sequential"
+    ours.ratio = ours.rate / hand.rate
+    ours.ratio_label = "vs hand-written"
+    ours.target = ">= 0.95x hand-written, >= 0.85 bound"
+    ours.verdict = verdict(ours.ratio >= 0.95 and ours.bound is not None and ours.bound >= 0.85)
+    return rows
+
+
+# -- gpu -----------------------------------------------------------------------------------------
+
+
+def gpu(ctx: Context) -> list[Row]:
+    if not torch.cuda.is_available():
+        raise SystemExit("the gpu workload needs CUDA; run it where torch.cuda.is_available()")
+    dev = torch.device(ctx.device if ctx.device.startswith("cuda") else "cuda")
+    n = 60 if ctx.quick else 200
+    width, rows_per_batch = 4096, 4096
+    torch.manual_seed(0)
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width)
+        )
+        .eval()
+        .to(dev)
+    )
+    host = [torch.randn(rows_per_batch, width).pin_memory() for _ in range(4)]
+    with torch.inference_mode():
+        expected = [model(h.to(dev)).cpu() for h in host]
+    torch.cuda.synchronize(dev)
+
+    def ev() -> Any:
+        return torch.cuda.Event(enable_timing=True)
+
+    def measure_parts() -> tuple[float, float, float]:
+        """GPU seconds per batch: upload, compute, download (CUDA events, many batches)."""
+        out = torch.empty(rows_per_batch, width, pin_memory=True)
+        x = host[0].to(dev)
+        with torch.inference_mode():
+            y = model(x)
+            res = []
+            for op in ("h2d", "compute", "d2h"):
+                a, b = ev(), ev()
+                a.record()
+                for _ in range(10):
+                    if op == "h2d":
+                        x.copy_(host[0], non_blocking=True)
+                    elif op == "compute":
+                        y = model(x)
+                    else:
+                        out.copy_(y, non_blocking=True)
+                b.record()
+                b.synchronize()
+                res.append(a.elapsed_time(b) / 1e3 / 10)
+        return res[0], res[1], res[2]
+
+    def sequential(count: int, outs: list[torch.Tensor]) -> None:
+        with torch.inference_mode():
+            for i in range(count):
+                x = host[i % len(host)].to(dev, non_blocking=True)
+                y = model(x)
+                o = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                o.copy_(y, non_blocking=True)
+                torch.cuda.current_stream(dev).synchronize()
+                outs.append(o)
+
+    async def with_asyncnn(count: int, outs: list[torch.Tensor]) -> None:
+        pipe = Pipeline([Stage(model, device=dev, max_inflight=2)], queue_size=4)
+        async with pipe:
+            async for y in pipe.stream(host[i % len(host)] for i in range(count)):
+                outs.append(y)
+
+    def check(outs: list[torch.Tensor], who: str) -> None:
+        for i, y in enumerate(outs):
+            if y.device.type != "cpu" or not torch.allclose(
+                y, expected[i % len(host)], rtol=1e-3, atol=1e-3
+            ):
+                raise AssertionError(f"gpu: {who} returned a wrong result for batch {i}")
+
+    o1: list[torch.Tensor] = []
+    sequential(4, o1)
+    check(o1, "sequential loop")
+    o2: list[torch.Tensor] = []
+    run_on_loop(ctx.loop, lambda: with_asyncnn(4, o2))
+    check(o2, "asyncnn")
+
+    parts: list[tuple[float, float, float]] = []
+
+    def seq_run() -> Measure:
+        parts.append(measure_parts())
+        outs: list[torch.Tensor] = []
+        t0 = time.perf_counter()
+        sequential(n, outs)
+        return Measure(len(outs), time.perf_counter() - t0)
+
+    def ours_run() -> Measure:
+        outs: list[torch.Tensor] = []
+        t0 = time.perf_counter()
+        run_on_loop(ctx.loop, lambda: with_asyncnn(n, outs))
+        return Measure(len(outs), time.perf_counter() - t0)
+
+    runs = interleave(
+        ctx.repeats,
+        {"sequential pinned non_blocking": seq_run, "asyncnn CUDA stage": ours_run},
+        ctx.progress,
+    )
+    h2d = statistics.median(p[0] for p in parts)
+    comp = statistics.median(p[1] for p in parts)
+    d2h = statistics.median(p[2] for p in parts)
+    # BENCH.md's bound, max(copy, compute), with copy = upload + download of one batch.
+    bound = 1.0 / max(h2d + d2h, comp)
+    seq = summarize(
+        "gpu",
+        "sequential pinned non_blocking",
+        ctx.loop,
+        runs["sequential pinned non_blocking"],
+        unit="batches/s",
+    )
+    ours = summarize(
+        "gpu", "asyncnn CUDA stage", ctx.loop, runs["asyncnn CUDA stage"], unit="batches/s"
+    )
+    for row in (seq, ours):
+        row.bound = row.rate / bound
+        row.note = (
+            f"h2d {h2d * 1e3:.2f} ms, compute {comp * 1e3:.2f} ms, d2h {d2h * 1e3:.2f} ms "
+            f"({torch.cuda.get_device_name(dev)})"
+        )
+    ours.ratio = ours.rate / seq.rate
+    ours.ratio_label = "vs sequential"
+    ours.target = ">= 1.5x sequential, >= 0.9 bound"
+    ours.verdict = verdict(ours.ratio >= 1.5 and ours.bound is not None and ours.bound >= 0.9)
+    return [seq, ours]
