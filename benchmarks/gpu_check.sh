@@ -22,11 +22,11 @@ import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device: "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 PY
-timeout 240 $PY -m pytest -q -p no:cacheprovider -W default::DeprecationWarning -W default::UserWarning -m gpu tests/test_gpu.py -rA 2>&1 | tee "$out/gpu_tests.log"
+timeout 120 $PY -m pytest -q -p no:cacheprovider -W default::DeprecationWarning -W default::UserWarning -m gpu tests/test_gpu.py -rA 2>&1 | tee "$out/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 240 $PY -m pytest -q -p no:cacheprovider -W default::DeprecationWarning -W default::UserWarning tests 2>&1 | tail -n 3 | tee "$out/all_tests.log"
+timeout 120 $PY -m pytest -q -p no:cacheprovider -W default::DeprecationWarning -W default::UserWarning tests 2>&1 | tail -n 3 | tee "$out/all_tests.log"
 all_rc=${PIPESTATUS[0]}
-timeout 200 $PY -m asyncnn.bench --device cuda --workload gpu --json "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.log"
+timeout 180 $PY -m asyncnn.bench --device cuda --workload gpu --json "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo
 echo "| check                         | exit |"
