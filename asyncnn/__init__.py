@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+from .batching import Batching
 from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull, StageError
 from .graph import Graph, Node
 from .metrics import PipelineStats, StageStats
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncnnError",
+    "Batching",
     "Graph",
     "GraphError",
     "Node",

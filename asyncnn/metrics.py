@@ -19,8 +19,12 @@ __all__ = ["PipelineStats", "StageStats", "snapshot"]
 class StageStats:
     """One stage's figures since the pipeline started.
 
-    ``items`` counts requests the stage finished, ``batches`` the calls of its function,
-    ``failures`` the calls that raised; ``queue_depth``/``peak_queue_depth`` describe its input.
+    ``items`` counts requests the stage finished, ``batches`` the calls of its function (for a
+    batching stage: the batches it formed and ran; ``retries`` counts apart the re-runs of parts
+    of a failed batch), ``failures`` the calls that raised; ``queue_depth``/``peak_queue_depth``
+    describe its input. A batching stage also counts ``rows`` and why each batch was released:
+    ``released_full`` (max_size reached), ``released_delay`` (max_delay passed),
+    ``released_drain`` (the pipeline was closing).
     """
 
     name: str
@@ -32,10 +36,18 @@ class StageStats:
     queue_depth: int
     peak_queue_depth: int
     queue_capacity: int
+    rows: int = 0
+    retries: int = 0
+    released_full: int = 0
+    released_delay: int = 0
+    released_drain: int = 0
 
     @property
     def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
+        """Mean rows per batch for a batching stage; mean requests per call otherwise."""
+        if not self.batches:
+            return 0.0
+        return (self.rows or self.items) / self.batches
 
 
 class PipelineStats(Mapping[str, StageStats]):
@@ -94,6 +106,11 @@ def snapshot(sched: Scheduler) -> PipelineStats:
             queue_depth=st.depth,
             peak_queue_depth=st.peak_depth,
             queue_capacity=st.capacity,
+            rows=c.rows,
+            retries=c.retries,
+            released_full=c.released["full"],
+            released_delay=c.released["delay"],
+            released_drain=c.released["drain"],
         )
     k = sched.counters
     return PipelineStats(

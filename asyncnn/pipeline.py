@@ -54,7 +54,9 @@ class Pipeline:
         microbatch: split each request's rows (dim 0) into pieces of this many rows that flow
             through the stages one after another, so that stages work on different parts of one
             large request at once; the result is concatenated back. Chains only; stages must
-            treat rows independently (e.g. modules in eval mode).
+            treat rows independently (e.g. modules in eval mode); not with batching stages.
+        max_request_rows: refuse requests with more rows (dim 0) than this at admission, with
+            a ``ValueError``, before they take any memory in the pipeline.
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -78,6 +80,7 @@ class Pipeline:
         output_device: str | None = "cpu",
         torch_threads: int | Literal["auto"] | None = "auto",
         microbatch: int | None = None,
+        max_request_rows: int | None = None,
     ) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"Pipeline: queue_size={queue_size!r} must be a whole number >= 1")
@@ -105,9 +108,25 @@ class Pipeline:
                     "microbatch needs a chain of stages (no fan-in, one output): "
                     "split the request before the graph instead"
                 )
+            batched = [s.name for s in self._plan.stages if s.batch is not None]
+            if batched:
+                raise GraphError(
+                    f"microbatch does not mix with batching stages ({', '.join(batched)}): "
+                    "use one or the other"
+                )
+        if max_request_rows is not None and (
+            isinstance(max_request_rows, bool)
+            or not isinstance(max_request_rows, int)
+            or max_request_rows < 1
+        ):
+            raise ValueError(
+                f"Pipeline: max_request_rows={max_request_rows!r} must be a whole number >= 1"
+            )
         self.queue_size = queue_size
         self.drain_timeout = drain_timeout
         self.microbatch = microbatch
+        self.max_request_rows = max_request_rows
+        self._check_rows = microbatch is not None or max_request_rows is not None
         self.torch_threads = self._resolve_threads(torch_threads)
         self._sched = Scheduler(
             self._plan,
@@ -363,15 +382,26 @@ class Pipeline:
 
     def _admit(self, x: Any) -> asyncio.Future[Any]:
         # Callers checked that the pipeline runs and admission has room.
-        if self.microbatch is not None:
-            try:
-                count_rows(x)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"microbatch={self.microbatch}: {exc}") from None
+        if self._check_rows:
+            self._check_request(x)
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
         self._sched.admit(req)
         self._sched.admission.send_nowait(Envelope(x, [req]))
         return req.future
+
+    def _check_request(self, x: Any) -> None:
+        limit = self.max_request_rows
+        try:
+            rows = count_rows(x)
+        except (TypeError, ValueError) as exc:
+            if self.microbatch is not None:
+                raise type(exc)(f"microbatch={self.microbatch}: {exc}") from None
+            return  # non-tensor payloads have no rows to cap
+        if limit is not None and rows > limit:
+            raise ValueError(
+                f"request of {rows} rows refused: max_request_rows={limit}; split it into "
+                f"requests of at most {limit} rows, or raise max_request_rows"
+            )
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
@@ -386,15 +416,25 @@ class Pipeline:
             raise self._closed_error()
         return self._admit(x)
 
-    async def send(self, x: Any) -> Any:
+    async def send(self, x: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Run one request through the pipeline and return its result.
+
+        Args:
+            x: the request's payload.
+            timeout: seconds to wait for admission and the result together; at the deadline
+                the request is dropped (before compute if it has not started) and the built-in
+                ``TimeoutError`` is raised.
 
         Raises:
             StageError: a stage raised on this request (``.stage`` names it, the cause is chained).
             PipelineClosed: the pipeline is not running, or closed before the request finished.
+            TimeoutError: ``timeout`` passed.
 
         Cancelling the caller drops the request at the next stage boundary.
         """
+        if timeout is not None:
+            with anyio.fail_after(timeout):
+                return await (await self.submit(x))
         if self._state == "running" and self._sched.admission.has_room():
             fut = self._admit(x)  # the fast path: no suspension before the result
         else:

@@ -17,6 +17,8 @@ forced shutdown) pops it from there first; only the one that pops it counts it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,21 @@ import anyio
 import torch
 from anyio import EndOfStream, WouldBlock
 
-from .batching import Envelope, Request, concat_rows, split_rows
+from .batching import (
+    Batch,
+    Batcher,
+    Envelope,
+    Item,
+    Request,
+    RowMismatch,
+    collate,
+    concat_rows,
+    count_rows,
+    finish,
+    run_batch,
+    signature,
+    split_rows,
+)
 from .channels import Channel
 from .devices import Completion, Device, make_device
 from .errors import PipelineClosed, StageError
@@ -38,6 +54,12 @@ __all__ = ["Counters", "Scheduler", "StageCounters"]
 _MISSING = object()
 
 
+def _launch_on(
+    device: Device, to_host: bool, call: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[Any, Completion]:
+    return device.launch(call, args, to_host)
+
+
 def _open_device(device: Any, fn: Any) -> Device:
     # Runs on the stage's thread: creating streams and moving a module may block for a while.
     impl = make_device(device)
@@ -48,12 +70,15 @@ def _open_device(device: Any, fn: Any) -> Device:
 class StageCounters:
     """Mutable per-stage figures, updated on the hot path (plain int adds)."""
 
-    __slots__ = ("batches", "failures", "items")
+    __slots__ = ("batches", "failures", "items", "released", "retries", "rows")
 
     def __init__(self) -> None:
         self.items = 0
         self.batches = 0
         self.failures = 0
+        self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
+        self.retries = 0  # batched stages: re-runs of part of a failed batch
+        self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
 
 
 @dataclass
@@ -114,6 +139,13 @@ class _Node:
             Channel[Envelope](queue_size, f"{stage.name}.joined") if self.is_join else self.ports[0]
         )
         self.outs: list[Channel[Envelope]] = []
+        # Per output: does its consumer take a merged batch as it is (a batching stage, the
+        # sink), or one envelope per request?
+        self.out_merged: list[bool] = []
+        self.batch = stage.batch
+        # Formed batches wait here for a free runner; one slot keeps batches forming late
+        # (and large) while every runner is busy.
+        self.batches = Channel[Batch](1, f"{stage.name}.batches")
         self.live_workers = stage.workers
         self.live_collectors = len(inputs)
         self.join = _JoinState(len(inputs)) if self.is_join else None
@@ -156,11 +188,21 @@ class Scheduler:
         self._scopes: list[anyio.CancelScope] = []
         # Wire every producer to the port channels of its consumers.
         input_outs: list[Channel[Envelope]] = []
+
+        def wire(src: int, ch: Channel[Envelope], merged_ok: bool) -> None:
+            if src == -1:
+                input_outs.append(ch)
+            else:
+                producer = self.nodes[src]
+                producer.outs.append(ch)
+                padded = producer.batch is not None and producer.batch.pad is not None
+                producer.out_merged.append(merged_ok and not padded)
+
         for node in self.nodes:
             for port, src in enumerate(node.inputs):
-                (input_outs if src == -1 else self.nodes[src].outs).append(node.ports[port])
+                wire(src, node.ports[port], node.batch is not None and not node.is_join)
         for port, src in enumerate(plan.outputs):
-            (input_outs if src == -1 else self.nodes[src].outs).append(self.sink_ports[port])
+            wire(src, self.sink_ports[port], True)
         self.input_outs = input_outs
         self.admission = (
             input_outs[0]
@@ -198,6 +240,9 @@ class Scheduler:
             if node.is_join:
                 for port, ch in enumerate(node.ports):
                     self._spawn(tg, f"{name}:join{port}", self._collect, node, port, ch)
+            if node.batch is not None:
+                self._start_batched(tg, loop, node)
+                continue
             for w in range(node.stage.workers):
                 if node.runs_on != "thread":
                     self._spawn(tg, f"{name}:{w}", self._work, node, None)
@@ -220,6 +265,28 @@ class Scheduler:
                 self._spawn(tg, f"{name}:{w}:complete", self._complete, node, waiter, launched)
         for port, ch in enumerate(self.sink_ports):
             self._spawn(tg, f"output{port}", self._sink, port, ch)
+
+    def _start_batched(
+        self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop, node: _Node
+    ) -> None:
+        """A batching stage: one former, and per worker a runner and a completer."""
+        name = node.stage.name
+        self._spawn(tg, f"{name}:form", self._form, node)
+        for w in range(node.stage.workers):
+            worker = waiter = None
+            if node.runs_on == "thread":
+                worker = ThreadWorker(f"{name}:{w}", loop)
+                node.threads.append(worker)
+                if self.torch_threads is not None:
+                    worker.run(torch.set_num_threads, (self.torch_threads,))
+            if node.device is not None:
+                waiter = ThreadWorker(f"{name}:{w}:wait", loop)
+                node.threads.append(waiter)
+            launched = Channel[tuple[Envelope, Any, Completion]](
+                node.stage.max_inflight, f"{name}:{w}:inflight"
+            )
+            self._spawn(tg, f"{name}:{w}:run", self._run_batches, node, worker, launched)
+            self._spawn(tg, f"{name}:{w}:complete", self._complete, node, waiter, launched)
 
     def _spawn(
         self, tg: anyio.abc.TaskGroup, name: str, fn: Callable[..., Awaitable[None]], *args: Any
@@ -302,11 +369,14 @@ class Scheduler:
             if not req.future.done():
                 req.future.set_exception(exc)
 
-    def _fail(self, node: _Node, env: Envelope, cause: Exception) -> None:
+    def _fail(
+        self, node: _Node, env: Envelope, cause: Exception, message: str | None = None
+    ) -> None:
         node.counters.failures += 1
         name = node.stage.name
+        text = message or f"raised {type(cause).__name__}: {cause}"
         for req in env.requests:
-            err = StageError(name, f"stage {name!r} raised {type(cause).__name__}: {cause}")
+            err = StageError(name, f"stage {name!r} {text}")
             err.__cause__ = cause
             self._end_failed(req, err)
 
@@ -369,12 +439,34 @@ class Scheduler:
                     except WouldBlock:
                         await single_out.send(env)
                 else:
-                    await self._send_all(outs, env)
+                    await self._emit(node, env)
         finally:
             node.live_workers -= 1
             if node.live_workers == 0:
                 for ch in outs:
                     ch.close()
+
+    async def _emit(self, node: _Node, env: Envelope) -> None:
+        """Send a stage's output on: a merged batch stays merged for consumers that take it and
+        is split into one envelope per request for the others."""
+        if env.parts is None:
+            await self._send_all(node.outs, env)
+            return
+        single = len(node.outs) == 1
+        for ch, merged in zip(node.outs, node.out_merged, strict=True):
+            if merged:
+                e = (
+                    env
+                    if single
+                    else Envelope(env.payload, env.requests, None, env.rows, env.parts)
+                )
+                await ch.send(e)
+            else:
+                for e in env.split():
+                    try:
+                        ch.send_nowait(e)
+                    except WouldBlock:
+                        await ch.send(e)
 
     @staticmethod
     async def _send_all(outs: list[Channel[Envelope]], env: Envelope) -> None:
@@ -460,11 +552,13 @@ class Scheduler:
     async def _complete(
         self,
         node: _Node,
-        waiter: ThreadWorker,
+        waiter: ThreadWorker | None,
         launched: Channel[tuple[Envelope, Any, Completion]],
     ) -> None:
-        """A placed stage, part two: await each batch's completion in launch order, pass it on."""
+        """Part two of a placed or batching stage: await each batch's completion in launch
+        order (a device's event, on a waiter thread), then pass it on."""
         counters, outs = node.counters, node.outs
+        batched = node.batch is not None
         try:
             while True:
                 try:
@@ -472,21 +566,179 @@ class Scheduler:
                 except EndOfStream:
                     return
                 if not done.done:  # a non-blocking query; the blocking wait is the waiter's
+                    assert waiter is not None
                     try:
                         await waiter.run(done.wait, ())
                     except Exception as exc:  # an asynchronous CUDA error surfaces here
                         self._fail(node, env, exc)
                         continue
                 done.keep = ()
-                counters.items += len(env.requests)
-                counters.batches += 1
+                if not batched:  # a batching stage counts when it runs (retries apart)
+                    counters.items += len(env.requests)
+                    counters.batches += 1
                 env.payload = out
-                await self._send_all(outs, env)
+                await self._emit(node, env)
         finally:
             node.live_workers -= 1
             if node.live_workers == 0:
                 for ch in outs:
                     ch.close()
+
+    # -- batching stages -------------------------------------------------------------------------
+
+    def _file(self, node: _Node, batcher: Batcher, env: Envelope, now: float) -> None:
+        """Put an arriving envelope's requests into the batcher (or fail the unbatchable)."""
+        spec = node.batch
+        assert spec is not None
+        pad = spec.pad is not None
+        reqs = env.requests
+        try:
+            key = signature(env.payload, pad)
+            total = count_rows(env.payload)
+        except (TypeError, ValueError) as exc:
+            self._fail(node, env, exc, f"cannot batch this request: {exc}")
+            return
+        if total == 0:
+            self._fail(node, env, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
+            return
+        if env.rows is None:
+            if reqs[0].future.done():
+                self._drop(reqs[0])
+            else:
+                batcher.add(Item(reqs[0], env.payload, 0, total, now), key)
+            return
+        start = 0
+        for req, n in zip(reqs, env.rows, strict=True):
+            if req.future.done():
+                self._drop(req)
+            else:
+                batcher.add(Item(req, env.payload, start, start + n, now), key)
+            start += n
+
+    async def _form(self, node: _Node) -> None:
+        """Form batches: pull arrivals, release on size, delay or drain, when a runner is free."""
+        spec = node.batch
+        assert spec is not None
+        batcher = Batcher(spec)
+        inq, out = node.work, node.batches
+        clock = asyncio.get_running_loop().time
+        released = node.counters.released
+        closed = False
+        try:
+            while True:
+                while not closed and batcher.pending_rows < spec.max_size:
+                    try:
+                        env = inq.receive_nowait()
+                    except WouldBlock:
+                        break
+                    except EndOfStream:
+                        closed = True
+                        break
+                    self._file(node, batcher, env, clock())
+                if not out.has_room():
+                    await out.wait_room()  # every runner is busy: arrivals wait in the queue
+                    continue
+                batch = batcher.pop(clock(), draining=closed)
+                if batch is not None:
+                    released[batch.reason] += 1
+                    out.send_nowait(batch)
+                    continue
+                if closed:
+                    return  # drained: pop(draining=True) left nothing behind
+                deadline = batcher.next_deadline()
+                wait = math.inf if deadline is None else max(0.0, deadline - clock())
+                with anyio.move_on_after(wait):
+                    try:
+                        env = await inq.receive()
+                    except EndOfStream:
+                        closed = True
+                    else:
+                        self._file(node, batcher, env, clock())
+        finally:
+            out.close()
+
+    async def _run_batches(
+        self,
+        node: _Node,
+        worker: ThreadWorker | None,
+        launched: Channel[tuple[Envelope, Any, Completion]],
+    ) -> None:
+        """Run formed batches: collate, call, check rows and split, on the stage's thread."""
+        device: Device | None = None
+        try:
+            if node.device is not None:
+                assert worker is not None
+                device = await worker.run(_open_device, (node.device, node.stage.fn))
+            while True:
+                try:
+                    batch = await node.batches.receive()
+                except EndOfStream:
+                    return
+                items = []
+                for item in batch.items:  # cancelled or timed out while waiting: not computed
+                    if item.request.future.done():
+                        self._drop(item.request)
+                    else:
+                        items.append(item)
+                if items:
+                    node.counters.batches += 1
+                    node.counters.rows += sum(i.rows for i in items)
+                    await self._run_items(node, worker, device, items, launched)
+        finally:
+            launched.close()
+
+    async def _run_items(
+        self,
+        node: _Node,
+        worker: ThreadWorker | None,
+        device: Device | None,
+        items: list[Item],
+        launched: Channel[tuple[Envelope, Any, Completion]],
+    ) -> None:
+        spec = node.batch
+        assert spec is not None
+        name, call = node.stage.name, node.call
+        ranges = [(i.source, i.start, i.stop) for i in items]
+        pad = None if spec.pad is None else float(spec.pad)
+        launch = None if device is None else functools.partial(_launch_on, device, node.to_host)
+        counters = node.counters
+        try:
+            if worker is not None:
+                args = (name, call, ranges, spec.max_size, pad, launch)
+                out, rows, parts, done = await worker.run(run_batch, args)
+            elif node.runs_on == "loop":
+                payload, rows, lengths = collate(ranges, pad)
+                if sum(rows) <= spec.max_size:
+                    result = await call(payload)
+                else:
+                    result = concat_rows(
+                        [await call(p) for p in split_rows(payload, spec.max_size)]
+                    )
+                out, rows, parts = finish(name, result, rows, lengths)
+                done = None
+            else:
+                out, rows, parts, done = run_batch(name, call, ranges, spec.max_size, pad)
+        except RowMismatch as exc:
+            self._fail_items(node, items, exc)  # the stage itself is wrong: no retry helps
+            return
+        except Exception as exc:
+            if len(items) > 1 and spec.isolate_failures:
+                # Bisect: rerun each half until the failing request is alone.
+                mid = len(items) // 2
+                for half in (items[:mid], items[mid:]):
+                    live = [i for i in half if not i.request.future.done()]
+                    if live:
+                        counters.retries += 1
+                        await self._run_items(node, worker, device, live, launched)
+                return
+            self._fail_items(node, items, exc)
+            return
+        counters.items += len(items)
+        env = Envelope(out, [i.request for i in items], None, rows, parts)
+        await launched.send((env, out, Completion(None) if done is None else done))
+
+    def _fail_items(self, node: _Node, items: list[Item], exc: Exception) -> None:
+        self._fail(node, Envelope(None, [i.request for i in items]), exc)
 
     async def _collect(self, node: _Node, port: int, ch: Channel[Envelope]) -> None:
         join = node.join
@@ -527,16 +779,19 @@ class Scheduler:
                 except EndOfStream:
                     return
                 payload = env.payload
-                for req in env.requests:
+                parts = env.parts
+                for k, req in enumerate(env.requests):
+                    if parts is not None:
+                        payload = parts[k]
                     fut = req.future
                     if fut.done():
                         self._drop(req)
                         continue
                     if join is not None:
-                        parts = join.offer(port, req, payload)
-                        if parts is None:
+                        joined = join.offer(port, req, payload)
+                        if joined is None:
                             continue
-                        result: Any = parts
+                        result: Any = joined
                     else:
                         result = payload
                     if chunks is not None and env.chunk is not None:

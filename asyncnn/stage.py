@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
+    from .batching import Batching
+
 __all__ = ["Executor", "Stage", "is_module"]
 
 Executor = Literal["auto", "inline", "thread"]
@@ -64,6 +66,8 @@ class Stage:
             owns streams so that copies overlap compute. ``None``: inputs are used as they come.
         max_inflight: on CUDA, how many batches may be queued on the stage's streams at once
             (>= 1; default 2, so the GPU never idles between batches while memory stays bounded).
+        batch: a :class:`~asyncnn.Batching` to merge many requests into one call; without it
+            the stage always receives one request's payload.
 
     Raises:
         TypeError: ``fn`` is not callable, is an async generator, or does not fit ``executor``.
@@ -82,6 +86,7 @@ class Stage:
     executor: Executor = "auto"
     device: str | torch.device | None = None
     max_inflight: int = 2
+    batch: Batching | None = None
 
     def __post_init__(self) -> None:
         fn = self.fn
@@ -115,6 +120,13 @@ class Stage:
         m = self.max_inflight
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"stage {self.name!r}: max_inflight={m!r} must be a whole number >= 1")
+        if self.batch is not None:
+            from .batching import Batching
+
+            if not isinstance(self.batch, Batching):
+                raise TypeError(
+                    f"stage {self.name!r}: batch={self.batch!r} must be asyncnn.Batching(...)"
+                )
         if self.device is not None:
             from .devices import parse_device
 
@@ -143,4 +155,6 @@ class Stage:
         extra = f", workers={self.workers}" if self.workers != 1 else ""
         if self.device is not None:
             extra += f", device={str(self.device)!r}"
+        if self.batch is not None:
+            extra += f", batch=<max_size={self.batch.max_size}, max_delay={self.batch.max_delay}>"
         return f"Stage({self.name!r}, runs_on={self.runs_on!r}{extra})"

@@ -2,6 +2,7 @@ import asyncnn
 
 PUBLIC = {
     "AsyncnnError",
+    "Batching",
     "Graph",
     "GraphError",
     "Node",
