@@ -13,6 +13,7 @@ from ._core import Context, Row, Workload, environment
 from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
+from .workloads_serving import serving
 
 __all__ = ["WORKLOADS", "main"]
 
@@ -28,6 +29,11 @@ WORKLOADS: dict[str, Workload] = {
             "reqresp",
             "1,024 clients awaiting send() through 4 stages, vs queues + futures",
             reqresp,
+        ),
+        Workload(
+            "serving",
+            "512 clients x 1 row into a batching MLP stage, vs offline ceiling and to_thread",
+            serving,
         ),
         Workload(
             "overlap",

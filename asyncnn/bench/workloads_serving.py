@@ -1,0 +1,137 @@
+"""The ``serving`` workload: many concurrent callers, one row each, one batching model stage."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..batching import Batching
+from ..pipeline import Pipeline
+from ..stage import Stage
+from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from .models import bench_mlp
+
+__all__ = ["serving"]
+
+CLIENTS = 512
+MAX_SIZE = 256
+MAX_DELAY = 0.002
+
+
+async def _drive(send: Any, rows: list[torch.Tensor], clients: int, total: int) -> Measure:
+    per_client = total // clients
+    lat: list[float] = []
+    now = time.perf_counter
+
+    async def client(c: int) -> None:
+        for i in range(per_client):
+            x = rows[(c * per_client + i) % len(rows)]
+            t0 = now()
+            await send(x)
+            lat.append(now() - t0)
+
+    t0 = now()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return Measure(per_client * clients, now() - t0, lat)
+
+
+def serving(ctx: Context) -> list[Row]:
+    model = ctx.options.get("model") or bench_mlp()
+    shape = ctx.options.get("input_shape") or (512,)
+    total = 20_480 if ctx.quick else 61_440
+    naive_total = 2_048 if ctx.quick else 4_096
+    torch.manual_seed(1)
+    rows = [torch.randn(1, *shape) for _ in range(64)]
+    with torch.inference_mode():
+        expected = [model(r) for r in rows]
+    spec = Batching(max_size=MAX_SIZE, max_delay=MAX_DELAY)
+
+    def infer(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    async def naive(n: int) -> Measure:
+        async def send(x: torch.Tensor) -> torch.Tensor:
+            return await asyncio.to_thread(infer, x)
+
+        return await _drive(send, rows, CLIENTS, n)
+
+    async def ours(n: int) -> Measure:
+        pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
+        async with pipe:
+            m = await _drive(pipe.send, rows, CLIENTS, n)
+            st = pipe.stats()["model"]
+        m.extra["mean_batch"] = st.mean_batch_size
+        return m
+
+    async def check() -> None:
+        pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
+        async with pipe:
+            got = await asyncio.gather(*(pipe.send(r) for r in rows))
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            if not torch.allclose(g, e, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"serving: asyncnn answered request {i} wrongly")
+        got = await asyncio.gather(*(asyncio.to_thread(infer, r) for r in rows[:8]))
+        for i, (g, e) in enumerate(zip(got, expected[:8], strict=True)):
+            if not torch.allclose(g, e, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"serving: naive answered request {i} wrongly")
+
+    run_on_loop(ctx.loop, check)
+
+    ceiling_rates: list[float] = []
+
+    def ceiling(batch: int) -> float:
+        """Rows/s of the model alone at this batch size, in a tight loop (offline ceiling)."""
+        x = torch.randn(batch, *shape)
+        times = []
+        with torch.inference_mode():
+            model(x)
+            for _ in range(10):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+        return batch / statistics.median(times)
+
+    def ours_run() -> Measure:
+        m: Measure = run_on_loop(ctx.loop, lambda: ours(total))
+        # The ceiling at the batch size actually achieved, measured right after the run.
+        ceiling_rates.append(ceiling(max(1, round(m.extra["mean_batch"]))))
+        return m
+
+    runs = interleave(
+        ctx.repeats,
+        {
+            "naive to_thread per request": lambda: run_on_loop(
+                ctx.loop, lambda: naive(naive_total)
+            ),
+            "asyncnn Batching": ours_run,
+        },
+        ctx.progress,
+    )
+    naive_row = summarize(
+        "serving",
+        "naive to_thread per request",
+        ctx.loop,
+        runs["naive to_thread per request"],
+        unit="req/s",
+    )
+    ours_row = summarize(
+        "serving", "asyncnn Batching", ctx.loop, runs["asyncnn Batching"], unit="req/s"
+    )
+    ceil = statistics.median(ceiling_rates)
+    mean_batch = statistics.median(m.extra["mean_batch"] for m in runs["asyncnn Batching"])
+    ours_row.bound = ours_row.rate / ceil
+    ours_row.ratio = ours_row.rate / naive_row.rate
+    ours_row.ratio_label = "vs naive"
+    ours_row.target = ">= 0.75 ceiling, >= 8x naive"
+    ours_row.verdict = verdict(ours_row.bound >= 0.75 and ours_row.ratio >= 8)
+    ours_row.note = (
+        f"{CLIENTS} clients x 1 row; Batching(max_size={MAX_SIZE}, max_delay={MAX_DELAY}); "
+        f"mean batch {mean_batch:.0f}; ceiling {ceil:,.0f} rows/s at that size"
+    )
+    naive_row.note = f"{CLIENTS} clients; asyncio.to_thread(model, x) per request"
+    return [naive_row, ours_row]

@@ -1,0 +1,84 @@
+"""The FastAPI example, driven in-process over ASGI with concurrent httpx clients."""
+
+import asyncio
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from anyio import wait_all_tasks_blocked
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve_fastapi.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("serve_fastapi", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["serve_fastapi"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+async def test_concurrent_requests_match_the_model():
+    ex = load_example()
+    model = ex.make_model()
+    app = ex.create_app(model)
+    torch.manual_seed(3)
+    bodies = [torch.randn(1 + i % 3, ex.FEATURES) for i in range(60)]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            responses = await asyncio.gather(
+                *(client.post("/predict", json={"features": b.tolist()}) for b in bodies)
+            )
+            stats = (await client.get("/stats")).json()
+            bad = await client.post("/predict", json={"features": [[1.0, 2.0]]})
+    assert bad.status_code == 422
+    with torch.inference_mode():
+        for b, r in zip(bodies, responses, strict=True):
+            assert r.status_code == 200, r.text
+            torch.testing.assert_close(
+                torch.tensor(r.json()["scores"]), model(b), rtol=1e-4, atol=1e-5
+            )
+    assert stats["completed"] == 60 and stats["mean_batch_size"] > 1
+
+
+async def test_full_pipeline_answers_503_with_retry_after():
+    import asyncnn
+
+    ex = load_example()
+    release = threading.Event()
+
+    class Held(torch.nn.Module):
+        def forward(self, x):
+            release.wait(10)
+            return x[:, :3]
+
+    app = ex.create_app(Held(), queue_size=1)
+    pipeline = app.state.pipeline
+    x = torch.zeros(1, ex.FEATURES)
+    async with app.router.lifespan_context(app):
+        fillers = []
+        # The model is stuck: fill every buffer (the queue, the forming batch of up to
+        # max_size rows, the batch waiting for the runner).
+        with pytest.raises(asyncnn.PipelineFull):
+            for _ in range(1000):
+                fillers.append(pipeline.submit_nowait(x))
+                await wait_all_tasks_blocked()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.post("/predict", json={"features": x.tolist()})
+        release.set()
+        await asyncio.gather(*fillers)
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+
+
+def test_binds_loopback_by_default():
+    text = EXAMPLE.read_text()
+    assert '"HOST", "127.0.0.1"' in text
