@@ -12,8 +12,16 @@ Example::
 from __future__ import annotations
 
 from .batching import Batching
-from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull, StageError
+from .errors import (
+    AsyncnnError,
+    GraphError,
+    LoaderError,
+    PipelineClosed,
+    PipelineFull,
+    StageError,
+)
 from .graph import Graph, Node
+from .loader import AsyncLoader, LoaderStats
 from .metrics import PipelineStats, StageStats
 from .pipeline import Pipeline
 from .stage import Stage
@@ -21,10 +29,13 @@ from .stage import Stage
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncLoader",
     "AsyncnnError",
     "Batching",
     "Graph",
     "GraphError",
+    "LoaderError",
+    "LoaderStats",
     "Node",
     "Pipeline",
     "PipelineClosed",

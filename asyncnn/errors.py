@@ -6,7 +6,8 @@ Everything asyncnn raises on purpose derives from :class:`AsyncnnError`::
     ├── GraphError      the graph or pipeline declaration is wrong (also a ValueError)
     ├── StageError      a user stage raised; ``.stage`` names it, the cause is chained
     ├── PipelineClosed  the pipeline is not running (never started, closing, closed)
-    └── PipelineFull    ``submit_nowait`` found the admission queue full
+    ├── PipelineFull    ``submit_nowait`` found the admission queue full
+    └── LoaderError     an ``AsyncLoader`` could not fetch a sample; the cause is chained
 
 Bad arguments to constructors raise the built-ins (``TypeError``/``ValueError``) with a message that
 names the value and the fix; ``GraphError`` is also a ``ValueError`` so that either catch works.
@@ -14,7 +15,14 @@ names the value and the fix; ``GraphError`` is also a ``ValueError`` so that eit
 
 from __future__ import annotations
 
-__all__ = ["AsyncnnError", "GraphError", "PipelineClosed", "PipelineFull", "StageError"]
+__all__ = [
+    "AsyncnnError",
+    "GraphError",
+    "LoaderError",
+    "PipelineClosed",
+    "PipelineFull",
+    "StageError",
+]
 
 
 class AsyncnnError(Exception):
@@ -46,3 +54,15 @@ class PipelineClosed(AsyncnnError):
 
 class PipelineFull(AsyncnnError):
     """``submit_nowait`` found the admission queue full; retry later or shed the load (HTTP 503)."""
+
+
+class LoaderError(AsyncnnError):
+    """An ``AsyncLoader`` could not fetch a sample. ``index`` names it (the dataset index, or its
+    position in an iterable source); the original exception is ``__cause__``."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self) -> tuple[type[LoaderError], tuple[str, int | None]]:
+        return (type(self), (str(self), self.index))

@@ -49,19 +49,30 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class ThreadWorker:
-    """One dedicated daemon thread that runs the calls handed to it, in order.
+    """Dedicated daemon thread(s) that run the calls handed to them.
 
-    ``run(fn, args)`` returns an asyncio future of ``fn(*args)`` without blocking the loop. A call
-    whose future was cancelled before the thread reached it is skipped.
+    ``run(fn, args)`` returns an asyncio future of ``fn(*args)`` without blocking the loop. With
+    ``threads=1`` calls run in order; with more, the threads share one queue of calls. A call
+    whose future was cancelled before a thread reached it is skipped.
     """
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, threads: int = 1) -> None:
         self.name = name
         self._loop = loop
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stopped: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._main, name=f"asyncnn:{name}", daemon=True)
-        self._thread.start()
+        self._live = threads
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(
+                target=self._main,
+                name=f"asyncnn:{name}" + (f":{i}" if threads > 1 else ""),
+                daemon=True,
+            )
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
 
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
         fut = self._loop.create_future()
@@ -69,27 +80,29 @@ class ThreadWorker:
         return fut
 
     def stop(self) -> None:
-        """Ask the thread to exit once the calls queued before this one are done."""
-        self._jobs.put(_STOP)
+        """Ask the threads to exit once the calls queued before this one are done."""
+        for _ in self._threads:
+            self._jobs.put(_STOP)
 
     async def wait_stopped(self, timeout: float | None) -> bool:
-        """Wait (without blocking the loop) for the thread to exit; False if it is still busy."""
+        """Wait (without blocking the loop) for the threads to exit; False if one is still busy."""
         try:
             await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
         except asyncio.TimeoutError:
             log.warning(
-                "asyncnn: thread of stage %r is still running a call after %.1fs; leaving it "
-                "(it is a daemon thread); make the stage's function return or time out",
+                "asyncnn: a thread of %r is still running a call after %.1fs; leaving it "
+                "(it is a daemon thread); make the function return or time out",
                 self.name,
                 timeout,
             )
             return False
-        self._thread.join()
+        for t in self._threads:
+            t.join()
         return True
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return any(t.is_alive() for t in self._threads)
 
     def _main(self) -> None:
         loop = self._loop
@@ -110,10 +123,14 @@ class ThreadWorker:
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     return
         finally:
-            try:
-                loop.call_soon_threadsafe(_settle, self._stopped, True, None)
-            except RuntimeError:
-                pass
+            with self._lock:
+                self._live -= 1
+                last = self._live == 0
+            if last:
+                try:
+                    loop.call_soon_threadsafe(_settle, self._stopped, True, None)
+                except RuntimeError:
+                    pass
 
     def __repr__(self) -> str:
         return f"<ThreadWorker {self.name!r} {'alive' if self.alive else 'stopped'}>"

@@ -1,10 +1,13 @@
 import asyncnn
 
 PUBLIC = {
+    "AsyncLoader",
     "AsyncnnError",
     "Batching",
     "Graph",
     "GraphError",
+    "LoaderError",
+    "LoaderStats",
     "Node",
     "Pipeline",
     "PipelineClosed",
@@ -41,6 +44,7 @@ def test_exception_tree():
         asyncnn.StageError,
         asyncnn.PipelineClosed,
         asyncnn.PipelineFull,
+        asyncnn.LoaderError,
     ):
         assert issubclass(exc, asyncnn.AsyncnnError)
     assert issubclass(asyncnn.GraphError, ValueError)

@@ -1,0 +1,304 @@
+"""AsyncLoader: every source kind, order, shuffle, collate, errors, early exit, bounded prefetch."""
+
+import asyncio
+import contextlib
+import threading
+
+import anyio
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from asyncnn import AsyncLoader, LoaderError, Pipeline, Stage
+
+
+class SyncDS:
+    def __init__(self, n=10):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return torch.tensor([float(i)])
+
+
+class AsyncDS:
+    """Fetches finish in reverse order within each group of 4 (later indices first)."""
+
+    def __init__(self, n=12):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    async def __getitem__(self, i):
+        for _ in range(4 - i % 4):
+            await asyncio.sleep(0)
+        return {"x": torch.tensor([float(i)]), "i": i}
+
+
+def flat(batches):
+    return [b.flatten().tolist() for b in batches]
+
+
+async def collect(loader):
+    return [b async for b in loader]
+
+
+async def test_map_style_sync_dataset_in_order_with_len():
+    loader = AsyncLoader(SyncDS(10), batch_size=4)
+    assert len(loader) == 3
+    assert flat(await collect(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert loader.stats().samples == 10 and loader.stats().batches == 3
+
+
+async def test_drop_last():
+    loader = AsyncLoader(SyncDS(10), batch_size=4, drop_last=True)
+    assert len(loader) == 2
+    assert flat(await collect(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+async def test_async_getitem_out_of_order_completion_yields_sampler_order():
+    loader = AsyncLoader(AsyncDS(12), batch_size=4, concurrency=8)
+    batches = await collect(loader)
+    assert [b["i"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert batches[0]["x"].shape == (4, 1)
+
+
+async def test_unordered_yields_as_batches_fill():
+    loader = AsyncLoader(AsyncDS(12), batch_size=4, concurrency=12, ordered=False)
+    batches = await collect(loader)
+    got = [i for b in batches for i in b["i"].tolist()]
+    assert sorted(got) == list(range(12))
+    assert got != list(range(12))  # the fast (later) fetches filled the first batch
+
+
+async def test_fetch_function_and_async_concurrency_bound():
+    running = 0
+    peak = 0
+
+    async def fetch(i):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+        return (torch.tensor([i]), torch.tensor([2 * i]))
+
+    loader = AsyncLoader(range(40), batch_size=8, concurrency=5, fetch=fetch)
+    batches = await collect(loader)
+    assert peak <= 5
+    assert [b[0].flatten().tolist() for b in batches][0] == list(range(8))
+    assert batches[0][1].flatten().tolist() == [2 * i for i in range(8)]
+
+
+async def test_shuffle_is_seeded_and_reshuffles_each_epoch():
+    def make():
+        g = torch.Generator()
+        g.manual_seed(123)
+        return AsyncLoader(SyncDS(20), batch_size=5, shuffle=True, generator=g)
+
+    a, b = make(), make()
+    a1, b1 = flat(await collect(a)), flat(await collect(b))
+    assert a1 == b1
+    assert sorted(sum(a1, [])) == list(range(20)) and sum(a1, []) != list(range(20))
+    a2 = flat(await collect(a))
+    assert a2 != a1 and sorted(sum(a2, [])) == list(range(20))
+    assert a.stats().epochs == 2
+
+
+async def test_sampler():
+    loader = AsyncLoader(SyncDS(10), batch_size=3, sampler=[9, 0, 5, 5])
+    assert len(loader) == 2
+    assert flat(await collect(loader)) == [[9, 0, 5], [5]]
+
+
+async def test_sync_iterable_async_iterable_and_dataloader_sources():
+    gen = (torch.tensor([i]) for i in range(7))
+    assert flat(await collect(AsyncLoader(gen, batch_size=3))) == [[0, 1, 2], [3, 4, 5], [6]]
+
+    async def agen():
+        for i in range(5):
+            await asyncio.sleep(0)
+            yield {"v": torch.tensor(i)}
+
+    batches = await collect(AsyncLoader(agen(), batch_size=2, drop_last=True))
+    assert [b["v"].tolist() for b in batches] == [[0, 1], [2, 3]]
+
+    dl = DataLoader(SyncDS(6), batch_size=4)
+    loader = AsyncLoader(dl)
+    assert len(loader) == 2
+    assert flat(await collect(loader)) == [[0, 1, 2, 3], [4, 5]]
+
+
+async def test_custom_collate_tuples_and_dicts():
+    class Pairs:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return (torch.full((2,), float(i)), {"label": i})
+
+    batches = await collect(AsyncLoader(Pairs(), batch_size=4))
+    x, meta = batches[0]
+    assert x.shape == (4, 2) and meta["label"].tolist() == [0, 1, 2, 3]
+    batches = await collect(AsyncLoader(Pairs(), batch_size=2, collate=lambda s: len(s)))
+    assert batches == [2, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_pin_memory_without_accelerator_warns_and_falls_back():
+    with pytest.warns(RuntimeWarning, match="no accelerator"):
+        loader = AsyncLoader(SyncDS(4), batch_size=2, pin_memory=True)
+    assert loader.pin_memory is False
+
+
+@pytest.mark.gpu
+async def test_pin_memory_and_early_copy_to_cuda():
+    loader = AsyncLoader(SyncDS(8), batch_size=4, pin_memory=True, device="cuda:0")
+    batches = await collect(loader)
+    assert all(b.device.type == "cuda" for b in batches)
+    assert [b.cpu().flatten().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    pinned = await collect(AsyncLoader(SyncDS(4), batch_size=4, pin_memory=True))
+    assert pinned[0].is_pinned()
+
+
+async def test_failing_fetch_names_the_index_and_chains_the_cause():
+    class Bad(SyncDS):
+        def __getitem__(self, i):
+            if i == 6:
+                raise OSError("disk on fire")
+            return super().__getitem__(i)
+
+    loader = AsyncLoader(Bad(10), batch_size=4)
+    got = []
+    with pytest.raises(LoaderError, match="sample 6 failed with OSError: disk on fire") as info:
+        async for b in loader:
+            got.append(b)
+    assert info.value.index == 6 and isinstance(info.value.__cause__, OSError)
+    assert flat(got) == [[0, 1, 2, 3]]
+
+
+async def test_skip_mode_counts_bad_samples():
+    async def fetch(i):
+        if i % 3 == 0:
+            raise ValueError("corrupt")
+        return torch.tensor([i])
+
+    loader = AsyncLoader(range(9), batch_size=3, fetch=fetch, on_error="skip")
+    assert flat(await collect(loader)) == [[1, 2], [4, 5], [7, 8]]
+    assert loader.stats().skipped == 3
+
+
+async def test_iterable_error_ends_the_epoch_with_loader_error():
+    def gen():
+        yield torch.tensor([1])
+        raise RuntimeError("stream broke")
+
+    with pytest.raises(LoaderError, match="after 1 samples") as info:
+        await collect(AsyncLoader(gen(), batch_size=1))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_break_stops_in_flight_fetches_and_leaks_nothing():
+    started = 0
+    cancelled = 0
+
+    async def fetch(i):
+        nonlocal started, cancelled
+        started += 1
+        try:
+            await asyncio.sleep(0 if i < 4 else 30)
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return torch.tensor([i])
+
+    loader = AsyncLoader(range(1000), batch_size=4, concurrency=16, prefetch=1, fetch=fetch)
+    async with contextlib.aclosing(aiter(loader)) as batches:
+        async for _ in batches:
+            break
+    assert started <= loader.buffer_bound + 4
+    assert cancelled == started - 4
+    assert not [t for t in asyncio.all_tasks() if "fetch_one" in repr(t)]
+    # A plain break also cleans up, once the abandoned generator is collected.
+    async for _ in loader:
+        break
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert cancelled == started - 8
+
+
+async def test_cancelling_the_consumer_stops_sync_fetch_threads():
+    gate = threading.Event()
+
+    class Slow(SyncDS):
+        def __getitem__(self, i):
+            gate.wait(0.05)
+            return super().__getitem__(i)
+
+    with anyio.move_on_after(0.02):
+        async for _ in AsyncLoader(Slow(10_000), batch_size=8, concurrency=16):
+            pass
+    gate.set()
+    # The autouse fixture checks that no asyncnn thread is left.
+
+
+async def test_prefetch_is_bounded():
+    loader = AsyncLoader(SyncDS(500), batch_size=10, concurrency=8, prefetch=2)
+    async for _ in loader:
+        await asyncio.sleep(0.001)  # a slow consumer: fetches run ahead only so far
+        assert loader._buffered <= loader.buffer_bound
+    st = loader.stats()
+    assert 0 < st.peak_buffered <= st.buffer_bound == 8 + 2 * 10
+
+
+async def test_a_loader_feeds_a_pipeline():
+    loader = AsyncLoader(SyncDS(20), batch_size=5)
+    model = torch.nn.Linear(1, 1)
+    async with Pipeline([Stage(model)]) as pipe:
+        outs = [y async for y in pipe.stream(loader)]
+    assert len(outs) == 4 and outs[0].shape == (5, 1)
+
+
+async def test_a_pipeline_inside_a_loader():
+    async def decode(raw):
+        await asyncio.sleep(0)
+        return torch.tensor([float(raw) * 10])
+
+    async with Pipeline([Stage(decode)]) as pipe:
+
+        async def fetch(i):
+            return await pipe.send(i)
+
+        batches = await collect(AsyncLoader(range(6), batch_size=3, fetch=fetch))
+    assert flat(batches) == [[0, 10, 20], [30, 40, 50]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err"),
+    [
+        ({"batch_size": 0}, ValueError),
+        ({"concurrency": 0}, ValueError),
+        ({"prefetch": -1}, ValueError),
+        ({"on_error": "ignore"}, ValueError),
+        ({"shuffle": True, "sampler": [0]}, ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, err):
+    with pytest.raises(err):
+        AsyncLoader(SyncDS(), **kwargs)
+
+
+def test_bad_sources():
+    with pytest.raises(TypeError, match="cannot load from int"):
+        AsyncLoader(42)
+    with pytest.raises(ValueError, match="map-style"):
+        AsyncLoader(iter([1, 2]), shuffle=True)
+    with pytest.raises(TypeError, match="async def fetch"):
+        AsyncLoader(range(3), fetch=lambda i: i)
+    with pytest.raises(TypeError, match="no length"):
+        len(AsyncLoader(iter([1])))
