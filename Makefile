@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev,benchmarks]"
 	touch $(STAMP)
 
 test: $(STAMP)

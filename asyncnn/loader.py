@@ -55,6 +55,43 @@ class _Failed:
         self.error = error
 
 
+class _Slots:
+    """A counting semaphore with a synchronous fast path and a bulk release."""
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_nowait(self) -> bool:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut  # resolved by give(), which already counted this slot as taken
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give(1)  # handed a slot while being cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # give() may have dropped it already
+                    self.waiters.remove(fut)
+            raise
+
+    def give(self, n: int) -> None:
+        self.free += n
+        while self.free > 0 and self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.free -= 1
+                fut.set_result(None)
+
+
 def _next_chunk(it: Iterator[Any], n: int) -> list[Any]:
     out = []
     for _ in range(n):
@@ -295,18 +332,12 @@ class AsyncLoader:
                 for w in workers:
                     await w.wait_stopped(_THREAD_JOIN_TIMEOUT)
 
-    def _hold(self, n: int) -> None:
-        self._buffered += n
-        self._peak = max(self._peak, self._buffered)
-
     async def _epoch_map(self) -> AsyncIterator[Any]:
         plan = self._plan()
         ordered, bs = self.ordered, self.batch_size
         sync_get = self.kind == "map"
         changed = asyncio.Event()
-        slots = asyncio.Semaphore(self.buffer_bound)  # fetched or fetching, not yet consumed
-        inflight = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
+        slots = _Slots(self.buffer_bound)  # fetched or fetching, not yet consumed
         results: list[list[Any]] = [[_MISSING] * len(b) for b in plan]
         remaining = [len(b) for b in plan]
         filled: deque[list[Any]] = deque()  # unordered: batches in the order they filled
@@ -315,44 +346,48 @@ class AsyncLoader:
         total = sum(remaining)
 
         async with self._helpers(self.threads if sync_get else 0) as (collator, waiter, pool):
+            # Long-lived fetchers share one iterator of work: no task per sample, and at most
+            # `concurrency` fetches in flight. Each takes the next sample in sampler order.
+            work = (
+                (b, pos, index) for b, idxs in enumerate(plan) for pos, index in enumerate(idxs)
+            )
 
-            async def fetch_one(b: int, pos: int, index: int) -> None:
+            async def fetcher() -> None:
                 nonlocal delivered, filling
-                try:
-                    if pool is not None:
-                        value: Any = await pool.run(self.source.__getitem__, (index,))
-                    elif self.fetch is not None:
-                        value = await self.fetch(index)
+                for b, pos, index in work:
+                    if not slots.take_nowait():
+                        await slots.take()  # FIFO: earlier samples get their slot first
+                    try:
+                        if pool is not None:
+                            value: Any = await pool.run(self.source.__getitem__, (index,))
+                        elif self.fetch is not None:
+                            value = await self.fetch(index)
+                        else:
+                            value = await self.source[index]
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        value = _Failed(index, exc)
+                    self._buffered += 1
+                    if self._buffered > self._peak:
+                        self._peak = self._buffered
+                    delivered += 1
+                    if ordered:
+                        results[b][pos] = value
+                        remaining[b] -= 1
+                        if remaining[b] == 0:
+                            changed.set()  # wake the consumer only when a batch is complete
                     else:
-                        value = await self.source[index]
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    value = _Failed(index, exc)
-                finally:
-                    inflight.release()
-                self._hold(1)
-                delivered += 1
-                if ordered:
-                    results[b][pos] = value
-                    remaining[b] -= 1
-                else:
-                    filling.append(value)
-                    if len(filling) == bs or delivered == total:
-                        filled.append(filling)
-                        filling = []
-                changed.set()
+                        filling.append(value)
+                        if len(filling) == bs or delivered == total:
+                            filled.append(filling)
+                            filling = []
+                            changed.set()
 
-            async def produce() -> None:
-                for b, idxs in enumerate(plan):
-                    for pos, index in enumerate(idxs):
-                        await slots.acquire()
-                        await inflight.acquire()
-                        task = asyncio.ensure_future(fetch_one(b, pos, index))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-
-            producer = asyncio.ensure_future(produce())
+            fetchers = [
+                asyncio.ensure_future(fetcher()) for _ in range(min(self.concurrency, total))
+            ]
+            producer = asyncio.gather(*fetchers)
             try:
                 next_b = 0
                 while next_b < len(plan) if ordered else (filled or delivered < total):
@@ -366,8 +401,7 @@ class AsyncLoader:
                             await self._wait(changed, producer)
                         samples = filled.popleft()
                     self._buffered -= len(samples)
-                    for _ in samples:
-                        slots.release()
+                    slots.give(len(samples))
                     samples = self._check(samples)
                     if not samples:
                         continue
@@ -376,16 +410,18 @@ class AsyncLoader:
                     self._samples += len(samples)
                     yield batch
             finally:
-                producer.cancel()
-                for t in list(tasks):
-                    t.cancel()
-                await asyncio.gather(producer, *tasks, return_exceptions=True)
+                for f in fetchers:
+                    f.cancel()
+                await asyncio.gather(*fetchers, return_exceptions=True)
+                if producer.done() and not producer.cancelled():
+                    producer.exception()  # retrieved: it was raised above if it mattered
                 self._buffered = 0
 
     @staticmethod
-    async def _wait(changed: asyncio.Event, producer: asyncio.Future[None]) -> None:
-        if producer.done() and producer.exception() is not None:
-            raise producer.exception()  # type: ignore[misc]
+    async def _wait(changed: asyncio.Event, fetching: asyncio.Future[Any]) -> None:
+        # A fetcher only stops early on a bug of ours (fetch errors are caught): surface it.
+        if fetching.done() and not fetching.cancelled() and fetching.exception() is not None:
+            raise fetching.exception()  # type: ignore[misc]
         await changed.wait()
         changed.clear()
 

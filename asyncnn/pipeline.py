@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -46,11 +45,13 @@ class Pipeline:
             before ending the rest with ``PipelineClosed``; ``None`` waits as long as it takes.
         output_device: where results are returned: ``"cpu"`` (default; a placed CUDA stage
             copies its output back on a copy stream) or ``None`` (left where the stage put it).
-        torch_threads: torch intra-op threads for the stage threads. ``"auto"`` (default): when
-            several CPU compute threads (module or ``device="cpu"`` stages, counting workers)
-            share the machine, each gets ``cpu_count // threads`` so they do not oversubscribe
-            the cores; with one, torch's setting is left alone. An int sets it; ``None`` never
-            touches it. torch's setting is process-wide; it is restored when the pipeline stops.
+        torch_threads: torch intra-op threads for the stage threads. ``"auto"`` (default): the
+            CPU compute threads (module or ``device="cpu"`` stages, counting workers) share the
+            intra-op threads of the thread that builds the pipeline, ``torch.get_num_threads()
+            // compute threads`` each, so several stages do not oversubscribe the cores and one
+            stage gets all of them (a new thread may otherwise start with fewer: torch's setting
+            is process-wide and any library may lower it). An int sets it; ``None`` never touches
+            it. torch's setting is restored when the pipeline stops.
         microbatch: split each request's rows (dim 0) into pieces of this many rows that flow
             through the stages one after another, so that stages work on different parts of one
             large request at once; the result is concatenated back. Chains only; stages must
@@ -152,7 +153,13 @@ class Pipeline:
                 if s.runs_on == "thread"
                 and (is_module(s.fn) or (s.device is not None and str(s.device) == "cpu"))
             )
-            return max(1, (os.cpu_count() or 1) // compute) if compute > 1 else None
+            if compute == 0:
+                return None
+            # torch's count in this (the caller's) thread: new threads may start from another
+            # value, since torch.set_num_threads in any thread changes the default for new ones.
+            import torch
+
+            return max(1, torch.get_num_threads() // compute)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(
                 f"Pipeline: torch_threads={threads!r} must be 'auto', None or a whole number >= 1"

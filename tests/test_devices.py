@@ -272,11 +272,37 @@ async def test_torch_threads_option_sets_and_restores():
 
 
 def test_torch_threads_auto_divides_cores_between_compute_stages(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    two = Pipeline([nn.ReLU(), Stage(nn.ReLU(), workers=3)])
-    assert two.torch_threads == 2  # 4 compute threads share 8 cores
-    one = Pipeline([nn.ReLU(), abs])  # one compute thread: torch's default is left alone
-    assert one.torch_threads is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    four = Pipeline([nn.ReLU(), Stage(nn.ReLU(), workers=3)])
+    assert four.torch_threads == 2  # 4 compute threads share the caller's 8
+    one = Pipeline([nn.ReLU(), abs])  # one compute thread gets them all
+    assert one.torch_threads == 8
+    io_only = Pipeline([abs])  # no compute stage: torch is left alone
+    assert io_only.torch_threads is None
+
+
+async def test_auto_threads_survive_a_library_lowering_torchs_default():
+    seen = []
+
+    def lower():
+        torch.set_num_threads(1)  # what a library's worker thread might do
+
+    t = threading.Thread(target=lower)
+    t.start()
+    t.join()
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    main = torch.get_num_threads()
+    try:
+        async with Pipeline([Probe()]) as pipe:
+            await pipe.send(torch.ones(1))
+        assert seen == [main]
+    finally:
+        torch.set_num_threads(main)
 
 
 async def test_event_loop_keeps_running_while_stages_compute():

@@ -13,6 +13,7 @@ from ._core import Context, Row, Workload, environment
 from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
+from .workloads_loader import loader
 from .workloads_serving import serving
 
 __all__ = ["WORKLOADS", "main"]
@@ -39,6 +40,11 @@ WORKLOADS: dict[str, Workload] = {
             "overlap",
             "async read 5 ms -> MLP in a thread -> async write 2 ms, vs sequential, hand-written",
             overlap,
+        ),
+        Workload(
+            "loader",
+            "20k samples, 2 ms async fetch, batches of 64 into the MLP, vs DataLoader, torchdata",
+            loader,
         ),
         Workload(
             "gpu",

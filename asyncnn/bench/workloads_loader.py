@@ -1,0 +1,154 @@
+"""The ``loader`` workload: samples fetched with async I/O, batched, into the MLP."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import anyio
+import torch
+
+from ..loader import AsyncLoader
+from ..pipeline import Pipeline
+from ..stage import Stage
+from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from .models import bench_mlp
+
+__all__ = ["loader"]
+
+FETCH_S = 0.002
+BATCH = 64
+WIDTH = 512
+
+
+def make_sample(i: int) -> torch.Tensor:
+    return torch.full((WIDTH,), (i % 97) / 97.0)
+
+
+class SleepyDataset(torch.utils.data.Dataset[torch.Tensor]):
+    """The same fetch done synchronously: what a DataLoader worker runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(FETCH_S)
+        return make_sample(i)
+
+
+def _sleepy_fetch(i: int) -> torch.Tensor:
+    time.sleep(FETCH_S)
+    return make_sample(i)
+
+
+def _dataloader(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> int:
+    dl = torch.utils.data.DataLoader(SleepyDataset(n), batch_size=BATCH, num_workers=2)
+    rows = 0
+    with torch.inference_mode():
+        for batch in dl:
+            y = model(batch)
+            rows += y.shape[0]
+            if sink is not None:
+                sink.append(y)
+    return rows
+
+
+def _torchdata(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> int:
+    import torchdata.nodes as tn
+
+    node: Any = tn.SamplerWrapper(torch.utils.data.SequentialSampler(range(n)))
+    node = tn.ParallelMapper(node, _sleepy_fetch, num_workers=32, method="thread")
+    node = tn.Batcher(node, batch_size=BATCH, drop_last=False)
+    node = tn.Mapper(node, torch.stack)
+    node = tn.Prefetcher(node, prefetch_factor=2)
+    rows = 0
+    with torch.inference_mode():
+        for batch in tn.Loader(node):
+            y = model(batch)
+            rows += y.shape[0]
+            if sink is not None:
+                sink.append(y)
+    return rows
+
+
+async def _asyncnn(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> int:
+    async def fetch(i: int) -> torch.Tensor:
+        await anyio.sleep(FETCH_S)  # stands for a network or object-store read
+        return make_sample(i)
+
+    loader = AsyncLoader(range(n), batch_size=BATCH, concurrency=128, prefetch=4, fetch=fetch)
+    rows = 0
+    async with Pipeline([Stage(model, name="model")], queue_size=4) as pipe:
+        async for y in pipe.stream(loader):
+            rows += y.shape[0]
+            if sink is not None:
+                sink.append(y)
+    return rows
+
+
+def _have_torchdata() -> bool:
+    try:
+        import torchdata.nodes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loader(ctx: Context) -> list[Row]:
+    model = bench_mlp()
+    n_ours = 5_000 if ctx.quick else 20_000
+    n_dl = 512 if ctx.quick else 1_536  # ~1k items/s: keep its runs short
+    n_td = 2_048 if ctx.quick else 8_192
+    systems: dict[str, Any] = {
+        "DataLoader(num_workers=2)": lambda n, sink=None: _dataloader(model, n, sink),
+    }
+    sizes = {"DataLoader(num_workers=2)": n_dl}
+    if _have_torchdata():
+        systems["torchdata.nodes ParallelMapper"] = lambda n, sink=None: _torchdata(model, n, sink)
+        sizes["torchdata.nodes ParallelMapper"] = n_td
+    systems["asyncnn AsyncLoader"] = lambda n, sink=None: run_on_loop(
+        ctx.loop, lambda: _asyncnn(model, n, sink)
+    )
+    sizes["asyncnn AsyncLoader"] = n_ours
+
+    # Same tensors out of every system, before timing.
+    reference: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, 256, BATCH):
+            reference.append(
+                model(torch.stack([make_sample(i) for i in range(start, start + BATCH)]))
+            )
+    for name, fn in systems.items():
+        out: list[torch.Tensor] = []
+        fn(256, out)
+        if len(out) != len(reference) or not all(
+            torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, reference, strict=True)
+        ):
+            raise AssertionError(f"loader: {name} produced different batches than the reference")
+
+    def timed(name: str) -> Measure:
+        n = sizes[name]
+        t0 = time.perf_counter()
+        rows = systems[name](n)
+        return Measure(rows, time.perf_counter() - t0)
+
+    runners: dict[str, Any] = {k: functools.partial(timed, k) for k in systems}
+    runs = interleave(ctx.repeats, runners, ctx.progress)
+    rows_out = [summarize("loader", k, ctx.loop, runs[k]) for k in systems]
+    ours = rows_out[-1]
+    best = max(rows_out[:-1], key=lambda r: r.rate)
+    ours.ratio = ours.rate / best.rate
+    ours.ratio_label = f"vs {best.system}"
+    ours.target = ">= 1.5x best baseline"
+    ours.verdict = verdict(ours.ratio >= 1.5)
+    for r in rows_out:
+        r.note = f"{sizes[r.system]:,} samples, {FETCH_S * 1e3:.0f} ms fetch, batch {BATCH}"
+    if not _have_torchdata():
+        ours.note += "; torchdata not installed (pip install 'asyncnn[benchmarks]')"
+    else:
+        ours.note += f"; best baseline: {best.system}"
+    return rows_out
