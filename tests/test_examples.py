@@ -24,3 +24,20 @@ def test_bench_cli_lists_and_runs_quick(capsys):
     assert main(["--workload", "nope"]) == 2
     with pytest.raises(SystemExit):
         main(["--loop", "trio"])
+
+
+async def test_async_loader_example_reads_decodes_and_predicts():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("async_loader", EXAMPLES / "async_loader.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    outputs = await mod.main(130)
+    assert [len(o) for o in outputs] == [64, 64, 2]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(mod.FEATURES, 16), torch.nn.ReLU()).eval()
+    x = torch.stack([torch.full((mod.FEATURES,), i / 100.0) for i in range(130)])
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.cat(outputs), model(x))
