@@ -14,6 +14,7 @@ from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
 from .workloads_loader import loader
+from .workloads_memory import memory
 from .workloads_serving import serving
 
 __all__ = ["WORKLOADS", "main"]
@@ -45,6 +46,11 @@ WORKLOADS: dict[str, Workload] = {
             "loader",
             "20k samples, 2 ms async fetch, batches of 64 into the MLP, vs DataLoader, torchdata",
             loader,
+        ),
+        Workload(
+            "memory",
+            "1M small items streamed through 4 stages: peak RSS growth stays under 50 MB",
+            memory,
         ),
         Workload(
             "gpu",
@@ -84,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=None, help="timed repeats per system (>= 1; default 3)"
     )
     p.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a PNG: throughput per system per workload, and serving latency against "
+        "offered load (a short sweep of client counts); needs matplotlib",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="add optional peers when installed: Ray Serve with @serve.batch for serving "
+        "(torchdata.nodes joins the loader workload whenever it is installed)",
+    )
     p.add_argument(
         "--model",
         metavar="MODULE:CALLABLE",
@@ -175,6 +193,9 @@ def format_table(rows: Sequence[Row]) -> str:
     ]
     lines = [header]
     for r in rows:
+        if r.verdict == "skipped":
+            lines.append([r.workload, r.loop, r.system] + ["—"] * 7 + ["skipped", r.note])
+            continue
         lines.append(
             [
                 r.workload,
@@ -219,7 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         print(f"--device {args.device!r}: use cpu or cuda[:N]", file=sys.stderr)
         return 2
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"plot": bool(args.plot), "peers": args.peers}
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(
+                "--plot needs matplotlib: pip install matplotlib (or 'asyncnn[benchmarks]')",
+                file=sys.stderr,
+            )
+            return 2
     if args.model:
         if not args.input_shape:
             print("--model needs --input-shape (one row, without the batch dim)", file=sys.stderr)
@@ -256,7 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in names:
                 w = WORKLOADS[name]
                 ctx = Context(
-                    args.quick, repeats, loop, args.device, progress.workload(f"{name} ({loop})")
+                    args.quick,
+                    repeats,
+                    loop,
+                    args.device,
+                    progress.workload(f"{name} ({loop})"),
+                    options,  # shared: workloads leave figures here for --json and --plot
                 )
                 try:
                     rows.extend(w.run(ctx))
@@ -267,5 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": [r.as_dict() for r in rows]}, f, indent=2)
+            doc = {
+                "schema": 1,
+                "environment": env,
+                "rows": [r.as_dict() for r in rows],
+                "serving_sweep": options.get("sweep"),
+                "stage_stats": options.get("stage_stats", {}),
+            }
+            json.dump(doc, f, indent=2, default=str)
+    if args.plot:
+        from .plot import write_plot
+
+        write_plot(args.plot, rows, options.get("sweep"))
+        print(f"plot written to {args.plot}")
     return 1 if failed else 0

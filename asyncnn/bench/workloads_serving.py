@@ -134,4 +134,49 @@ def serving(ctx: Context) -> list[Row]:
         f"mean batch {mean_batch:.0f}; ceiling {ceil:,.0f} rows/s at that size"
     )
     naive_row.note = f"{CLIENTS} clients; asyncio.to_thread(model, x) per request"
-    return [naive_row, ours_row]
+    out = [naive_row, ours_row]
+    if ctx.options.get("peers"):
+        out.extend(_peers(ctx))
+    if ctx.options.get("plot"):
+        ctx.options["sweep"] = _sweep(ctx, rows, spec, model)
+    return out
+
+
+def _sweep(
+    ctx: Context, rows: list[torch.Tensor], spec: Batching, model: Any
+) -> list[dict[str, Any]]:
+    """Latency against offered load: asyncnn at several client counts (for --plot)."""
+    points = []
+    for clients in (8, 32, 128, 512):
+        total = clients * (8 if ctx.quick else 24)
+
+        async def run(clients: int = clients, total: int = total) -> Measure:
+            pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
+            async with pipe:
+                return await _drive(pipe.send, rows, clients, total)
+
+        ctx.progress(f"sweep: {clients} clients")
+        m: Measure = run_on_loop(ctx.loop, run)
+        lat = sorted(m.latencies or [0.0])
+        points.append(
+            {
+                "clients": clients,
+                "rate": m.rate,
+                "p50_ms": lat[len(lat) // 2] * 1e3,
+                "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+            }
+        )
+    return points
+
+
+def _peers(ctx: Context) -> list[Row]:
+    row = Row("serving", "Ray Serve @serve.batch", ctx.loop, 0.0, 0.0, 0.0, unit="req/s")
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        row.note = "skipped: ray[serve] is not installed (pip install 'ray[serve]')"
+    else:
+        row.note = "skipped: the Ray Serve peer is not written yet"
+    row.verdict = "skipped"
+    return [row]

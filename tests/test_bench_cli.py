@@ -1,0 +1,116 @@
+"""The bench's command line: parsing, listing, a short run, JSON, the correctness check."""
+
+import json
+
+import pytest
+
+from asyncnn.bench import WORKLOADS
+from asyncnn.bench.cli import format_table, main
+
+
+def test_list(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("overhead", "reqresp", "serving", "overlap", "loader", "memory", "gpu"):
+        assert name in out
+    assert set(WORKLOADS) >= {
+        "overhead",
+        "reqresp",
+        "serving",
+        "overlap",
+        "loader",
+        "memory",
+        "gpu",
+    }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--workload", "nope"],
+        ["--repeats", "0"],
+        ["--device", "tpu"],
+        ["--model", "tests.bench_models:tiny"],  # no --input-shape
+        ["--model", "tests.bench_models:tiny", "--input-shape", "a,b"],
+    ],
+)
+def test_bad_arguments_exit_non_zero(argv, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err
+
+
+def test_bad_loop_and_bad_model():
+    with pytest.raises(SystemExit, match="--loop"):
+        main(["--loop", "trio"])
+    with pytest.raises(SystemExit, match=r"not an nn\.Module"):
+        main(["--model", "tests.bench_models:not_a_module", "--input-shape", "8"])
+
+
+def test_quick_run_writes_the_documented_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(
+        [
+            "--quick",
+            "--workload",
+            "overhead",
+            "--repeats",
+            "1",
+            "--loop",
+            "asyncio",
+            "--json",
+            str(path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "asyncnn bench" in out and "overhead" in out and "verdict" in out
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == 1
+    env = doc["environment"]
+    for key in ("python", "torch", "torch_threads", "loop", "cpus", "gpu", "date"):
+        assert key in env
+    systems = [r["system"] for r in doc["rows"]]
+    assert systems == ["hand-written asyncio.Queue chain", "asyncnn Pipeline.stream"]
+    ours = doc["rows"][1]
+    for key in ("workload", "rate", "rate_min", "rate_max", "unit", "ratio", "target", "verdict"):
+        assert key in ours
+    assert ours["rate_min"] <= ours["rate"] <= ours["rate_max"] and ours["ratio"] > 0
+
+
+def test_user_model_runs_the_overlap_workload(capsys):
+    code = main(
+        [
+            "--quick",
+            "--workload",
+            "overlap",
+            "--repeats",
+            "1",
+            "--model",
+            "tests.bench_models:tiny",
+            "--input-shape",
+            "8",
+        ]
+    )
+    assert code == 0
+    assert "asyncnn Pipeline" in capsys.readouterr().out
+
+
+def test_a_wrong_system_is_caught_before_timing(monkeypatch, capsys):
+    import asyncnn.bench.workloads_core as core
+
+    async def wrong(x):
+        return x + 1
+
+    monkeypatch.setattr(core, "_ident", wrong)
+    assert main(["--quick", "--workload", "overhead", "--repeats", "1"]) == 1
+    assert "correctness check FAILED" in capsys.readouterr().err
+
+
+def test_table_format():
+    from asyncnn.bench import Row
+
+    text = format_table(
+        [Row("w", "sys", "uvloop", 1234.5, 1000, 1500, ratio=1.25, verdict="meets")]
+    )
+    assert "1,234 items/s" in text or "1,235 items/s" in text
+    assert "1.25x" in text and "meets" in text
