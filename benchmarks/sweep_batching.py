@@ -8,7 +8,6 @@ same process, one after another, after a warm-up (compare cells, not machines).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
 import torch
