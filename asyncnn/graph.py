@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .errors import GraphError
 from .stage import Stage
 
-__all__ = ["Graph", "Node", "Plan", "PlanNode", "balance"]
+__all__ = ["Graph", "Node", "Plan", "PlanNode", "balance", "to_dot", "to_mermaid"]
 
 
 class Node:
@@ -256,3 +256,43 @@ def balance(costs: Sequence[float], groups: int) -> list[int]:
         sizes.append(i - j)
         i = j
     return sizes[::-1]
+
+
+def _label(stage: Stage) -> str:
+    parts = [stage.name, stage.runs_on + (f" x{stage.workers}" if stage.workers > 1 else "")]
+    if stage.device is not None:
+        parts.append(str(stage.device))
+    if stage.batch is not None:
+        parts.append(f"batch {stage.batch.max_size} / {stage.batch.max_delay * 1e3:g} ms")
+    return "\n".join(parts)
+
+
+def _edges(plan: Plan) -> list[tuple[str, str]]:
+    ids = {-1: "input"}
+    ids.update({i: f"s{i}" for i in range(len(plan.nodes))})
+    edges = [(ids[src], ids[i]) for i, n in enumerate(plan.nodes) for src in n.inputs]
+    edges += [(ids[src], "output") for src in plan.outputs]
+    return edges
+
+
+def to_mermaid(plan: Plan, queue_size: int) -> str:
+    """A Mermaid flowchart of the plan: stages with where they run, queues on the edges."""
+    lines = ["flowchart LR", "    input([input])"]
+    for i, n in enumerate(plan.nodes):
+        text = _label(n.stage).replace("\n", "<br/>").replace('"', "'")
+        lines.append(f'    s{i}["{text}"]')
+    lines.append("    output([output])")
+    lines += [f"    {a} -->|q{queue_size}| {b}" for a, b in _edges(plan)]
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(plan: Plan, queue_size: int) -> str:
+    """The same diagram in Graphviz DOT."""
+    lines = ["digraph asyncnn {", "    rankdir=LR;", '    input [shape=oval, label="input"];']
+    for i, n in enumerate(plan.nodes):
+        text = _label(n.stage).replace('"', "'")
+        lines.append(f'    s{i} [shape=box, label="{text}"];')
+    lines.append('    output [shape=oval, label="output"];')
+    lines += [f'    {a} -> {b} [label="q{queue_size}"];' for a, b in _edges(plan)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

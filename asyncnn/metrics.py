@@ -7,12 +7,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .scheduler import Scheduler
 
-__all__ = ["PipelineStats", "StageStats", "snapshot"]
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["PipelineStats", "StageStats", "collector", "serve_prometheus", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,11 @@ class StageStats:
     describe its input. A batching stage also counts ``rows`` and why each batch was released:
     ``released_full`` (max_size reached), ``released_delay`` (max_delay passed),
     ``released_drain`` (the pipeline was closing).
+
+    ``busy_fraction``: the share of its workers' time spent inside calls since the pipeline
+    started (on a GPU stage, overlapping batches can push it above 1); ``blocked_seconds``: time
+    its workers waited for room downstream (backpressure); ``latency_p50/p90/p99``: seconds per
+    call, from a compact histogram; ``running``: calls in progress now.
     """
 
     name: str
@@ -41,6 +52,12 @@ class StageStats:
     released_full: int = 0
     released_delay: int = 0
     released_drain: int = 0
+    busy_fraction: float = 0.0
+    blocked_seconds: float = 0.0
+    latency_p50: float = 0.0
+    latency_p90: float = 0.0
+    latency_p99: float = 0.0
+    running: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -93,6 +110,7 @@ class PipelineStats(Mapping[str, StageStats]):
 
 def snapshot(sched: Scheduler) -> PipelineStats:
     stages: dict[str, StageStats] = {}
+    elapsed = max(1e-9, time.perf_counter() - sched.started_at) if sched.started_at else 0.0
     for node in sched.nodes:
         st = node.work.statistics()
         c = node.counters
@@ -111,6 +129,12 @@ def snapshot(sched: Scheduler) -> PipelineStats:
             released_full=c.released["full"],
             released_delay=c.released["delay"],
             released_drain=c.released["drain"],
+            busy_fraction=c.busy / (elapsed * node.stage.workers) if elapsed else 0.0,
+            blocked_seconds=c.blocked,
+            latency_p50=c.latency.quantile(0.50),
+            latency_p90=c.latency.quantile(0.90),
+            latency_p99=c.latency.quantile(0.99),
+            running=c.active,
         )
     k = sched.counters
     return PipelineStats(
@@ -121,3 +145,125 @@ def snapshot(sched: Scheduler) -> PipelineStats:
         cancelled=k.cancelled,
         in_flight=len(sched.inflight),
     )
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+
+
+def collector(pipe: Pipeline) -> Any:
+    """A ``prometheus_client`` collector for ``pipe``: register it on any registry.
+
+    Metrics (one sample per stage where labelled ``stage``): ``asyncnn_stage_items_total``,
+    ``asyncnn_stage_batches_total``, ``asyncnn_stage_failures_total``,
+    ``asyncnn_stage_rows_total``, ``asyncnn_stage_busy_ratio``,
+    ``asyncnn_stage_backpressure_seconds_total``, ``asyncnn_stage_queue_depth``,
+    ``asyncnn_stage_queue_peak_depth``, ``asyncnn_stage_latency_seconds`` (a summary with
+    quantiles 0.5/0.9/0.99), ``asyncnn_requests_total{outcome=...}`` and
+    ``asyncnn_requests_in_flight``.
+
+    Raises:
+        ImportError: prometheus-client is missing (``pip install "asyncnn[prometheus]"``).
+
+    Example::
+
+        from prometheus_client import REGISTRY
+        REGISTRY.register(asyncnn.metrics.collector(pipe))
+    """
+    try:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            SummaryMetricFamily,
+        )
+    except ImportError as exc:
+        raise ImportError(
+            'asyncnn.metrics needs prometheus-client: pip install "asyncnn[prometheus]"'
+        ) from exc
+
+    class _Collector:
+        def describe(self) -> list[Any]:
+            return []  # metrics are only known at collect time; no duplicate check on register
+
+        def collect(self) -> Iterator[Any]:
+            st = pipe.stats()
+            counters = {
+                "items": ("asyncnn_stage_items", "Requests a stage finished"),
+                "batches": ("asyncnn_stage_batches", "Calls of a stage's function (batches)"),
+                "failures": ("asyncnn_stage_failures", "Calls of a stage that raised"),
+                "rows": ("asyncnn_stage_rows", "Rows in the batches a batching stage formed"),
+                "blocked_seconds": (
+                    "asyncnn_stage_backpressure_seconds",
+                    "Seconds a stage waited for room downstream",
+                ),
+            }
+            for attr, (name, doc) in counters.items():
+                fam = CounterMetricFamily(name, doc, labels=["stage"])
+                for s in st.values():
+                    fam.add_metric([s.name], float(getattr(s, attr)))
+                yield fam
+            gauges = {
+                "busy_fraction": ("asyncnn_stage_busy_ratio", "Share of worker time in calls"),
+                "queue_depth": ("asyncnn_stage_queue_depth", "Items waiting at a stage now"),
+                "peak_queue_depth": (
+                    "asyncnn_stage_queue_peak_depth",
+                    "Most items ever waiting at a stage",
+                ),
+            }
+            for attr, (name, doc) in gauges.items():
+                g = GaugeMetricFamily(name, doc, labels=["stage"])
+                for s in st.values():
+                    g.add_metric([s.name], float(getattr(s, attr)))
+                yield g
+            lat = SummaryMetricFamily(
+                "asyncnn_stage_latency_seconds", "Seconds per call of a stage", labels=["stage"]
+            )
+            for s in st.values():
+                lat.add_sample(
+                    "asyncnn_stage_latency_seconds_count", {"stage": s.name}, float(s.batches)
+                )
+                for q, v in ((0.5, s.latency_p50), (0.9, s.latency_p90), (0.99, s.latency_p99)):
+                    lat.add_sample(
+                        "asyncnn_stage_latency_seconds", {"stage": s.name, "quantile": str(q)}, v
+                    )
+            yield lat
+            req = CounterMetricFamily("asyncnn_requests", "Requests by outcome", labels=["outcome"])
+            for outcome in ("admitted", "completed", "failed", "cancelled"):
+                req.add_metric([outcome], float(getattr(st, outcome)))
+            yield req
+            yield GaugeMetricFamily(
+                "asyncnn_requests_in_flight", "Requests admitted and not ended", value=st.in_flight
+            )
+
+    return _Collector()
+
+
+class PrometheusServer:
+    """A running metrics endpoint; ``close()`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread, url: str) -> None:
+        self._server = server
+        self._thread = thread
+        self.url = url
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_prometheus(pipe: Pipeline, port: int = 9464, addr: str = "127.0.0.1") -> PrometheusServer:
+    """Serve ``pipe``'s metrics at ``http://addr:port/metrics`` from a background thread (its own
+    registry, so nothing else leaks in). Binds loopback by default; ``port=0`` picks a free one."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError as exc:
+        raise ImportError(
+            'asyncnn.metrics needs prometheus-client: pip install "asyncnn[prometheus]"'
+        ) from exc
+    registry = CollectorRegistry()
+    registry.register(collector(pipe))
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    host, real_port = server.server_address[:2]
+    if isinstance(host, bytes):
+        host = host.decode()
+    return PrometheusServer(server, thread, f"http://{host}:{real_port}/metrics")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -16,12 +17,15 @@ from anyio import EndOfStream, WouldBlock
 from .batching import Envelope, Request, count_rows
 from .channels import Channel
 from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull
-from .graph import Graph, Plan, balance
+from .events import EventBus, Watchdog
+from .graph import Graph, Plan, balance, to_dot, to_mermaid
 from .metrics import PipelineStats, snapshot
 from .scheduler import Scheduler
 from .stage import Stage, is_module
 
 __all__ = ["Pipeline"]
+
+log = logging.getLogger("asyncnn")
 
 _State = Literal["new", "running", "closing", "closed"]
 _THREAD_JOIN_TIMEOUT = 5.0
@@ -58,6 +62,9 @@ class Pipeline:
             treat rows independently (e.g. modules in eval mode); not with batching stages.
         max_request_rows: refuse requests with more rows (dim 0) than this at admission, with
             a ``ValueError``, before they take any memory in the pipeline.
+        stall_timeout: when requests are in flight and no stage makes progress for this many
+            seconds, emit a ``stall`` event and log a warning that names the stage holding the
+            oldest request (``None``: no watchdog).
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -82,6 +89,7 @@ class Pipeline:
         torch_threads: int | Literal["auto"] | None = "auto",
         microbatch: int | None = None,
         max_request_rows: int | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"Pipeline: queue_size={queue_size!r} must be a whole number >= 1")
@@ -136,12 +144,50 @@ class Pipeline:
             torch_threads=self.torch_threads,
             microbatch=microbatch,
         )
+        self._watchdog = None if stall_timeout is None else Watchdog(stall_timeout)
+        self.events = EventBus(self._observe)
         self._state: _State = "new"
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopped: asyncio.Event | None = None
         self._feeders: set[anyio.CancelScope] = set()
+
+    def _observe(self, emit: Callable[..., None] | None) -> None:
+        # The bus turns the scheduler's event hooks on while someone listens.
+        self._sched.observe = emit
+
+    async def _watch(self) -> None:
+        """The stall watchdog: looks every quarter timeout; reports each stall once."""
+        wd = self._watchdog
+        assert wd is not None
+        sched = self._sched
+        while True:
+            await anyio.sleep(wd.timeout / 4)
+            if wd.check(time.monotonic(), sched.progress(), len(sched.inflight)):
+                self._report_stall(wd.timeout)
+
+    def _report_stall(self, timeout: float) -> None:
+        where = self._sched.locate_oldest() or {}
+        stage = where.get("stage")
+        detail = (
+            f"stage {stage!r} holds the oldest request ({where.get('where')}; input "
+            f"{'empty' if where.get('input_empty') else 'not empty'}, output "
+            f"{'full' if where.get('output_full') else 'not full'})"
+            if stage
+            else "the oldest request is between stages"
+        )
+        log.warning(
+            "asyncnn: pipeline stalled: %d request(s) in flight and no progress for %.1fs; %s",
+            len(self._sched.inflight),
+            timeout,
+            detail,
+        )
+        if self.events.active:
+            fields = {k: v for k, v in where.items() if k != "stage"}
+            self.events.emit(
+                "stall", stage, seconds=timeout, in_flight=len(self._sched.inflight), **fields
+            )
 
     def _resolve_threads(self, threads: int | Literal["auto"] | None) -> int | None:
         if threads is None:
@@ -257,6 +303,14 @@ class Pipeline:
         """Per-stage figures by name, and request outcomes as attributes (see ``PipelineStats``)."""
         return snapshot(self._sched)
 
+    def to_mermaid(self) -> str:
+        """The graph as Mermaid flowchart text (stages, where they run, batching, queues)."""
+        return to_mermaid(self._plan, self.queue_size)
+
+    def to_dot(self) -> str:
+        """The graph as Graphviz DOT text."""
+        return to_dot(self._plan, self.queue_size)
+
     def __repr__(self) -> str:
         names = " -> ".join(s.name for s in self.stages)
         return f"<Pipeline {self._state} [{names}] queue_size={self.queue_size}>"
@@ -281,6 +335,11 @@ class Pipeline:
             raise
         self._tg = tg
         self._state = "running"
+        if self._watchdog is not None:
+            self._sched._spawn(tg, "watchdog", self._watch)
+        if self.events.active:
+            for stage in self.stages:
+                self.events.emit("stage_started", stage.name)
         return self
 
     def _check_devices(self) -> None:
@@ -361,7 +420,18 @@ class Pipeline:
             sched.fail_all(sched.crash)
             with anyio.CancelScope(shield=True):
                 await sched.stop_threads(_THREAD_JOIN_TIMEOUT)
-            self._state = "closed"
+                self._state = "closed"
+                if self.events.active:
+                    k = sched.counters
+                    self.events.emit(
+                        "pipeline_closed",
+                        None,
+                        admitted=k.admitted,
+                        completed=k.completed,
+                        failed=k.failed,
+                        cancelled=k.cancelled,
+                    )
+                await self.events.drain()
             self._stopped.set()
 
     # -- requests --------------------------------------------------------------------------------

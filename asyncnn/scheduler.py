@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,15 +68,67 @@ def _open_device(device: Any, fn: Any) -> Device:
     return impl
 
 
-class StageCounters:
-    """Mutable per-stage figures, updated on the hot path (plain int adds)."""
+class LatencyHistogram:
+    """Seconds per call in log-spaced buckets (8 per doubling, 1 µs to ~18 min): quantiles
+    within ~9% from 250 counters, however many calls."""
 
-    __slots__ = ("batches", "failures", "items", "released", "retries", "rows")
+    __slots__ = ("counts", "total")
+    PER_DOUBLING = 8
+    BUCKETS = 8 * 30 + 1
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BUCKETS
+        self.total = 0
+
+    def add(self, seconds: float) -> None:
+        i = 0 if seconds <= 1e-6 else int(math.log2(seconds * 1e6) * self.PER_DOUBLING) + 1
+        self.counts[min(i, self.BUCKETS - 1)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0..1) in seconds: the geometric middle of its bucket; 0 if empty."""
+        if not self.total:
+            return 0.0
+        rank = q * (self.total - 1)
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen > rank:
+                if i == 0:
+                    return 1e-6
+                return 1e-6 * 2 ** ((i - 0.5) / self.PER_DOUBLING)
+        return 1e-6 * 2 ** ((self.BUCKETS - 1) / self.PER_DOUBLING)
+
+
+class StageCounters:
+    """Mutable per-stage figures, updated on the hot path (plain int adds).
+
+    Call times are measured on every call of a thread, device or batching stage; for stages on
+    the loop, one call in 64 is timed and counted 64 times in ``busy`` (timing costs more
+    than a cheap async call), unless an event subscriber wants every ``batch_done``.
+    """
+
+    __slots__ = (
+        "active",
+        "batches",
+        "blocked",
+        "busy",
+        "failures",
+        "items",
+        "latency",
+        "released",
+        "retries",
+        "rows",
+    )
 
     def __init__(self) -> None:
         self.items = 0
         self.batches = 0
         self.failures = 0
+        self.busy = 0.0  # seconds inside calls of the stage's function, summed over workers
+        self.blocked = 0.0  # seconds its workers waited for room downstream (backpressure)
+        self.active = 0  # calls running now
+        self.latency = LatencyHistogram()
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
         self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
@@ -186,6 +239,9 @@ class Scheduler:
         self.finished: asyncio.Event | None = None
         self.crash: BaseException | None = None
         self._scopes: list[anyio.CancelScope] = []
+        # Set by the pipeline while someone listens to events: observe(kind, stage, **fields).
+        self.observe: Callable[..., None] | None = None
+        self.started_at = 0.0
         # Wire every producer to the port channels of its consumers.
         input_outs: list[Channel[Envelope]] = []
 
@@ -229,6 +285,7 @@ class Scheduler:
 
     def start(self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop) -> None:
         self.finished = asyncio.Event()
+        self.started_at = time.perf_counter()
         if self.admission is not self.input_outs[0] or self.microbatch is not None:
             self._spawn(tg, "input", self._input)
         if self.torch_threads is not None:
@@ -258,7 +315,7 @@ class Scheduler:
                     continue
                 waiter = ThreadWorker(f"{name}:{w}:wait", loop)
                 node.threads.append(waiter)
-                launched = Channel[tuple[Envelope, Any, Completion]](
+                launched = Channel[tuple[Envelope, Any, Completion, float]](
                     node.stage.max_inflight, f"{name}:{w}:inflight"
                 )
                 self._spawn(tg, f"{name}:{w}:launch", self._launch, node, worker, launched)
@@ -282,7 +339,7 @@ class Scheduler:
             if node.device is not None:
                 waiter = ThreadWorker(f"{name}:{w}:wait", loop)
                 node.threads.append(waiter)
-            launched = Channel[tuple[Envelope, Any, Completion]](
+            launched = Channel[tuple[Envelope, Any, Completion, float]](
                 node.stage.max_inflight, f"{name}:{w}:inflight"
             )
             self._spawn(tg, f"{name}:{w}:run", self._run_batches, node, worker, launched)
@@ -339,6 +396,47 @@ class Scheduler:
             for ch in (*node.ports, node.work):
                 ch.drain_nowait()
 
+    # -- stalls ----------------------------------------------------------------------------------
+
+    def progress(self) -> int:
+        """A number that grows whenever any stage finishes a call or any request ends."""
+        k = self.counters
+        return (
+            sum(n.counters.batches + n.counters.failures + n.counters.retries for n in self.nodes)
+            + k.completed
+            + k.failed
+            + k.cancelled
+        )
+
+    def locate_oldest(self) -> dict[str, Any] | None:
+        """Where the oldest request in flight is held: the stage, and whether that stage's input
+        is empty and its output full. Scans the queues: for stall reports, not the hot path."""
+        if not self.inflight:
+            return None
+        oldest = next(iter(self.inflight.values()))
+        holder: _Node | None = None
+        where = "running in the stage"
+        for node in self.nodes:
+            for ch in (*node.ports, node.work):
+                if any(oldest in e.requests for e in ch._buf):
+                    holder, where = node, "waiting in the stage's input queue"
+                    break
+            if holder is not None:
+                break
+        if holder is None:
+            busy = [n for n in self.nodes if n.counters.active > 0]
+            holder = busy[0] if busy else None
+        if holder is None:
+            return {"stage": None, "request": oldest.id, "where": "between stages"}
+        return {
+            "stage": holder.stage.name,
+            "request": oldest.id,
+            "where": where,
+            "input_empty": len(holder.work) == 0,
+            "output_full": any(not ch.has_room() for ch in holder.outs),
+            "calls_running": holder.counters.active,
+        }
+
     # -- request outcomes ------------------------------------------------------------------------
 
     def admit(self, req: Request) -> None:
@@ -374,6 +472,9 @@ class Scheduler:
     ) -> None:
         node.counters.failures += 1
         name = node.stage.name
+        obs = self.observe
+        if obs is not None:
+            obs("request_failed", name, error=type(cause).__name__, requests=len(env.requests))
         text = message or f"raised {type(cause).__name__}: {cause}"
         for req in env.requests:
             err = StageError(name, f"stage {name!r} {text}")
@@ -392,6 +493,10 @@ class Scheduler:
         run: Callable[[Callable[..., Any], tuple[Any, ...]], Awaitable[Any]] | None = (
             worker.run if worker is not None else None
         )
+        on_loop = runs_on == "loop"
+        skip = 0 if runs_on == "thread" else 63
+        now = time.perf_counter
+        tick = 0
         try:
             while True:
                 try:
@@ -416,20 +521,39 @@ class Scheduler:
                                 self._drop(r)
                         if not live:
                             continue
-                        # Batched envelopes (issue 4) must remove the dead rows; until then an
-                        # envelope only holds several requests when they share one payload.
+                        # Producers split merged batches for unbatched stages, so this only
+                        # happens to requests that share one payload (fan-out copies).
                         env.requests = reqs = live
-                try:
-                    if runs_on == "loop":
-                        out = await (call(*env.payload) if is_join else call(env.payload))
-                    elif runs_on == "inline":
-                        out = call(*env.payload) if is_join else call(env.payload)
-                    else:
-                        assert run is not None
-                        out = await run(call, env.payload if is_join else (env.payload,))
-                except Exception as exc:
-                    self._fail(node, env, exc)
-                    continue
+                # One call in 64 of a cheap loop stage is timed (timing costs more than such a
+                # call); every call of a thread stage, and every call while events are heard.
+                tick -= 1
+                if tick >= 0 and self.observe is None:
+                    try:
+                        if on_loop:
+                            out = await (call(*env.payload) if is_join else call(env.payload))
+                        else:
+                            out = call(*env.payload) if is_join else call(env.payload)
+                    except Exception as exc:
+                        self._fail(node, env, exc)
+                        continue
+                else:
+                    tick = skip
+                    t0 = now()
+                    counters.active += 1
+                    try:
+                        if runs_on == "loop":
+                            out = await (call(*env.payload) if is_join else call(env.payload))
+                        elif runs_on == "inline":
+                            out = call(*env.payload) if is_join else call(env.payload)
+                        else:
+                            assert run is not None
+                            out = await run(call, env.payload if is_join else (env.payload,))
+                    except Exception as exc:
+                        counters.active -= 1
+                        self._fail(node, env, exc)
+                        continue
+                    counters.active -= 1
+                    self._timed(node, now() - t0, len(reqs), skip + 1)
                 counters.items += len(reqs)
                 counters.batches += 1
                 env.payload = out
@@ -437,7 +561,12 @@ class Scheduler:
                     try:
                         single_out.send_nowait(env)
                     except WouldBlock:
+                        t0 = now()
                         await single_out.send(env)
+                        waited = now() - t0
+                        counters.blocked += waited
+                        if self.observe is not None:
+                            self.observe("backpressure", node.stage.name, seconds=waited)
                 else:
                     await self._emit(node, env)
         finally:
@@ -446,32 +575,49 @@ class Scheduler:
                 for ch in outs:
                     ch.close()
 
+    def _timed(self, node: _Node, seconds: float, size: int, weight: int) -> None:
+        c = node.counters
+        obs = self.observe
+        c.busy += seconds * (1 if obs is not None else weight)
+        c.latency.add(seconds)
+        if obs is not None:
+            obs("batch_done", node.stage.name, size=size, seconds=seconds)
+
+    def _blocked(self, node: _Node, seconds: float) -> None:
+        """Count ``seconds`` of waiting for room downstream; tell listeners of the wait."""
+        node.counters.blocked += seconds
+        obs = self.observe
+        if obs is not None:
+            obs("backpressure", node.stage.name, seconds=seconds)
+
     async def _emit(self, node: _Node, env: Envelope) -> None:
         """Send a stage's output on: a merged batch stays merged for consumers that take it and
         is split into one envelope per request for the others."""
-        if env.parts is None:
-            await self._send_all(node.outs, env)
-            return
+        t0 = time.perf_counter()
+        waited = False
         single = len(node.outs) == 1
         for ch, merged in zip(node.outs, node.out_merged, strict=True):
-            if merged:
-                e = (
+            if env.parts is None or merged:
+                envs = [
                     env
                     if single
-                    else Envelope(env.payload, env.requests, None, env.rows, env.parts)
-                )
-                await ch.send(e)
+                    else Envelope(env.payload, env.requests, env.chunk, env.rows, env.parts)
+                ]
             else:
-                for e in env.split():
-                    try:
-                        ch.send_nowait(e)
-                    except WouldBlock:
-                        await ch.send(e)
+                envs = env.split()
+            for e in envs:
+                try:
+                    ch.send_nowait(e)
+                except WouldBlock:
+                    waited = True
+                    await ch.send(e)
+        if waited:
+            self._blocked(node, time.perf_counter() - t0)
 
     @staticmethod
     async def _send_all(outs: list[Channel[Envelope]], env: Envelope) -> None:
-        # Fan-out: every consumer gets its own envelope around the same payload. Read the fields
-        # first: once a consumer holds `env` it may replace its payload while we wait here.
+        # Fan-out from the input: every consumer gets its own envelope around the same payload.
+        # Read the fields first: once a consumer holds `env` it may replace its payload.
         payload, requests, chunk = env.payload, env.requests, env.chunk
         for i, ch in enumerate(outs):
             e = env if i == 0 else Envelope(payload, requests, chunk)
@@ -531,7 +677,7 @@ class Scheduler:
         self,
         node: _Node,
         worker: ThreadWorker,
-        launched: Channel[tuple[Envelope, Any, Completion]],
+        launched: Channel[tuple[Envelope, Any, Completion, float]],
     ) -> None:
         """A placed stage, part one: hand batches to the device without waiting for them."""
         assert node.device is not None
@@ -540,12 +686,15 @@ class Scheduler:
             call, is_join, to_host = node.call, node.is_join, node.to_host
             while (env := await self._take(node.work)) is not None:
                 args = env.payload if is_join else (env.payload,)
+                t0 = time.perf_counter()
+                node.counters.active += 1
                 try:
                     out, done = await worker.run(device.launch, (call, args, to_host))
                 except Exception as exc:
+                    node.counters.active -= 1
                     self._fail(node, env, exc)
                     continue
-                await launched.send((env, out, done))  # at most max_inflight on the streams
+                await launched.send((env, out, done, t0))  # at most max_inflight on the streams
         finally:
             launched.close()
 
@@ -553,7 +702,7 @@ class Scheduler:
         self,
         node: _Node,
         waiter: ThreadWorker | None,
-        launched: Channel[tuple[Envelope, Any, Completion]],
+        launched: Channel[tuple[Envelope, Any, Completion, float]],
     ) -> None:
         """Part two of a placed or batching stage: await each batch's completion in launch
         order (a device's event, on a waiter thread), then pass it on."""
@@ -562,7 +711,7 @@ class Scheduler:
         try:
             while True:
                 try:
-                    env, out, done = await launched.receive()
+                    env, out, done, t0 = await launched.receive()
                 except EndOfStream:
                     return
                 if not done.done:  # a non-blocking query; the blocking wait is the waiter's
@@ -570,9 +719,19 @@ class Scheduler:
                     try:
                         await waiter.run(done.wait, ())
                     except Exception as exc:  # an asynchronous CUDA error surfaces here
+                        counters.active -= 1
                         self._fail(node, env, exc)
                         continue
                 done.keep = ()
+                counters.active -= 1
+                # From launch to completion: on a device, batches in flight overlap, so busy
+                # time can exceed wall time per worker (a busy fraction above 1 means overlap).
+                dt = time.perf_counter() - t0
+                counters.busy += dt
+                counters.latency.add(dt)
+                obs = self.observe
+                if obs is not None:
+                    obs("batch_done", node.stage.name, size=len(env.requests), seconds=dt)
                 if not batched:  # a batching stage counts when it runs (retries apart)
                     counters.items += len(env.requests)
                     counters.batches += 1
@@ -641,6 +800,9 @@ class Scheduler:
                 batch = batcher.pop(clock(), draining=closed)
                 if batch is not None:
                     released[batch.reason] += 1
+                    obs = self.observe
+                    if obs is not None:
+                        obs("batch_formed", node.stage.name, size=batch.rows, reason=batch.reason)
                     out.send_nowait(batch)
                     continue
                 if closed:
@@ -661,7 +823,7 @@ class Scheduler:
         self,
         node: _Node,
         worker: ThreadWorker | None,
-        launched: Channel[tuple[Envelope, Any, Completion]],
+        launched: Channel[tuple[Envelope, Any, Completion, float]],
     ) -> None:
         """Run formed batches: collate, call, check rows and split, on the stage's thread."""
         device: Device | None = None
@@ -693,7 +855,7 @@ class Scheduler:
         worker: ThreadWorker | None,
         device: Device | None,
         items: list[Item],
-        launched: Channel[tuple[Envelope, Any, Completion]],
+        launched: Channel[tuple[Envelope, Any, Completion, float]],
     ) -> None:
         spec = node.batch
         assert spec is not None
@@ -702,6 +864,8 @@ class Scheduler:
         pad = None if spec.pad is None else float(spec.pad)
         launch = None if device is None else functools.partial(_launch_on, device, node.to_host)
         counters = node.counters
+        t0 = time.perf_counter()
+        counters.active += 1
         try:
             if worker is not None:
                 args = (name, call, ranges, spec.max_size, pad, launch)
@@ -719,9 +883,11 @@ class Scheduler:
             else:
                 out, rows, parts, done = run_batch(name, call, ranges, spec.max_size, pad)
         except RowMismatch as exc:
+            counters.active -= 1
             self._fail_items(node, items, exc)  # the stage itself is wrong: no retry helps
             return
         except Exception as exc:
+            counters.active -= 1
             if len(items) > 1 and spec.isolate_failures:
                 # Bisect: rerun each half until the failing request is alone.
                 mid = len(items) // 2
@@ -735,7 +901,7 @@ class Scheduler:
             return
         counters.items += len(items)
         env = Envelope(out, [i.request for i in items], None, rows, parts)
-        await launched.send((env, out, Completion(None) if done is None else done))
+        await launched.send((env, out, Completion(None) if done is None else done, t0))
 
     def _fail_items(self, node: _Node, items: list[Item], exc: Exception) -> None:
         self._fail(node, Envelope(None, [i.request for i in items]), exc)
