@@ -424,7 +424,7 @@ class Scheduler:
             if holder is not None:
                 break
         if holder is None:
-            busy = [n for n in self.nodes if n.counters.active > 0]
+            busy = [n for n in self.nodes if self._running_calls(n) > 0]
             holder = busy[0] if busy else None
         if holder is None:
             return {"stage": None, "request": oldest.id, "where": "between stages"}
@@ -434,8 +434,17 @@ class Scheduler:
             "where": where,
             "input_empty": len(holder.work) == 0,
             "output_full": any(not ch.has_room() for ch in holder.outs),
-            "calls_running": holder.counters.active,
+            "calls_running": self._running_calls(holder),
         }
+
+    def _running_calls(self, node: _Node) -> int:
+        """Calls of ``node`` in progress. Loop stages do not count their calls on the hot path:
+        a worker neither waiting for input nor for room downstream is inside a call."""
+        if node.runs_on == "thread" or node.batch is not None or node.device is not None:
+            return node.counters.active
+        st = node.work.statistics()
+        blocked_out = sum(ch.statistics().waiting_senders for ch in node.outs)
+        return max(0, node.live_workers - st.waiting_receivers - blocked_out)
 
     # -- request outcomes ------------------------------------------------------------------------
 

@@ -274,3 +274,20 @@ async def test_watchdog_names_the_stage_that_hangs(caplog):
     assert stall.stage == "stuck" and stall.where == "running in the stage"
     assert stall.input_empty is True and stall.output_full is False
     assert "stage 'stuck' holds the oldest request" in caplog.text
+
+
+async def test_watchdog_names_an_async_stage_that_hangs():
+    release = asyncio.Event()
+
+    async def hangs(x):
+        await release.wait()
+        return x
+
+    pipe = Pipeline([Stage(inc, name="front"), Stage(hangs, name="waits")], stall_timeout=0.05)
+    listener = pipe.events.listen(kinds="stall")
+    async with pipe:
+        fut = pipe.submit_nowait(1)
+        stall = await listener.__anext__()
+        release.set()
+        assert await fut == 2
+    assert stall.stage == "waits" and stall.calls_running == 1
