@@ -108,6 +108,11 @@ class PipelineStats(Mapping[str, StageStats]):
         )
 
 
+def _busy(timed_seconds: float, timed: int, calls: int) -> float:
+    # Loop stages time a sample of their calls: the sample's mean stands for every call.
+    return timed_seconds / timed * max(calls, timed) if timed else 0.0
+
+
 def snapshot(sched: Scheduler) -> PipelineStats:
     stages: dict[str, StageStats] = {}
     elapsed = max(1e-9, time.perf_counter() - sched.started_at) if sched.started_at else 0.0
@@ -129,7 +134,10 @@ def snapshot(sched: Scheduler) -> PipelineStats:
             released_full=c.released["full"],
             released_delay=c.released["delay"],
             released_drain=c.released["drain"],
-            busy_fraction=c.busy / (elapsed * node.stage.workers) if elapsed else 0.0,
+            busy_fraction=_busy(c.busy, c.timed, c.batches + c.failures + c.retries)
+            / (elapsed * node.stage.workers)
+            if elapsed
+            else 0.0,
             blocked_seconds=c.blocked,
             latency_p50=c.latency.quantile(0.50),
             latency_p90=c.latency.quantile(0.90),

@@ -104,7 +104,7 @@ class StageCounters:
     """Mutable per-stage figures, updated on the hot path (plain int adds).
 
     Call times are measured on every call of a thread, device or batching stage; for stages on
-    the loop, one call in 64 is timed and counted 64 times in ``busy`` (timing costs more
+    the loop, one call in 64 is timed and their mean stands for every call (timing costs more
     than a cheap async call), unless an event subscriber wants every ``batch_done``.
     """
 
@@ -119,13 +119,15 @@ class StageCounters:
         "released",
         "retries",
         "rows",
+        "timed",
     )
 
     def __init__(self) -> None:
         self.items = 0
         self.batches = 0
         self.failures = 0
-        self.busy = 0.0  # seconds inside calls of the stage's function, summed over workers
+        self.busy = 0.0  # seconds inside the timed calls of the stage's function
+        self.timed = 0  # calls timed (all of them, or a sample for cheap loop stages)
         self.blocked = 0.0  # seconds its workers waited for room downstream (backpressure)
         self.active = 0  # calls running now
         self.latency = LatencyHistogram()
@@ -562,7 +564,7 @@ class Scheduler:
                         self._fail(node, env, exc)
                         continue
                     counters.active -= 1
-                    self._timed(node, now() - t0, len(reqs), skip + 1)
+                    self._timed(node, now() - t0, len(reqs))
                 counters.items += len(reqs)
                 counters.batches += 1
                 env.payload = out
@@ -584,10 +586,11 @@ class Scheduler:
                 for ch in outs:
                     ch.close()
 
-    def _timed(self, node: _Node, seconds: float, size: int, weight: int) -> None:
+    def _timed(self, node: _Node, seconds: float, size: int) -> None:
         c = node.counters
         obs = self.observe
-        c.busy += seconds * (1 if obs is not None else weight)
+        c.busy += seconds
+        c.timed += 1
         c.latency.add(seconds)
         if obs is not None:
             obs("batch_done", node.stage.name, size=size, seconds=seconds)
@@ -737,6 +740,7 @@ class Scheduler:
                 # time can exceed wall time per worker (a busy fraction above 1 means overlap).
                 dt = time.perf_counter() - t0
                 counters.busy += dt
+                counters.timed += 1
                 counters.latency.add(dt)
                 obs = self.observe
                 if obs is not None:

@@ -142,6 +142,34 @@ def interleave(
     return out
 
 
+def record_stages(ctx: Context, workload: str, stats: Any) -> None:
+    """Keep a run's per-stage figures (the last run wins) for the utilisation table and JSON."""
+    key = f"{workload} ({ctx.loop})"
+    ctx.options.setdefault("stage_stats", {})[key] = {
+        name: asdict(s) | {"mean_batch_size": s.mean_batch_size} for name, s in stats.items()
+    }
+
+
+def format_stages(stage_stats: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per-stage utilisation: which stage is the bottleneck (the busiest)."""
+    lines = [
+        "| run | stage | runs on | items | batches | mean batch | busy | blocked s | "
+        "p50 ms | p99 ms | peak queue |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, stages in stage_stats.items():
+        busiest = max(stages.values(), key=lambda s: s["busy_fraction"])["name"] if stages else ""
+        for name, s in stages.items():
+            mark = " (bottleneck)" if name == busiest else ""
+            lines.append(
+                f"| {run} | {name}{mark} | {s['runs_on']} | {s['items']:,} | {s['batches']:,} | "
+                f"{s['mean_batch_size']:.1f} | {s['busy_fraction']:.0%} | "
+                f"{s['blocked_seconds']:.2f} | {s['latency_p50'] * 1e3:.2f} | "
+                f"{s['latency_p99'] * 1e3:.2f} | {s['peak_queue_depth']}/{s['queue_capacity']} |"
+            )
+    return "\n".join(lines)
+
+
 def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 

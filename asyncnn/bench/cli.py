@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._core import Context, Row, Workload, environment
+from ._core import Context, Row, Workload, environment, format_stages
 from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
@@ -299,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name}: correctness check FAILED: {exc}", file=sys.stderr)
                     failed = True
     print(format_table(rows))
+    if options.get("stage_stats"):
+        print("\nPer-stage utilisation (last timed run of each):")
+        print(format_stages(options["stage_stats"]))
     print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
     if args.json:
         with open(args.json, "w") as f:

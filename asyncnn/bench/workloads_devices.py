@@ -14,7 +14,16 @@ import torch
 
 from ..pipeline import Pipeline
 from ..stage import Stage
-from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from ._core import (
+    Context,
+    Measure,
+    Row,
+    interleave,
+    record_stages,
+    run_on_loop,
+    summarize,
+    verdict,
+)
 from .models import bench_mlp
 
 __all__ = ["gpu", "overlap"]
@@ -109,7 +118,7 @@ def overlap(ctx: Context) -> list[Row]:
         async with pipe:
             async for _ in pipe.stream(range(count)):
                 pass
-        ctx.options.setdefault("stats", {})["overlap"] = pipe.stats()
+        record_stages(ctx, "overlap", pipe.stats())
         return outs
 
     systems = {

@@ -12,7 +12,16 @@ import torch
 from ..batching import Batching
 from ..pipeline import Pipeline
 from ..stage import Stage
-from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from ._core import (
+    Context,
+    Measure,
+    Row,
+    interleave,
+    record_stages,
+    run_on_loop,
+    summarize,
+    verdict,
+)
 from .models import bench_mlp
 
 __all__ = ["serving"]
@@ -64,7 +73,9 @@ def serving(ctx: Context) -> list[Row]:
         pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
         async with pipe:
             m = await _drive(pipe.send, rows, CLIENTS, n)
-            st = pipe.stats()["model"]
+            stats = pipe.stats()
+            st = stats["model"]
+        record_stages(ctx, "serving", stats)
         m.extra["mean_batch"] = st.mean_batch_size
         return m
 
