@@ -122,7 +122,7 @@ def snapshot(sched: Scheduler) -> PipelineStats:
         stages[node.stage.name] = StageStats(
             name=node.stage.name,
             runs_on=node.runs_on,
-            workers=node.stage.workers,
+            workers=node.stage.replicas if node.runs_on == "ray" else node.stage.workers,
             items=c.items,
             batches=c.batches,
             failures=c.failures,
@@ -135,7 +135,7 @@ def snapshot(sched: Scheduler) -> PipelineStats:
             released_delay=c.released["delay"],
             released_drain=c.released["drain"],
             busy_fraction=_busy(c.busy, c.timed, c.batches + c.failures + c.retries)
-            / (elapsed * node.stage.workers)
+            / (elapsed * (node.stage.replicas if node.runs_on == "ray" else node.stage.workers))
             if elapsed
             else 0.0,
             blocked_seconds=c.blocked,

@@ -325,6 +325,11 @@ class Pipeline:
         self._check_devices()
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        try:
+            await self._sched.prepare()
+        except BaseException:
+            self._sched.release_remote()
+            raise
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
@@ -420,6 +425,7 @@ class Pipeline:
             sched.fail_all(sched.crash)
             with anyio.CancelScope(shield=True):
                 await sched.stop_threads(_THREAD_JOIN_TIMEOUT)
+                sched.release_remote()
                 self._state = "closed"
                 if self.events.active:
                     k = sched.counters

@@ -208,6 +208,7 @@ class _Node:
         self.threads: list[ThreadWorker] = []
         # A torch.device, or None: inputs are used wherever they are.
         self.device = None if stage.device is None else torch.device(stage.device)
+        self.pool: Any = None  # a RayPool for executor="ray" stages, made by prepare()
         self.to_host = False  # set by the scheduler: a consumer needs the output on the host
 
 
@@ -285,6 +286,26 @@ class Scheduler:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Start what must exist before the tasks: the Ray replicas of remote stages."""
+        remote = [n for n in self.nodes if n.runs_on == "ray"]
+        if not remote:
+            return
+        from .executors_ray import RayPool, ensure_ray
+
+        await anyio.to_thread.run_sync(ensure_ray)
+        for node in remote:
+            st = node.stage
+            node.pool = RayPool(st.name, st.fn, st.replicas, st.resources, st.max_inflight)
+            # One worker task per call a replica may hold: least-loaded dispatch picks the replica.
+            node.live_workers = node.pool.capacity
+        await asyncio.gather(*(n.pool.ready() for n in remote))
+
+    def release_remote(self) -> None:
+        for node in self.nodes:
+            if node.pool is not None:
+                node.pool.release()
+
     def start(self, tg: anyio.abc.TaskGroup, loop: asyncio.AbstractEventLoop) -> None:
         self.finished = asyncio.Event()
         self.started_at = time.perf_counter()
@@ -302,7 +323,7 @@ class Scheduler:
             if node.batch is not None:
                 self._start_batched(tg, loop, node)
                 continue
-            for w in range(node.stage.workers):
+            for w in range(node.live_workers):
                 if node.runs_on != "thread":
                     self._spawn(tg, f"{name}:{w}", self._work, node, None)
                     continue
@@ -331,7 +352,7 @@ class Scheduler:
         """A batching stage: one former, and per worker a runner and a completer."""
         name = node.stage.name
         self._spawn(tg, f"{name}:form", self._form, node)
-        for w in range(node.stage.workers):
+        for w in range(node.live_workers):
             worker = waiter = None
             if node.runs_on == "thread":
                 worker = ThreadWorker(f"{name}:{w}", loop)
@@ -442,7 +463,7 @@ class Scheduler:
     def _running_calls(self, node: _Node) -> int:
         """Calls of ``node`` in progress. Loop stages do not count their calls on the hot path:
         a worker neither waiting for input nor for room downstream is inside a call."""
-        if node.runs_on == "thread" or node.batch is not None or node.device is not None:
+        if node.runs_on in ("thread", "ray") or node.batch is not None or node.device is not None:
             return node.counters.active
         st = node.work.statistics()
         blocked_out = sum(ch.statistics().waiting_senders for ch in node.outs)
@@ -505,7 +526,8 @@ class Scheduler:
             worker.run if worker is not None else None
         )
         on_loop = runs_on == "loop"
-        skip = 0 if runs_on == "thread" else 63
+        skip = 0 if runs_on in ("thread", "ray") else 63
+        pool = node.pool
         now = time.perf_counter
         tick = 0
         try:
@@ -556,6 +578,9 @@ class Scheduler:
                             out = await (call(*env.payload) if is_join else call(env.payload))
                         elif runs_on == "inline":
                             out = call(*env.payload) if is_join else call(env.payload)
+                        elif pool is not None:
+                            args = env.payload if is_join else (env.payload,)
+                            out = await pool.call("run", args)
                         else:
                             assert run is not None
                             out = await run(call, env.payload if is_join else (env.payload,))
@@ -883,6 +908,12 @@ class Scheduler:
             if worker is not None:
                 args = (name, call, ranges, spec.max_size, pad, launch)
                 out, rows, parts, done = await worker.run(run_batch, args)
+            elif node.pool is not None:  # one remote call per batch; collated on the replica
+                result = await node.pool.call("run_batch", ranges, spec.max_size, pad)
+                rows = [i.rows for i in items]
+                lengths = [i.source.shape[1] for i in items] if pad is not None else None
+                out, rows, parts = finish(name, result, rows, lengths)
+                done = None
             elif node.runs_on == "loop":
                 payload, rows, lengths = collate(ranges, pad)
                 if sum(rows) <= spec.max_size:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Executor", "Stage", "is_module"]
 
-Executor = Literal["auto", "inline", "thread"]
-_EXECUTORS = ("auto", "inline", "thread")
+Executor = Literal["auto", "inline", "thread", "ray"]
+_EXECUTORS = ("auto", "inline", "thread", "ray")
 
 
 def is_module(fn: object) -> bool:
@@ -60,12 +60,19 @@ class Stage:
             a suffix (``f_2``) when two stages would share it.
         workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
         executor: ``"auto"`` (coroutines on the loop, everything else on dedicated threads),
-            ``"inline"`` (a cheap sync function called on the loop itself) or ``"thread"``.
+            ``"inline"`` (a cheap sync function called on the loop itself), ``"thread"``, or
+            ``"ray"``: the stage runs in ``replicas`` Ray actors (``pip install "asyncnn[ray]"``).
+            With ``"ray"``, ``fn`` is a zero-argument factory that builds the function or module
+            on each replica (so the model is built there, not shipped per call), or a function
+            or module, pickled once per replica.
+        replicas: Ray actors for an ``executor="ray"`` stage (>= 1).
+        resources: Ray resources per replica, e.g. ``{"num_cpus": 1, "num_gpus": 0}``.
         device: run the stage on this device (``"cpu"``, ``"cuda:0"``, a ``torch.device``): its
             module is moved there, its inputs are moved there on its thread, and on CUDA it
             owns streams so that copies overlap compute. ``None``: inputs are used as they come.
-        max_inflight: on CUDA, how many batches may be queued on the stage's streams at once
-            (>= 1; default 2, so the GPU never idles between batches while memory stays bounded).
+        max_inflight: on CUDA, how many batches may be queued on the stage's streams at once;
+            on Ray, how many calls each replica may hold at once (>= 1; default 2, so the
+            device never idles between batches while memory stays bounded).
         batch: a :class:`~asyncnn.Batching` to merge many requests into one call; without it
             the stage always receives one request's payload.
 
@@ -87,6 +94,8 @@ class Stage:
     device: str | torch.device | None = None
     max_inflight: int = 2
     batch: Batching | None = None
+    replicas: int = 1
+    resources: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         fn = self.fn
@@ -117,6 +126,8 @@ class Stage:
                 f"stage {self.name!r}: an async def runs on the event loop; "
                 "drop executor='thread' or pass a sync function"
             )
+        if self.executor == "ray":
+            self._check_ray()
         m = self.max_inflight
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"stage {self.name!r}: max_inflight={m!r} must be a whole number >= 1")
@@ -139,14 +150,41 @@ class Stage:
                 )
             object.__setattr__(self, "device", dev)
 
+    def _check_ray(self) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                f'stage {self.name!r}: executor="ray" needs Ray: pip install "asyncnn[ray]"'
+            ) from None
+        r = self.replicas
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"stage {self.name!r}: replicas={r!r} must be a whole number >= 1")
+        if self.is_async:
+            raise TypeError(
+                f"stage {self.name!r}: an async def cannot run on Ray replicas; pass a sync "
+                "function, a module, or a factory that builds one"
+            )
+        if self.device is not None:
+            raise TypeError(
+                f"stage {self.name!r}: device= places local stages; for a Ray stage ask for "
+                "resources={'num_gpus': 1} and build the model on 'cuda' in the factory"
+            )
+        if self.resources is not None and not isinstance(self.resources, Mapping):
+            raise TypeError(
+                f"stage {self.name!r}: resources must be a dict such as {{'num_cpus': 1}}"
+            )
+
     @property
     def is_async(self) -> bool:
         """True when ``fn`` is a coroutine function (it runs on the event loop)."""
         return _is_async(self.fn)
 
     @property
-    def runs_on(self) -> Literal["loop", "inline", "thread"]:
+    def runs_on(self) -> Literal["loop", "inline", "thread", "ray"]:
         """Where calls of ``fn`` run once ``"auto"`` is resolved."""
+        if self.executor == "ray":
+            return "ray"
         if self.is_async:
             return "loop"
         return "inline" if self.executor == "inline" else "thread"

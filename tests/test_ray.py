@@ -1,0 +1,144 @@
+"""Stages on Ray actors, against a real local Ray (num_cpus=2), started here and shut down."""
+
+import asyncio
+import sys
+import time
+
+import anyio
+import pytest
+import torch
+from anyio import wait_all_tasks_blocked
+
+from asyncnn import Batching, Pipeline, Stage, StageError
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def make_linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def double(x):
+    return x * 2
+
+
+def slow_double(x):
+    time.sleep(0.3)
+    return x * 2
+
+
+def fails_on_negative(x):
+    if (x < 0).any():
+        raise ValueError("negative input")
+    return x + 1
+
+
+async def test_remote_results_equal_local_execution():
+    xs = [torch.randn(2, 4) for _ in range(12)]
+    local = make_linear()
+    with torch.inference_mode():
+        expected = [local(x) for x in xs]
+    pipe = Pipeline([Stage(make_linear, executor="ray", replicas=2, resources={"num_cpus": 0.5})])
+    async with pipe:
+        got = [y async for y in pipe.stream(xs)]
+        st = pipe.stats()["make_linear"]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    assert st.items == 12 and st.runs_on == "ray" and st.workers == 2
+
+
+async def test_batches_are_formed_before_dispatch():
+    spec = Batching(max_size=8, max_delay=0.05)
+    pipe = Pipeline(
+        [Stage(double, executor="ray", replicas=2, resources={"num_cpus": 0.5}, batch=spec)]
+    )
+    async with pipe:
+        xs = [torch.full((1, 1), float(i)) for i in range(32)]
+        ys = await asyncio.gather(*(pipe.send(x) for x in xs))
+        calls = sum(r["calls"] for r in pipe._sched.nodes[0].pool.stats())
+        st = pipe.stats()["double"]
+    assert [y.item() for y in ys] == [2.0 * i for i in range(32)]
+    assert calls == st.batches < 32  # one remote call per batch, not per request
+
+
+async def test_remote_exception_is_a_stage_error_with_the_remote_cause():
+    spec = Batching(max_size=4, max_delay=0.05)
+    pipe = Pipeline(
+        [Stage(fails_on_negative, executor="ray", resources={"num_cpus": 0.5}, batch=spec)]
+    )
+    async with pipe:
+        xs = [torch.full((1, 1), -1.0 if i == 2 else float(i)) for i in range(4)]
+        results = await asyncio.gather(*(pipe.send(x) for x in xs), return_exceptions=True)
+    assert isinstance(results[2], StageError) and results[2].stage == "fails_on_negative"
+    assert isinstance(results[2].__cause__, ValueError) and "negative input" in str(results[2])
+    assert [r.item() for i, r in enumerate(results) if i != 2] == [1.0, 2.0, 4.0]
+
+
+async def test_a_killed_replica_fails_only_its_calls_and_is_replaced():
+    from asyncnn.executors_ray import ReplicaDied
+
+    pipe = Pipeline(
+        [
+            Stage(
+                slow_double, executor="ray", replicas=2, resources={"num_cpus": 0.5}, max_inflight=1
+            )
+        ]
+    )
+    async with pipe:
+        pool = pipe._sched.nodes[0].pool
+        first = [asyncio.ensure_future(pipe.send(torch.full((1,), float(i)))) for i in range(2)]
+        await wait_all_tasks_blocked()
+        assert pool._load == [1, 1]  # each replica holds one call
+        victim = pool.actors[0]
+        ray.kill(victim, no_restart=True)
+        results = await asyncio.gather(*first, return_exceptions=True)
+        died = [r for r in results if isinstance(r, StageError)]
+        assert len(died) == 1 and isinstance(died[0].__cause__, ReplicaDied)
+        assert "was replaced" in str(died[0])
+        assert [r.item() for r in results if not isinstance(r, Exception)] in ([0.0], [2.0])
+        after = await asyncio.gather(*(pipe.send(torch.full((1,), 5.0)) for _ in range(4)))
+        assert [a.item() for a in after] == [10.0] * 4
+        assert pool.replaced == 1 and pool.actors[0] is not victim
+        actors = list(pool.actors)
+    for actor in actors:  # released at close: ray.kill takes effect within moments
+        with anyio.fail_after(10), pytest.raises(ray.exceptions.RayActorError):
+            while True:
+                await actor.ready.remote()
+
+
+async def test_factory_errors_surface_at_start():
+    def broken_factory():
+        raise RuntimeError("no weights here")
+
+    pipe = Pipeline([Stage(broken_factory, executor="ray", resources={"num_cpus": 0.5})])
+    with pytest.raises(Exception, match="Ray replicas did not start"):
+        async with pipe:
+            pass
+
+
+def test_ray_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r'pip install "asyncnn\[ray\]"'):
+        Stage(double, executor="ray")
+
+
+def test_ray_stage_configuration_errors():
+    with pytest.raises(ValueError, match="replicas=0"):
+        Stage(double, executor="ray", replicas=0)
+
+    async def coro(x):
+        return x
+
+    with pytest.raises(TypeError, match="async def cannot run on Ray"):
+        Stage(coro, executor="ray")
+    with pytest.raises(TypeError, match="num_gpus"):
+        Stage(double, executor="ray", device="cpu")
