@@ -135,6 +135,14 @@ class RayPool:
             await asyncio.wait_for(
                 asyncio.gather(*(a.ready.remote() for a in self.actors)), timeout
             )
+        except asyncio.TimeoutError as exc:
+            import ray
+
+            raise AsyncnnError(
+                f"stage {self.name!r}: {len(self.actors)} Ray replica(s) did not start within "
+                f"{timeout:.0f} s; Ray has {ray.available_resources()} free: lower resources= "
+                "or replicas=, or add nodes"
+            ) from exc
         except Exception as exc:
             raise AsyncnnError(
                 f"stage {self.name!r}: its Ray replicas did not start: {type(exc).__name__}: "

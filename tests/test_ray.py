@@ -142,3 +142,23 @@ def test_ray_stage_configuration_errors():
         Stage(coro, executor="ray")
     with pytest.raises(TypeError, match="num_gpus"):
         Stage(double, executor="ray", device="cpu")
+
+
+def test_scale_out_example_matches_the_local_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "ray_scale_out.py"
+    spec = importlib.util.spec_from_file_location("ray_scale_out", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ray.shutdown()  # the example starts its own Ray, as a user's script would
+    try:
+        labels = mod.main(64)
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    model = mod.make_model()
+    torch.manual_seed(1)
+    xs = [torch.randn(1, 64) for _ in range(64)]
+    with torch.inference_mode():
+        assert labels == [int(model(x).argmax()) for x in xs]

@@ -147,7 +147,7 @@ def serving(ctx: Context) -> list[Row]:
     naive_row.note = f"{CLIENTS} clients; asyncio.to_thread(model, x) per request"
     out = [naive_row, ours_row]
     if ctx.options.get("peers"):
-        out.extend(_peers(ctx))
+        out.extend(_peers(ctx, rows, total, ours_row.rate))
     if ctx.options.get("plot"):
         ctx.options["sweep"] = _sweep(ctx, rows, spec, model)
     return out
@@ -180,14 +180,15 @@ def _sweep(
     return points
 
 
-def _peers(ctx: Context) -> list[Row]:
-    row = Row("serving", "Ray Serve @serve.batch", ctx.loop, 0.0, 0.0, 0.0, unit="req/s")
+def _peers(ctx: Context, rows: list[torch.Tensor], total: int, local_rate: float) -> list[Row]:
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
     except ImportError:
+        row = Row("serving", "Ray peers", ctx.loop, 0.0, 0.0, 0.0, unit="req/s")
         row.note = "skipped: ray[serve] is not installed (pip install 'ray[serve]')"
-    else:
-        row.note = "skipped: the Ray Serve peer is not written yet"
-    row.verdict = "skipped"
-    return [row]
+        row.verdict = "skipped"
+        return [row]
+    from .peers_ray import ray_peers
+
+    return ray_peers(ctx, rows, CLIENTS, total, local_rate)
