@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-quick lint gpu-check clean
+.PHONY: install test bench bench-quick lint gpu-check stress soak clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check asyncnn tests benchmarks examples
 	$(PY) -m ruff format --check asyncnn tests benchmarks examples
 	$(PY) -m mypy
+
+# 10,000 random chaos cases (graphs, failures, cancellations, deadlines, shutdowns): exactly once.
+stress: $(STAMP)
+	$(PY) -m tests.chaos --cases 10000
+
+# 1,000,000 requests from 1,024 clients through 4 stages with batching: RSS, tasks, threads.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py
 
 # On a CUDA machine (no venv needed there): the gpu tests and the gpu bench workload, a table.
 gpu-check:

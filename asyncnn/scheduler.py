@@ -184,6 +184,11 @@ class _Node:
         self.index = index
         self.inputs = inputs
         self.call = prepare_call(stage)
+        if stage.batch is not None and len(inputs) > 1:
+            # A batching join gets its merged parts as one tuple: call it with them spread out,
+            # as an unbatched join is called.
+            joined = self.call
+            self.call = lambda parts: joined(*parts)
         self.runs_on = stage.runs_on
         self.is_join = len(inputs) > 1
         # One channel per input port; a join also gets a merged work channel fed by collectors.
