@@ -83,13 +83,29 @@ class Envelope:
         return f"<Envelope of {len(self.requests)} request(s)>"
 
 
-def _tensors(payload: Any) -> list[torch.Tensor]:
+MAX_DEPTH = 16  # nesting of tuples/lists/dicts in one request; deeper is refused
+
+
+class PayloadTooDeep(TypeError):
+    """A request nests containers deeper than ``MAX_DEPTH``: refused, never walked further."""
+
+
+def _too_deep() -> TypeError:
+    return PayloadTooDeep(
+        f"the request nests tuples/lists/dicts more than {MAX_DEPTH} levels deep: flatten it "
+        "(a hostile or runaway payload is refused before it is walked further)"
+    )
+
+
+def _tensors(payload: Any, depth: int = 0) -> list[torch.Tensor]:
     if isinstance(payload, torch.Tensor):
         return [payload]
+    if depth >= MAX_DEPTH and isinstance(payload, (tuple, list, dict)):
+        raise _too_deep()
     if isinstance(payload, (tuple, list)):
-        return [t for p in payload for t in _tensors(p)]
+        return [t for p in payload for t in _tensors(p, depth + 1)]
     if isinstance(payload, dict):
-        return [t for p in payload.values() for t in _tensors(p)]
+        return [t for p in payload.values() for t in _tensors(p, depth + 1)]
     return []
 
 
@@ -206,9 +222,11 @@ class Batching:
             object.__setattr__(self, "preferred_sizes", sizes)
 
 
-def signature(payload: Any, pad: bool = False) -> Any:
+def signature(payload: Any, pad: bool = False, depth: int = 0) -> Any:
     """What must match for two requests to share a batch: trailing shapes, dtypes, devices (and
     dict keys / tuple lengths). With ``pad``, dim 1 of a tensor may differ."""
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
     if isinstance(payload, torch.Tensor):
         if payload.dim() == 0:
             raise TypeError("a 0-d tensor has no rows: give the request a batch dim 0")
@@ -225,9 +243,9 @@ def signature(payload: Any, pad: bool = False) -> Any:
             f"Batching(pad=...) takes a tensor per request, got {type(payload).__name__}"
         )
     if isinstance(payload, (tuple, list)) and payload:
-        return (type(payload), *(signature(p) for p in payload))
+        return (type(payload), *(signature(p, False, depth + 1) for p in payload))
     if isinstance(payload, dict) and payload:
-        return (dict, *((k, signature(v)) for k, v in payload.items()))
+        return (dict, *((k, signature(v, False, depth + 1)) for k, v in payload.items()))
     raise TypeError(
         "a batching stage takes a tensor, or a tuple/list/dict of tensors, whose dim 0 is rows; "
         f"got {type(payload).__name__}"

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import anyio
 from anyio import EndOfStream, WouldBlock
 
-from .batching import Envelope, Request, count_rows
+from .batching import Envelope, PayloadTooDeep, Request, count_rows
 from .channels import Channel
 from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull
 from .events import EventBus, Watchdog
@@ -26,6 +27,9 @@ from .stage import Stage, is_module
 __all__ = ["Pipeline"]
 
 log = logging.getLogger("asyncnn")
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 _State = Literal["new", "running", "closing", "closed"]
 _THREAD_JOIN_TIMEOUT = 5.0
@@ -385,9 +389,19 @@ class Pipeline:
         # cancellations go to the task group, which does the cancel-scope bookkeeping.
         forward = pending if isinstance(pending, asyncio.CancelledError) else None
         tg, self._tg = self._tg, None
-        suppress = await tg.__aexit__(
-            type(forward) if forward else None, forward, forward.__traceback__ if forward else None
-        )
+        try:
+            suppress = await tg.__aexit__(
+                type(forward) if forward else None,
+                forward,
+                forward.__traceback__ if forward else None,
+            )
+        except BaseExceptionGroup as group:
+            # A stage raised KeyboardInterrupt or SystemExit: hand it on as itself, not inside
+            # a group, so that the interpreter stops (or exits) as the user meant.
+            urgent = _first_of(group, (KeyboardInterrupt, SystemExit))
+            if urgent is not None:
+                raise urgent from None
+            raise
         if own is not None and not suppress:
             raise own
         return bool(suppress) and forward is not None and forward is exc
@@ -476,6 +490,8 @@ class Pipeline:
         limit = self.max_request_rows
         try:
             rows = count_rows(x)
+        except PayloadTooDeep:
+            raise
         except (TypeError, ValueError) as exc:
             if self.microbatch is not None:
                 raise type(exc)(f"microbatch={self.microbatch}: {exc}") from None
@@ -622,6 +638,19 @@ class Pipeline:
             fut = await self.submit(x)
             outstanding.add(fut)
             fut.add_done_callback(on_done)
+
+
+def _first_of(
+    group: BaseExceptionGroup[BaseException], kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kinds):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_of(exc, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 def _layer_times(layers: list[Any], sample: Any, repeats: int = 3) -> list[float]:

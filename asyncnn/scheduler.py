@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any
 
 import anyio
@@ -53,6 +54,14 @@ from .stage import Stage
 __all__ = ["Counters", "Scheduler", "StageCounters"]
 
 _MISSING = object()
+
+
+def _returned_coroutine(node: _Node, coro: CoroutineType[Any, Any, Any]) -> TypeError:
+    coro.close()  # never awaited on purpose: close it so Python does not warn about it
+    return TypeError(
+        f"stage {node.stage.name!r} returned a coroutine: its function is sync but calls an "
+        "async one; make the stage's function `async def` and await it there"
+    )
 
 
 def _launch_on(
@@ -571,6 +580,8 @@ class Scheduler:
                             out = await (call(*env.payload) if is_join else call(env.payload))
                         else:
                             out = call(*env.payload) if is_join else call(env.payload)
+                            if type(out) is CoroutineType:
+                                raise _returned_coroutine(node, out)
                     except Exception as exc:
                         self._fail(node, env, exc)
                         continue
@@ -589,6 +600,8 @@ class Scheduler:
                         else:
                             assert run is not None
                             out = await run(call, env.payload if is_join else (env.payload,))
+                        if runs_on != "loop" and type(out) is CoroutineType:
+                            raise _returned_coroutine(node, out)
                     except Exception as exc:
                         counters.active -= 1
                         self._fail(node, env, exc)

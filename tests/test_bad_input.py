@@ -1,0 +1,343 @@
+"""The bad-input catalogue: each kind of bad input or bad stage behaviour gets an error that
+names the stage and says what to do, and the pipeline keeps serving afterwards."""
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from anyio import wait_all_tasks_blocked
+
+import asyncnn
+from asyncnn import (
+    AsyncLoader,
+    Batching,
+    Graph,
+    GraphError,
+    LoaderError,
+    Pipeline,
+    PipelineClosed,
+    Stage,
+    StageError,
+)
+
+
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2)
+
+
+def batched(fn, name="m", **kw):
+    return Stage(fn, name=name, batch=Batching(max_size=8, max_delay=0.0, **kw))
+
+
+async def still_serves(pipe, x=None, expect=None):
+    x = torch.ones(1, 4) if x is None else x
+    y = await pipe.send(x)
+    if expect is not None:
+        assert torch.equal(y, expect)
+    return y
+
+
+async def fails_alone(pipe, bad, match, stage="m"):
+    with pytest.raises(StageError, match=match) as info:
+        await pipe.send(bad)
+    assert info.value.stage == stage and f"'{stage}'" in str(info.value)
+    return info.value
+
+
+# 1
+async def test_non_tensor_to_a_batching_stage():
+    async with Pipeline([batched(lambda x: x)]) as pipe:
+        err = await fails_alone(pipe, "text", "a batching stage takes a tensor.*got str")
+        assert isinstance(err.__cause__, TypeError)
+        await still_serves(pipe)
+
+
+# 2
+async def test_wrong_trailing_shape_for_the_model():
+    async with Pipeline([batched(linear())]) as pipe:
+        err = await fails_alone(pipe, torch.ones(1, 5), "raised RuntimeError")
+        assert "shapes" in str(err.__cause__)
+        await still_serves(pipe)
+
+
+# 3
+async def test_wrong_dtype_forms_its_own_batch_and_fails_alone():
+    async with Pipeline([batched(linear())]) as pipe:
+        good = asyncio.ensure_future(pipe.send(torch.ones(1, 4)))
+        with pytest.raises(StageError, match="'m' raised RuntimeError"):
+            await pipe.send(torch.ones(1, 4, dtype=torch.float64))
+        assert (await good).shape == (1, 2)
+
+
+# 4
+async def test_empty_tensor():
+    async with Pipeline([batched(lambda x: x)]) as pipe:
+        await fails_alone(pipe, torch.zeros(0, 4), "0 rows")
+        await still_serves(pipe)
+
+
+# 5
+async def test_nan_rejected_by_a_stage():
+    def finite_only(x):
+        if not torch.isfinite(x).all():
+            raise ValueError("non-finite input: clean NaN/inf before sending")
+        return x
+
+    async with Pipeline([batched(finite_only)]) as pipe:
+        await fails_alone(pipe, torch.tensor([[float("nan"), 1, 2, 3]]), "non-finite input")
+        await fails_alone(pipe, torch.tensor([[float("inf"), 1, 2, 3]]), "non-finite input")
+        await still_serves(pipe)
+
+
+# 6
+async def test_request_over_max_request_rows():
+    async with Pipeline([lambda x: x], max_request_rows=8) as pipe:
+        with pytest.raises(ValueError, match="9 rows refused: max_request_rows=8; split it"):
+            await pipe.send(torch.zeros(9, 4))
+        await still_serves(pipe)
+
+
+# 7
+async def test_stage_returns_the_wrong_number_of_rows():
+    async with Pipeline([batched(lambda x: x[:-1])]) as pipe:
+        await fails_alone(pipe, torch.ones(3, 4), "returned 2 rows for a batch of 3: a batched")
+
+
+# 8
+async def test_stage_returns_none():
+    async with Pipeline([batched(lambda x: None)]) as pipe:
+        await fails_alone(pipe, torch.ones(1, 4), "returned NoneType for a batch of 1 rows")
+
+
+# 9
+async def test_stage_returns_a_non_tensor():
+    async with Pipeline([batched(lambda x: "oops")]) as pipe:
+        await fails_alone(pipe, torch.ones(1, 4), "returned str .* must return a tensor")
+
+
+# 10
+async def test_tensor_on_a_device_the_stage_cannot_use():
+    async with Pipeline([Stage(lambda x: x + 1, name="m", device="cpu")]) as pipe:
+        err = await fails_alone(pipe, torch.ones(1, 4, device="meta"), "raised")
+        assert "meta" in str(err).lower()
+        await still_serves(pipe)
+
+
+# 11, 12
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "SystemExit(3)"])
+@pytest.mark.parametrize("where", ["thread", "loop"])
+def test_base_exceptions_are_not_swallowed(exc, where):
+    code = textwrap.dedent(
+        f"""
+        import asyncio, asyncnn
+        def sync_stage(x):
+            raise {exc}
+        async def async_stage(x):
+            raise {exc}
+        async def main():
+            fn = sync_stage if "{where}" == "thread" else async_stage
+            async with asyncnn.Pipeline([fn]) as pipe:
+                await pipe.send(1)
+        asyncio.run(main())
+        print("SWALLOWED")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "SWALLOWED" not in proc.stdout
+    if exc == "KeyboardInterrupt":
+        assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    else:
+        assert proc.returncode == 3  # the exit the stage asked for, not wrapped in a group
+
+
+# 13
+async def test_a_stage_that_blocks_forever_deadline_and_watchdog():
+    release = asyncio.Event()
+
+    async def stuck(x):
+        await release.wait()
+        return x
+
+    pipe = Pipeline([Stage(stuck, name="stuck")], stall_timeout=0.05)
+    stalls = pipe.events.listen(kinds="stall")
+    async with pipe:
+        with pytest.raises(TimeoutError):
+            await pipe.send(1, timeout=0.01)
+        pending = pipe.submit_nowait(2)
+        stall = await stalls.__anext__()
+        assert stall.stage == "stuck"
+        release.set()
+        assert await pending == 2
+
+
+# 14
+async def test_a_sync_stage_that_returns_a_coroutine_by_mistake():
+    async def helper(x):
+        return x
+
+    def forgot_async(x):
+        return helper(x) if x == 1 else x
+
+    async with Pipeline([Stage(forgot_async, name="m", executor="inline")]) as pipe:
+        await fails_alone(pipe, 1, "returned a coroutine: .* make the stage's function `async def`")
+        assert await pipe.send(2) == 2
+    async with Pipeline([Stage(forgot_async, name="m")]) as pipe:  # on a thread
+        await fails_alone(pipe, 1, "returned a coroutine")
+        assert await pipe.send(2) == 2
+
+
+# 15
+def test_an_async_generator_passed_as_a_stage():
+    async def gen(x):
+        yield x
+
+    with pytest.raises(TypeError, match="async generator; a stage returns one result"):
+        Stage(gen)
+
+
+# 16
+def test_a_graph_with_a_cycle():
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(abs, name="a"), x)
+    b = g.add(Stage(abs, name="b"), a)
+    a.parents = (x, b)
+    g.output(b)
+    with pytest.raises(GraphError, match="cycle through stage"):
+        Pipeline(g)
+
+
+# 17
+async def test_a_join_whose_branches_fail_differently():
+    def left(x):
+        raise ValueError("left broke")
+
+    def right(x):
+        raise KeyError("right broke")
+
+    g = Graph()
+    x = g.input()
+    g.output(
+        g.add(Stage(lambda a, b: a, name="join"), g.add(Stage(left), x), g.add(Stage(right), x))
+    )
+    async with Pipeline(g) as pipe:
+        with pytest.raises(StageError) as info:
+            await pipe.send(1)
+        assert info.value.stage in ("left", "right")
+        await asyncio.sleep(0)
+        st = pipe.stats()
+    assert st.failed == 1 and st.admitted == 1 and st.in_flight == 0  # failed once, not twice
+
+
+# 18
+async def test_a_loader_sample_that_raises():
+    async def fetch(i):
+        if i == 1:
+            raise ConnectionError("peer reset")
+        return torch.tensor([i])
+
+    with pytest.raises(LoaderError, match="sample 1 failed with ConnectionError: peer reset"):
+        async for _ in AsyncLoader(range(4), batch_size=2, fetch=fetch):
+            pass
+
+
+# 19
+async def test_a_dict_payload_with_missing_keys():
+    def needs_b(d):
+        return {"a": d["a"] + d["b"]}
+
+    async with Pipeline([batched(needs_b)]) as pipe:
+        good = asyncio.ensure_future(pipe.send({"a": torch.ones(1, 2), "b": torch.ones(1, 2)}))
+        err = await fails_alone(pipe, {"a": torch.ones(1, 2)}, "raised KeyError: 'b'")
+        assert isinstance(err.__cause__, KeyError)
+        assert torch.equal((await good)["a"], torch.full((1, 2), 2.0))
+
+
+# 20
+async def test_tensors_of_one_request_disagree_on_rows():
+    async with Pipeline([batched(lambda t: t)]) as pipe:
+        await fails_alone(pipe, (torch.ones(2, 1), torch.ones(3, 1)), "disagree on dim 0")
+        await still_serves(pipe)
+
+
+# 21
+async def test_a_zero_dimensional_tensor_to_a_batching_stage():
+    async with Pipeline([batched(lambda t: t)]) as pipe:
+        await fails_alone(pipe, torch.tensor(3.0), "0-d tensor has no rows")
+        await still_serves(pipe)
+
+
+# 22
+async def test_a_deeply_nested_payload_is_refused_before_it_is_walked():
+    deep = torch.ones(1, 1)
+    for _ in range(10_000):
+        deep = {"x": deep}
+    async with Pipeline([batched(lambda t: t)], max_request_rows=4) as pipe:
+        with pytest.raises(TypeError, match="more than 16 levels deep"):
+            await pipe.send(deep)  # refused at admission by the rows check
+        await still_serves(pipe)
+    async with Pipeline([batched(lambda t: t)]) as pipe:
+        await fails_alone(pipe, deep, "more than 16 levels deep")
+        await still_serves(pipe)
+
+
+# 23
+def test_bad_configuration_is_refused_at_construction():
+    with pytest.raises(TypeError, match="must be an async def"):
+        Stage(None)
+    with pytest.raises(ValueError, match="workers=0"):
+        Stage(abs, workers=0)
+    with pytest.raises(ValueError, match="queue_size=-1"):
+        Pipeline([abs], queue_size=-1)
+    with pytest.raises(ValueError, match="max_delay"):
+        Batching(max_delay=-0.1)
+    with pytest.raises(TypeError, match=r"batch=.* must be asyncnn\.Batching"):
+        Stage(abs, batch={"max_size": 8})
+
+
+# 24
+async def test_requests_after_close_get_pipeline_closed():
+    pipe = Pipeline([abs])
+    async with pipe:
+        pass
+    with pytest.raises(PipelineClosed, match="closed: it accepts no new requests"):
+        await pipe.send(1)
+
+
+# 25
+async def test_one_poisoned_request_fails_alone_in_a_batch_of_16():
+    gate = asyncio.Event()
+
+    async def hold(x):
+        await gate.wait()
+        return x
+
+    def model(x):
+        if (x < 0).any():
+            raise ValueError("negative")
+        return x
+
+    pipe = Pipeline(
+        [Stage(hold, workers=16), Stage(model, name="m", batch=Batching(max_size=16, max_delay=1))]
+    )
+    async with pipe:
+        futs = [pipe.submit_nowait(torch.full((1, 1), -1.0 if i == 5 else 1.0)) for i in range(16)]
+        await wait_all_tasks_blocked()
+        gate.set()
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await still_serves(pipe, torch.ones(1, 1), torch.ones(1, 1))
+    assert [i for i, r in enumerate(res) if isinstance(r, Exception)] == [5]
+
+
+def test_catalogue_covers_at_least_twenty_kinds():
+    kinds = [
+        n
+        for n in globals()
+        if n.startswith("test_") and n != "test_catalogue_covers_at_least_twenty_kinds"
+    ]
+    assert len(kinds) >= 20, kinds
+    assert asyncnn.__version__
