@@ -1,0 +1,69 @@
+"""Security basics: no unpickling of request data, loopback binds, size caps, hostile payloads."""
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncnn import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_no_unpickling_in_our_code():
+    pattern = re.compile(r"\b(pickle|cPickle|dill|marshal)\.loads?\(|torch\.load\(")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted((ROOT / "asyncnn").rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_servers_bind_loopback_by_default():
+    import inspect
+
+    from asyncnn.metrics import serve_prometheus
+
+    assert inspect.signature(serve_prometheus).parameters["addr"].default == "127.0.0.1"
+    for example in (ROOT / "examples").glob("*.py"):
+        text = example.read_text()
+        assert "0.0.0.0" not in text, example.name
+    assert '"HOST", "127.0.0.1"' in (ROOT / "examples" / "serve_fastapi.py").read_text()
+
+
+async def test_size_cap_is_checked_before_admission():
+    async with Pipeline([lambda x: x], max_request_rows=1024) as pipe:
+        with pytest.raises(ValueError, match="refused"):
+            pipe.submit_nowait(torch.empty(1_000_000, 1))
+        assert pipe.stats().admitted == 0
+
+
+async def test_hostile_http_payloads_are_refused_before_allocation():
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "serve_fastapi", ROOT / "examples" / "serve_fastapi.py"
+    )
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    app = ex.create_app()
+    huge = {"features": [[0.0] * ex.FEATURES] * 10_000}  # claims 10k rows: over MAX_ROWS
+    nested: object = [0.0]
+    for _ in range(200):
+        nested = [nested]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r_huge, r_nested, r_type = await asyncio.gather(
+                client.post("/predict", json=huge),
+                client.post("/predict", json={"features": nested}),
+                client.post("/predict", json={"features": "DROP TABLE"}),
+            )
+        assert app.state.pipeline.stats().admitted == 0  # none reached the model
+    assert (r_huge.status_code, r_nested.status_code, r_type.status_code) == (422, 422, 422)
