@@ -100,14 +100,20 @@ class Device(Protocol):
         ...
 
 
-class CpuDevice:
+class _Placed:
+    """Shared by the devices: a module moves onto the device, a function stays as it is."""
+
+    device: torch.device
+
+    def place(self, fn: Any) -> Any:
+        return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
+
+
+class CpuDevice(_Placed):
     """The host: moves inputs to the CPU if they are elsewhere; work is done on return."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-
-    def place(self, fn: Any) -> Any:
-        return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
 
     def launch(
         self, call: Callable[..., Any], args: tuple[Any, ...], to_host: bool
@@ -121,7 +127,7 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_pinned() else t.pin_memory()
 
 
-class CudaDevice:
+class CudaDevice(_Placed):
     """One worker's CUDA streams: upload, compute, download, ordered by events.
 
     Set the class attribute ``record_timeline = True`` (tests, profiling) to keep, per batch, timing
@@ -147,9 +153,6 @@ class CudaDevice:
     def _span(self, phase: str, start: Any, stream: Any) -> None:
         if start is not None:
             self.timeline.append((phase, start, self._mark(stream)))
-
-    def place(self, fn: Any) -> Any:
-        return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
 
     def launch(
         self, call: Callable[..., Any], args: tuple[Any, ...], to_host: bool

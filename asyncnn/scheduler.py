@@ -338,23 +338,11 @@ class Scheduler:
                 self._start_batched(tg, loop, node)
                 continue
             for w in range(node.live_workers):
-                if node.runs_on != "thread":
-                    self._spawn(tg, f"{name}:{w}", self._work, node, None)
-                    continue
-                worker = ThreadWorker(f"{name}:{w}", loop)
-                node.threads.append(worker)
-                if self.torch_threads is not None:
-                    import torch
-
-                    worker.run(torch.set_num_threads, (self.torch_threads,))
+                worker, waiter = self._threads_for(node, w, loop)
                 if node.device is None:
                     self._spawn(tg, f"{name}:{w}", self._work, node, worker)
                     continue
-                waiter = ThreadWorker(f"{name}:{w}:wait", loop)
-                node.threads.append(waiter)
-                launched = Channel[tuple[Envelope, Any, Completion, float]](
-                    node.stage.max_inflight, f"{name}:{w}:inflight"
-                )
+                launched = self._launched(node, w)
                 self._spawn(tg, f"{name}:{w}:launch", self._launch, node, worker, launched)
                 self._spawn(tg, f"{name}:{w}:complete", self._complete, node, waiter, launched)
         for port, ch in enumerate(self.sink_ports):
@@ -367,20 +355,31 @@ class Scheduler:
         name = node.stage.name
         self._spawn(tg, f"{name}:form", self._form, node)
         for w in range(node.live_workers):
-            worker = waiter = None
-            if node.runs_on == "thread":
-                worker = ThreadWorker(f"{name}:{w}", loop)
-                node.threads.append(worker)
-                if self.torch_threads is not None:
-                    worker.run(torch.set_num_threads, (self.torch_threads,))
-            if node.device is not None:
-                waiter = ThreadWorker(f"{name}:{w}:wait", loop)
-                node.threads.append(waiter)
-            launched = Channel[tuple[Envelope, Any, Completion, float]](
-                node.stage.max_inflight, f"{name}:{w}:inflight"
-            )
+            worker, waiter = self._threads_for(node, w, loop)
+            launched = self._launched(node, w)
             self._spawn(tg, f"{name}:{w}:run", self._run_batches, node, worker, launched)
             self._spawn(tg, f"{name}:{w}:complete", self._complete, node, waiter, launched)
+
+    def _threads_for(
+        self, node: _Node, w: int, loop: asyncio.AbstractEventLoop
+    ) -> tuple[ThreadWorker | None, ThreadWorker | None]:
+        """Worker ``w``'s own thread (sync stages) and its device waiter thread (placed ones)."""
+        worker = waiter = None
+        name = node.stage.name
+        if node.runs_on == "thread":
+            worker = ThreadWorker(f"{name}:{w}", loop)
+            node.threads.append(worker)
+            if self.torch_threads is not None:
+                worker.run(torch.set_num_threads, (self.torch_threads,))
+        if node.device is not None:
+            waiter = ThreadWorker(f"{name}:{w}:wait", loop)
+            node.threads.append(waiter)
+        return worker, waiter
+
+    @staticmethod
+    def _launched(node: _Node, w: int) -> Channel[tuple[Envelope, Any, Completion, float]]:
+        """Calls handed to the device (or a remote replica) and not yet completed, in order."""
+        return Channel(node.stage.max_inflight, f"{node.stage.name}:{w}:inflight")
 
     def _spawn(
         self, tg: anyio.abc.TaskGroup, name: str, fn: Callable[..., Awaitable[None]], *args: Any
