@@ -36,7 +36,7 @@ class Context:
     repeats: int
     loop: str  # "asyncio" | "uvloop"
     device: str
-    progress: Callable[[str], None]
+    progress: Callable[..., None]  # progress(step, fraction=None)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,17 +128,22 @@ def run_on_loop(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def interleave(
     repeats: int,
     systems: dict[str, Callable[[], Measure]],
-    progress: Callable[[str], None],
+    progress: Callable[..., None],
 ) -> dict[str, list[Measure]]:
     """Warm every system up once, then run them in turn ``repeats`` times."""
     out: dict[str, list[Measure]] = {name: [] for name in systems}
+    steps = len(systems) * (repeats + 1)
+    done = 0
     for name, fn in systems.items():
-        progress(f"warm-up {name}")
+        progress(f"warm-up {name}", done / steps)
         fn()
+        done += 1
     for r in range(repeats):
         for name, fn in systems.items():
-            progress(f"{name} {r + 1}/{repeats}")
+            progress(f"{name} {r + 1}/{repeats}", done / steps)
             out[name].append(fn())
+            done += 1
+    progress("done", 1.0)
     return out
 
 

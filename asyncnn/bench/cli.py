@@ -138,11 +138,18 @@ class _Progress:
 
     def __init__(self) -> None:
         try:
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self._rich: Any = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
+                BarColumn(),
                 TimeElapsedColumn(),
                 transient=True,
                 console=None,
@@ -160,16 +167,18 @@ class _Progress:
         if self._rich is not None:
             self._rich.__exit__(*exc)
 
-    def workload(self, name: str) -> Callable[[str], None]:
+    def workload(self, name: str) -> Callable[..., None]:
+        """A callback ``update(step, fraction=None)``: the step's name, and how far along."""
         if self._rich is not None:
-            task = self._rich.add_task(name)
+            task = self._rich.add_task(name, total=1.0)
 
-            def update(step: str) -> None:
-                self._rich.update(task, description=f"{name}: {step}")
+            def update(step: str, fraction: float | None = None) -> None:
+                extra = {} if fraction is None else {"completed": fraction}
+                self._rich.update(task, description=f"{name}: {step}", **extra)
 
             return update
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        return lambda step: None
+        return lambda step, fraction=None: None
 
 
 def _fmt(v: float | None, spec: str) -> str:

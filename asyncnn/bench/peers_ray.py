@@ -51,9 +51,13 @@ def ray_peers(
                     return await pipe.send(rows[0])
                 return await _drive(pipe.send, rows, clients, n)
 
-        # max_ongoing_requests: Serve's default (5) would cap @serve.batch at 5 rows.
+        # max_ongoing_requests: Serve's default (5) would cap @serve.batch at 5 rows. Access
+        # logs off: by default Serve logs a line per request, which would cost it throughput.
         @serve.deployment(
-            num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1024
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 1},
+            max_ongoing_requests=1024,
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
         class Model:
             def __init__(self) -> None:
@@ -64,7 +68,10 @@ def ray_peers(
                 with torch.inference_mode():
                     return list(self.model(torch.cat(xs)).split(1))
 
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(
+            http_options={"location": "NoServer"},
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
         app: Any = Model
         serve.run(app.bind(), name="asyncnn-peer", route_prefix=None)
 
