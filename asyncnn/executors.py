@@ -11,23 +11,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from .stage import Stage, is_module
-
-__all__ = ["ThreadWorker", "prepare_call"]
+__all__ = ["ThreadWorker", "is_module", "prepare_call"]
 
 log = logging.getLogger("asyncnn")
 
 _STOP = object()
 
 
-def prepare_call(stage: Stage) -> Callable[..., Any]:
-    """The callable the scheduler invokes for ``stage``: modules run under inference mode."""
-    fn = stage.fn
-    if is_module(fn) and stage.runs_on == "thread":
+def is_module(fn: object) -> bool:
+    """True when ``fn`` is a ``torch.nn.Module`` (without importing torch when nobody has)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(fn, torch.nn.Module)
+
+
+def prepare_call(fn: Callable[..., Any], runs_on: str) -> Callable[..., Any]:
+    """The callable the scheduler invokes for a stage: modules on threads run in inference mode."""
+    if is_module(fn) and runs_on == "thread":
         import torch
 
         module = fn

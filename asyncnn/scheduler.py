@@ -192,7 +192,7 @@ class _Node:
         self.stage = stage
         self.index = index
         self.inputs = inputs
-        self.call = prepare_call(stage)
+        self.call = prepare_call(stage.fn, stage.runs_on)
         if stage.batch is not None and len(inputs) > 1:
             # A batching join gets its merged parts as one tuple: call it with them spread out,
             # as an unbatched join is called.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,16 +12,12 @@ if TYPE_CHECKING:
 
     from .batching import Batching
 
+from .executors import is_module
+
 __all__ = ["Executor", "Stage", "is_module"]
 
 Executor = Literal["auto", "inline", "thread", "ray"]
 _EXECUTORS = ("auto", "inline", "thread", "ray")
-
-
-def is_module(fn: object) -> bool:
-    """True when ``fn`` is a ``torch.nn.Module`` (without importing torch when nobody has)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(fn, torch.nn.Module)
 
 
 def _is_async(fn: object) -> bool:
