@@ -23,10 +23,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fn = getattr(item, "obj", None)
         if inspect.iscoroutinefunction(fn):
+            marker = item.get_closest_marker("hang_guard")
+            limit = marker.args[0] if marker else HANG_GUARD_S
 
             @functools.wraps(fn)
-            async def guarded(*args, __fn=fn, **kwargs):  # type: ignore[no-untyped-def]
-                with anyio.fail_after(HANG_GUARD_S):
+            async def guarded(*args, __fn=fn, __limit=limit, **kwargs):  # type: ignore[no-untyped-def]
+                with anyio.fail_after(__limit):
                     return await __fn(*args, **kwargs)
 
             item.obj = guarded  # type: ignore[attr-defined]

@@ -12,7 +12,8 @@ from anyio import wait_all_tasks_blocked
 from asyncnn import Batching, Pipeline, Stage, StageError
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+# Starting Ray actors (a process each, importing torch) takes seconds, more on a busy machine.
+pytestmark = [pytest.mark.ray, pytest.mark.hang_guard(120)]
 
 
 @pytest.fixture(scope="module", autouse=True)
