@@ -306,9 +306,6 @@ class Batcher:
         self._rows[key] += item.rows
         self.pending_rows += item.rows
 
-    def __len__(self) -> int:
-        return sum(len(b) for b in self._buckets.values())
-
     def next_deadline(self) -> float | None:
         oldest = [b[0].arrived for b in self._buckets.values() if b]
         return min(oldest) + self.spec.max_delay if oldest else None

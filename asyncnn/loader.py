@@ -20,6 +20,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 import torch
 
 from .devices import map_tensors, parse_device
@@ -328,7 +329,7 @@ class AsyncLoader:
         finally:
             for w in workers:
                 w.stop()
-            with anyio_shield():
+            with anyio.CancelScope(shield=True):
                 for w in workers:
                     await w.wait_stopped(_THREAD_JOIN_TIMEOUT)
 
@@ -445,8 +446,9 @@ class AsyncLoader:
     async def _epoch_iterable(self) -> AsyncIterator[Any]:
         bs = self.batch_size
         ready: asyncio.Queue[Any] = asyncio.Queue(max(1, self.prefetch))
-        async with self._helpers(0) as (collator, waiter, _):
-            reader = ThreadWorker("loader:read", asyncio.get_running_loop())
+        # One fetch thread reads a sync source (a DataLoader too), in order.
+        async with self._helpers(1) as (collator, waiter, reader):
+            assert reader is not None
 
             async def produce() -> None:
                 position = 0
@@ -473,37 +475,22 @@ class AsyncLoader:
                                 break
                             await ready.put(await self._ready(collator, waiter, chunk))
                 except Exception as exc:
-                    await ready.put(
-                        _Failed(
-                            position,
-                            LoaderError(
-                                f"AsyncLoader: reading the source failed after {position} samples "
-                                f"with {type(exc).__name__}: {exc}",
-                                position,
-                            ),
-                        )
+                    err = LoaderError(
+                        f"AsyncLoader: reading the source failed after {position} samples "
+                        f"with {type(exc).__name__}: {exc}",
+                        position,
                     )
-                    ready_error[0] = exc
+                    err.__cause__ = exc
+                    await ready.put(_Failed(position, err))
                 await ready.put(_END)
 
-            ready_error: list[BaseException | None] = [None]
             producer = asyncio.ensure_future(produce())
             try:
                 while (item := await ready.get()) is not _END:
                     if isinstance(item, _Failed):
-                        raise item.error from ready_error[0]
+                        raise item.error
                     self._batches += 1
                     yield item
             finally:
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
-                reader.stop()
-                await reader.wait_stopped(_THREAD_JOIN_TIMEOUT)
-
-
-@contextlib.contextmanager
-def anyio_shield() -> Iterator[None]:
-    import anyio
-
-    with anyio.CancelScope(shield=True):
-        yield
