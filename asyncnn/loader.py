@@ -4,8 +4,9 @@
 one event loop: ``async`` fetches (network, object storage, databases) run on the loop, up to
 ``concurrency`` at once; a sync ``__getitem__`` runs on a small set of dedicated threads.
 Collation, pinning and the early host-to-device copy run on a collate thread, never on the loop.
-Memory is bounded: at most ``concurrency + prefetch * batch_size`` samples are fetched (or being
-fetched) and not yet handed to the consumer.
+Batches are prepared ahead of the consumer by a producer task, ``prefetch`` of them and no more.
+Memory is bounded: at most ``max(concurrency, batch_size) + prefetch * batch_size`` samples are
+fetched (or being fetched) and not yet handed to the consumer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import inspect
 import math
 import warnings
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -207,7 +215,7 @@ class AsyncLoader:
             self.pin_memory = False
         self._epochs = self._batches = self._samples = self._skipped = 0
         self._buffered = self._peak = 0
-        self.buffer_bound = concurrency + prefetch * batch_size
+        self.buffer_bound = max(concurrency, batch_size) + prefetch * batch_size
 
     # -- shape of the source ---------------------------------------------------------------------
 
@@ -267,9 +275,7 @@ class AsyncLoader:
     def __aiter__(self) -> AsyncIterator[Any]:
         """One epoch; each ``async for`` starts a new one (reshuffled when ``shuffle``)."""
         self._epochs += 1
-        if self.kind in ("map", "async-map"):
-            return self._epoch_map()
-        return self._epoch_iterable()
+        return self._epoch()
 
     def _indices(self) -> list[int]:
         if self.sampler is not None:
@@ -307,12 +313,6 @@ class AsyncLoader:
             done.record(stream)
         return moved, (done, batch)  # the host batch stays referenced until the copy is done
 
-    async def _ready(self, collator: ThreadWorker, waiter: ThreadWorker, samples: list[Any]) -> Any:
-        batch, pending = await collator.run(self._finish_batch, (samples,))
-        if pending is not None and not pending[0].query():  # non-blocking; the wait is a thread's
-            await waiter.run(pending[0].synchronize, ())
-        return batch
-
     @contextlib.asynccontextmanager
     async def _helpers(
         self, fetchers: int
@@ -333,90 +333,155 @@ class AsyncLoader:
                 for w in workers:
                     await w.wait_stopped(_THREAD_JOIN_TIMEOUT)
 
-    async def _epoch_map(self) -> AsyncIterator[Any]:
+    async def _epoch(self) -> AsyncIterator[Any]:
+        """The consumer's side of an epoch; a producer task prepares the batches ahead of it.
+
+        ``room`` counts the batches the producer may prepare: ``prefetch`` ahead of the consumer
+        plus the one it is waiting for. Map-style sources also bound, with ``slots``, the samples
+        fetched (or being fetched) and not yet handed to the consumer.
+        """
+        map_style = self.kind in ("map", "async-map")
+        ready: asyncio.Queue[Any] = asyncio.Queue()  # bounded by `room`
+        room = asyncio.Semaphore(self.prefetch)
+        slots = _Slots(self.buffer_bound)
+        threads = (self.threads if self.kind == "map" else 0) if map_style else 1
+        async with self._helpers(threads) as (collator, waiter, pool):
+            if map_style:
+                produce = self._produce_map(collator, pool, room, slots, ready)
+            else:
+                assert pool is not None
+                produce = self._produce_iterable(collator, pool, room, ready)
+
+            async def run() -> None:
+                try:
+                    await produce
+                except Exception as exc:  # a bug of ours: source and collate errors are items
+                    ready.put_nowait(_Failed(-1, exc))
+                ready.put_nowait(_END)
+
+            producer = asyncio.ensure_future(run())
+            try:
+                while True:
+                    room.release()  # the consumer asks for the next batch
+                    item = await ready.get()
+                    if item is _END:
+                        return
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    batch, n, held, pending = item
+                    if held:
+                        self._buffered -= held
+                        slots.give(held)
+                    if pending is not None and not pending[0].query():  # the wait is a thread's
+                        await waiter.run(pending[0].synchronize, ())
+                    self._batches += 1
+                    self._samples += n
+                    yield batch
+            finally:
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+                self._buffered = 0
+
+    async def _prepare(self, collator: ThreadWorker, samples: list[Any], held: int, k: int) -> Any:
+        """Batch ``k``, collated (pinned, its copy started) on the collate thread, as an item of
+        the ready queue: ``(batch, samples, slots held, pending copy)`` or a ``_Failed``."""
+        try:
+            batch, pending = await collator.run(self._finish_batch, (samples,))
+        except Exception as exc:
+            err = LoaderError(
+                f"AsyncLoader: collating batch {k} ({len(samples)} samples) failed with "
+                f"{type(exc).__name__}: {exc} (check collate= against what the source returns)"
+            )
+            err.__cause__ = exc
+            return _Failed(-1, err)
+        return batch, len(samples), held, pending
+
+    async def _produce_map(
+        self,
+        collator: ThreadWorker,
+        pool: ThreadWorker | None,
+        room: asyncio.Semaphore,
+        slots: _Slots,
+        ready: asyncio.Queue[Any],
+    ) -> None:
         plan = self._plan()
         ordered, bs = self.ordered, self.batch_size
-        sync_get = self.kind == "map"
         changed = asyncio.Event()
-        slots = _Slots(self.buffer_bound)  # fetched or fetching, not yet consumed
         results: list[list[Any]] = [[_MISSING] * len(b) for b in plan]
         remaining = [len(b) for b in plan]
         filled: deque[list[Any]] = deque()  # unordered: batches in the order they filled
         filling: list[Any] = []
         delivered = 0
         total = sum(remaining)
+        # Long-lived fetchers share one iterator of work: no task per sample, and at most
+        # `concurrency` fetches in flight. Each takes the next sample in sampler order.
+        work = ((b, pos, index) for b, idxs in enumerate(plan) for pos, index in enumerate(idxs))
 
-        async with self._helpers(self.threads if sync_get else 0) as (collator, waiter, pool):
-            # Long-lived fetchers share one iterator of work: no task per sample, and at most
-            # `concurrency` fetches in flight. Each takes the next sample in sampler order.
-            work = (
-                (b, pos, index) for b, idxs in enumerate(plan) for pos, index in enumerate(idxs)
-            )
-
-            async def fetcher() -> None:
-                nonlocal delivered, filling
-                for b, pos, index in work:
-                    if not slots.take_nowait():
-                        await slots.take()  # FIFO: earlier samples get their slot first
-                    try:
-                        if pool is not None:
-                            value: Any = await pool.run(self.source.__getitem__, (index,))
-                        elif self.fetch is not None:
-                            value = await self.fetch(index)
-                        else:
-                            value = await self.source[index]
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        value = _Failed(index, exc)
-                    self._buffered += 1
-                    if self._buffered > self._peak:
-                        self._peak = self._buffered
-                    delivered += 1
-                    if ordered:
-                        results[b][pos] = value
-                        remaining[b] -= 1
-                        if remaining[b] == 0:
-                            changed.set()  # wake the consumer only when a batch is complete
+        async def fetcher() -> None:
+            nonlocal delivered, filling
+            for b, pos, index in work:
+                if not slots.take_nowait():
+                    await slots.take()  # FIFO: earlier samples get their slot first
+                try:
+                    if pool is not None:
+                        value: Any = await pool.run(self.source.__getitem__, (index,))
+                    elif self.fetch is not None:
+                        value = await self.fetch(index)
                     else:
-                        filling.append(value)
-                        if len(filling) == bs or delivered == total:
-                            filled.append(filling)
-                            filling = []
-                            changed.set()
+                        value = await self.source[index]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    value = _Failed(index, exc)
+                self._buffered += 1
+                if self._buffered > self._peak:
+                    self._peak = self._buffered
+                delivered += 1
+                if ordered:
+                    results[b][pos] = value
+                    remaining[b] -= 1
+                    if remaining[b] == 0:
+                        changed.set()  # wake the producer only when a batch is complete
+                else:
+                    filling.append(value)
+                    if len(filling) == bs or delivered == total:
+                        filled.append(filling)
+                        filling = []
+                        changed.set()
 
-            fetchers = [
-                asyncio.ensure_future(fetcher()) for _ in range(min(self.concurrency, total))
-            ]
-            producer = asyncio.gather(*fetchers)
-            try:
-                next_b = 0
-                while next_b < len(plan) if ordered else (filled or delivered < total):
-                    if ordered:
-                        while remaining[next_b]:
-                            await self._wait(changed, producer)
-                        samples, results[next_b] = results[next_b], []
-                        next_b += 1
-                    else:
-                        while not filled:
-                            await self._wait(changed, producer)
-                        samples = filled.popleft()
+        fetchers = [asyncio.ensure_future(fetcher()) for _ in range(min(self.concurrency, total))]
+        fetching = asyncio.gather(*fetchers)
+        try:
+            for k in range(len(plan)):  # unordered batches fill to the same sizes as the plan's
+                await room.acquire()
+                if ordered:
+                    while remaining[k]:
+                        await self._wait(changed, fetching)
+                    samples, results[k] = results[k], []
+                else:
+                    while not filled:
+                        await self._wait(changed, fetching)
+                    samples = filled.popleft()
+                try:
+                    good = self._check(samples)
+                except LoaderError as exc:
+                    ready.put_nowait(_Failed(exc.index or 0, exc))
+                    return
+                if not good:  # every sample skipped: nothing to hand over
                     self._buffered -= len(samples)
                     slots.give(len(samples))
-                    samples = self._check(samples)
-                    if not samples:
-                        continue
-                    batch = await self._ready(collator, waiter, samples)
-                    self._batches += 1
-                    self._samples += len(samples)
-                    yield batch
-            finally:
-                for f in fetchers:
-                    f.cancel()
-                await asyncio.gather(*fetchers, return_exceptions=True)
-                if producer.done() and not producer.cancelled():
-                    producer.exception()  # retrieved: it was raised above if it mattered
-                self._buffered = 0
+                    room.release()
+                    continue
+                item = await self._prepare(collator, good, len(samples), k)
+                ready.put_nowait(item)
+                if isinstance(item, _Failed):
+                    return
+        finally:
+            for f in fetchers:
+                f.cancel()
+            await asyncio.gather(*fetchers, return_exceptions=True)
+            if fetching.done() and not fetching.cancelled():
+                fetching.exception()  # retrieved: it was raised above if it mattered
 
     @staticmethod
     async def _wait(changed: asyncio.Event, fetching: asyncio.Future[Any]) -> None:
@@ -443,54 +508,81 @@ class AsyncLoader:
                 good.append(s)
         return good
 
-    async def _epoch_iterable(self) -> AsyncIterator[Any]:
-        bs = self.batch_size
-        ready: asyncio.Queue[Any] = asyncio.Queue(max(1, self.prefetch))
-        # One fetch thread reads a sync source (a DataLoader too), in order.
-        async with self._helpers(1) as (collator, waiter, reader):
-            assert reader is not None
-
-            async def produce() -> None:
-                position = 0
-                try:
-                    if self.kind == "dataloader":
-                        it = iter(self.source)
-                        while (batch := await reader.run(_next_or_end, (it,))) is not _END:
-                            await ready.put(batch)
-                    elif self.kind == "async-iterable":
-                        chunk: list[Any] = []
-                        async for sample in self.source:
-                            chunk.append(sample)
-                            position += 1
-                            if len(chunk) == bs:
-                                await ready.put(await self._ready(collator, waiter, chunk))
-                                chunk = []
-                        if chunk and not self.drop_last:
-                            await ready.put(await self._ready(collator, waiter, chunk))
-                    else:
-                        it = iter(self.source)
-                        while chunk := await reader.run(_next_chunk, (it, bs)):
-                            position += len(chunk)
-                            if len(chunk) < bs and self.drop_last:
-                                break
-                            await ready.put(await self._ready(collator, waiter, chunk))
-                except Exception as exc:
-                    err = LoaderError(
-                        f"AsyncLoader: reading the source failed after {position} samples "
-                        f"with {type(exc).__name__}: {exc}",
-                        position,
-                    )
-                    err.__cause__ = exc
-                    await ready.put(_Failed(position, err))
-                await ready.put(_END)
-
-            producer = asyncio.ensure_future(produce())
-            try:
-                while (item := await ready.get()) is not _END:
+    async def _produce_iterable(
+        self,
+        collator: ThreadWorker,
+        reader: ThreadWorker,
+        room: asyncio.Semaphore,
+        ready: asyncio.Queue[Any],
+    ) -> None:
+        # One reader thread reads a sync source (a DataLoader too), in order.
+        bs, k, position = self.batch_size, 0, 0
+        try:
+            if self.kind == "dataloader":
+                it = iter(self.source)
+                while (
+                    await room.acquire()
+                    and (batch := await reader.run(_next_or_end, (it,))) is not _END
+                ):
+                    n = _rows(batch)
+                    position += n
+                    ready.put_nowait((batch, n, 0, None))
+                return
+            if self.kind == "async-iterable":
+                chunks: AsyncGenerator[list[Any], None] = _chunks(self.source, bs, room)
+            else:
+                chunks = _sync_chunks(iter(self.source), bs, room, reader)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    position += len(chunk)
+                    if len(chunk) < bs and self.drop_last:
+                        return
+                    item = await self._prepare(collator, chunk, 0, k)
+                    ready.put_nowait(item)
                     if isinstance(item, _Failed):
-                        raise item.error
-                    self._batches += 1
-                    yield item
-            finally:
-                producer.cancel()
-                await asyncio.gather(producer, return_exceptions=True)
+                        return
+                    k += 1
+        except Exception as exc:
+            err = LoaderError(
+                f"AsyncLoader: reading the source failed after {position} samples "
+                f"with {type(exc).__name__}: {exc}",
+                position,
+            )
+            err.__cause__ = exc
+            ready.put_nowait(_Failed(position, err))
+
+
+async def _chunks(
+    source: AsyncIterable[Any], n: int, room: asyncio.Semaphore
+) -> AsyncGenerator[list[Any], None]:
+    """Lists of ``n`` samples (the last may be shorter); each begins once ``room`` allows."""
+    await room.acquire()
+    chunk: list[Any] = []
+    async for sample in source:
+        chunk.append(sample)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+            await room.acquire()
+    if chunk:
+        yield chunk
+
+
+async def _sync_chunks(
+    it: Iterator[Any], n: int, room: asyncio.Semaphore, reader: ThreadWorker
+) -> AsyncGenerator[list[Any], None]:
+    """Lists of ``n`` samples read on the reader thread; each read begins once ``room`` allows."""
+    while await room.acquire() and (chunk := await reader.run(_next_chunk, (it, n))):
+        yield chunk
+
+
+def _rows(batch: Any) -> int:
+    """Samples in a ``DataLoader`` batch: the leading size of its first tensor or list."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple) and batch:
+        first = batch[0]
+        return _rows(first) if isinstance(first, torch.Tensor | list | tuple | dict) else len(batch)
+    return 1

@@ -119,7 +119,9 @@ async def test_sampler():
 
 async def test_sync_iterable_async_iterable_and_dataloader_sources():
     gen = (torch.tensor([i]) for i in range(7))
-    assert flat(await collect(AsyncLoader(gen, batch_size=3))) == [[0, 1, 2], [3, 4, 5], [6]]
+    loader = AsyncLoader(gen, batch_size=3)
+    assert flat(await collect(loader)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert (loader.stats().batches, loader.stats().samples) == (3, 7)
 
     async def agen():
         for i in range(5):
@@ -133,6 +135,7 @@ async def test_sync_iterable_async_iterable_and_dataloader_sources():
     loader = AsyncLoader(dl)
     assert len(loader) == 2
     assert flat(await collect(loader)) == [[0, 1, 2, 3], [4, 5]]
+    assert (loader.stats().batches, loader.stats().samples) == (2, 6)
 
 
 async def test_custom_collate_tuples_and_dicts():
@@ -257,7 +260,70 @@ async def test_prefetch_is_bounded():
         await asyncio.sleep(0.001)  # a slow consumer: fetches run ahead only so far
         assert loader._buffered <= loader.buffer_bound
     st = loader.stats()
-    assert 0 < st.peak_buffered <= st.buffer_bound == 8 + 2 * 10
+    assert 0 < st.peak_buffered <= st.buffer_bound == max(8, 10) + 2 * 10
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_fewer_fetches_than_a_batch_and_no_prefetch_still_fill_batches(ordered):
+    async def fetch(i):
+        await asyncio.sleep(0)
+        return torch.tensor([float(i)])
+
+    loader = AsyncLoader(
+        range(10), batch_size=4, concurrency=1, prefetch=0, fetch=fetch, ordered=ordered
+    )
+    with anyio.fail_after(5):
+        batches = flat(await collect(loader))
+    assert sorted(x for b in batches for x in b) == list(range(10))
+    assert [len(b) for b in batches] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+@pytest.mark.parametrize("source", ["map", "async-map", "iterable", "async-iterable"])
+async def test_prefetch_batches_are_prepared_ahead_and_no_more(prefetch, source):
+    collated = 0
+
+    def collate(samples):
+        nonlocal collated
+        collated += 1
+        return torch.stack(samples)
+
+    async def fetch(i):
+        return torch.tensor([float(i)])
+
+    async def agen():
+        for i in range(100):
+            yield torch.tensor([float(i)])
+
+    src = {
+        "map": {"source": SyncDS(100)},
+        "async-map": {"source": range(100), "fetch": fetch},
+        "iterable": {"source": [torch.tensor([float(i)]) for i in range(100)]},
+        "async-iterable": {"source": agen()},
+    }[source]
+    loader = AsyncLoader(batch_size=5, prefetch=prefetch, collate=collate, **src)
+    async with contextlib.aclosing(aiter(loader)) as batches:
+        first = await anext(batches)
+        assert first.flatten().tolist() == [0, 1, 2, 3, 4]
+        for _ in range(50):  # a slow consumer: the producer gets every chance to run ahead
+            await asyncio.sleep(0.001)
+        assert collated == 1 + prefetch
+        second = await anext(batches)
+        assert second.flatten().tolist() == [5, 6, 7, 8, 9]
+
+
+async def test_failing_collate_names_the_batch_and_chains_the_cause():
+    def collate(samples):
+        if float(samples[0]) >= 4:
+            raise ValueError("ragged")
+        return torch.stack(samples)
+
+    loader = AsyncLoader(SyncDS(10), batch_size=4, collate=collate)
+    got = []
+    with pytest.raises(LoaderError, match=r"collating batch 1 \(4 samples\).*ragged") as info:
+        async for b in loader:
+            got.append(b)
+    assert len(got) == 1 and isinstance(info.value.__cause__, ValueError)
 
 
 async def test_a_loader_feeds_a_pipeline():
