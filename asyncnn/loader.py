@@ -520,14 +520,14 @@ class AsyncLoader:
         try:
             if self.kind == "dataloader":
                 it = iter(self.source)
-                while (
+                while True:
                     await room.acquire()
-                    and (batch := await reader.run(_next_or_end, (it,))) is not _END
-                ):
+                    batch = await reader.run(_next_or_end, (it,))
+                    if batch is _END:
+                        return
                     n = _rows(batch)
                     position += n
                     ready.put_nowait((batch, n, 0, None))
-                return
             if self.kind == "async-iterable":
                 chunks: AsyncGenerator[list[Any], None] = _chunks(self.source, bs, room)
             else:
@@ -572,7 +572,11 @@ async def _sync_chunks(
     it: Iterator[Any], n: int, room: asyncio.Semaphore, reader: ThreadWorker
 ) -> AsyncGenerator[list[Any], None]:
     """Lists of ``n`` samples read on the reader thread; each read begins once ``room`` allows."""
-    while await room.acquire() and (chunk := await reader.run(_next_chunk, (it, n))):
+    while True:
+        await room.acquire()
+        chunk = await reader.run(_next_chunk, (it, n))
+        if not chunk:
+            return
         yield chunk
 
 
