@@ -346,15 +346,14 @@ class AsyncLoader:
         slots = _Slots(self.buffer_bound)
         threads = (self.threads if self.kind == "map" else 0) if map_style else 1
         async with self._helpers(threads) as (collator, waiter, pool):
-            if map_style:
-                produce = self._produce_map(collator, pool, room, slots, ready)
-            else:
-                assert pool is not None
-                produce = self._produce_iterable(collator, pool, room, ready)
 
             async def run() -> None:
                 try:
-                    await produce
+                    if map_style:
+                        await self._produce_map(collator, pool, room, slots, ready)
+                    else:
+                        assert pool is not None
+                        await self._produce_iterable(collator, pool, room, ready)
                 except Exception as exc:  # a bug of ours: source and collate errors are items
                     ready.put_nowait(_Failed(-1, exc))
                 ready.put_nowait(_END)

@@ -196,6 +196,13 @@ async def test_skip_mode_counts_bad_samples():
     assert flat(await collect(loader)) == [[1, 2], [4, 5], [7, 8]]
     assert loader.stats().skipped == 3
 
+    # A batch whose samples all fail is left out and its slot goes back (a bound of one sample).
+    loader = AsyncLoader(
+        range(12), batch_size=1, concurrency=1, prefetch=0, fetch=fetch, on_error="skip"
+    )
+    assert flat(await collect(loader)) == [[1], [2], [4], [5], [7], [8], [10], [11]]
+    assert loader.stats().skipped == 4 and loader.stats().batches == 8
+
 
 async def test_iterable_error_ends_the_epoch_with_loader_error():
     def gen():
