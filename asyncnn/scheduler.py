@@ -225,6 +225,13 @@ class _Node:
         self.pool: Any = None  # a RayPool for executor="ray" stages, made by prepare()
         self.to_host = False  # set by the scheduler: a consumer needs the output on the host
 
+    def worker_exited(self) -> None:
+        """The last worker to leave closes the stage's outputs (the end of its stream)."""
+        self.live_workers -= 1
+        if self.live_workers == 0:
+            for ch in self.outs:
+                ch.close()
+
 
 class Scheduler:
     """Owns the channels and tasks of one running pipeline.
@@ -623,10 +630,7 @@ class Scheduler:
                 else:
                     await self._emit(node, env)
         finally:
-            node.live_workers -= 1
-            if node.live_workers == 0:
-                for ch in outs:
-                    ch.close()
+            node.worker_exited()
 
     def _timed(self, node: _Node, seconds: float, size: int) -> None:
         c = node.counters
@@ -760,7 +764,7 @@ class Scheduler:
     ) -> None:
         """Part two of a placed or batching stage: await each batch's completion in launch
         order (a device's event, on a waiter thread), then pass it on."""
-        counters, outs = node.counters, node.outs
+        counters = node.counters
         batched = node.batch is not None
         try:
             while True:
@@ -793,10 +797,7 @@ class Scheduler:
                 env.payload = out
                 await self._emit(node, env)
         finally:
-            node.live_workers -= 1
-            if node.live_workers == 0:
-                for ch in outs:
-                    ch.close()
+            node.worker_exited()
 
     # -- batching stages -------------------------------------------------------------------------
 
