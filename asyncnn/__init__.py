@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+from . import metrics  # noqa: F401  (asyncnn.metrics.serve_prometheus, as documented)
 from .batching import Batching
 from .errors import (
     AsyncnnError,
@@ -22,9 +23,9 @@ from .errors import (
 )
 from .graph import Graph, Node
 from .loader import AsyncLoader, LoaderStats
-from .metrics import PipelineStats, StageStats
 from .pipeline import Pipeline
 from .stage import Stage
+from .stats import PipelineStats, StageStats
 
 __version__ = "0.1.0"
 

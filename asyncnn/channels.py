@@ -5,9 +5,15 @@ makes the producer wait (backpressure) and an empty one makes the consumer wait.
 the stream: the consumer drains what is buffered, then gets :class:`anyio.EndOfStream`; producers
 fail fast with :class:`anyio.ClosedResourceError`.
 
+A channel can also end itself: producers register with ``add_senders(n)`` and each calls
+``sender_done()`` when it stops; the last one closes the channel (as anyio's and trio's memory
+channels close when their last send end does), so no stage counts its own workers by hand.
+
 Every awaiting call has a non-blocking twin (``send_nowait``/``receive_nowait``) that raises
-:class:`anyio.WouldBlock` instead of waiting. The hot path tries the twin first: an append to a
-deque costs ~0.1 µs, a suspension costs a trip through the event loop. The waiting side is plain
+:class:`anyio.WouldBlock` instead of waiting. ``poll()``/``next()`` are the same pair for a
+consumer's loop without exceptions: an item, :data:`EMPTY` (poll only) or :data:`END`. The hot
+path tries the twin first: an append to a deque costs ~0.1 µs, a suspension costs a trip through
+the event loop. The waiting side is plain
 asyncio futures, so the channel works on asyncio and uvloop alike; it knows nothing about tensors.
 """
 
@@ -15,14 +21,29 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from anyio import ClosedResourceError, EndOfStream, WouldBlock
 
-__all__ = ["Channel", "ChannelStatistics"]
+__all__ = ["EMPTY", "END", "Channel", "ChannelStatistics"]
 
 T = TypeVar("T")
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+EMPTY: Any = _Marker("EMPTY")  # poll(): nothing buffered now
+END: Any = _Marker("END")  # poll()/next(): the stream has ended and the buffer is drained
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +75,16 @@ class Channel(Generic[T]):
         assert [ch.receive_nowait(), await ch.receive()] == [1, 2]
     """
 
-    __slots__ = ("_buf", "_capacity", "_closed", "_getters", "_peak", "_putters", "name")
+    __slots__ = (
+        "_buf",
+        "_capacity",
+        "_closed",
+        "_getters",
+        "_peak",
+        "_putters",
+        "_senders",
+        "name",
+    )
 
     def __init__(self, capacity: int, name: str = "channel") -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -66,6 +96,7 @@ class Channel(Generic[T]):
         self._putters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self._peak = 0
+        self._senders = 0
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -109,8 +140,8 @@ class Channel(Generic[T]):
 
     # -- receiving -------------------------------------------------------------------------------
 
-    def receive_nowait(self) -> T:
-        """Take the oldest item now; raise ``WouldBlock`` when empty, ``EndOfStream`` when ended."""
+    def poll(self) -> T:
+        """The oldest item now, :data:`EMPTY` when there is none yet, :data:`END` once ended."""
         buf = self._buf
         if buf:
             item = buf.popleft()
@@ -121,17 +152,31 @@ class Channel(Generic[T]):
                     fut.set_result(None)
                     break
             return item
-        if self._closed:
+        return END if self._closed else EMPTY
+
+    async def next(self) -> T:
+        """The oldest item, waiting while there is none; :data:`END` once the stream ended."""
+        while True:
+            item = self.poll()
+            if item is not EMPTY:
+                return item
+            await self._wait(self._getters)
+
+    def receive_nowait(self) -> T:
+        """Take the oldest item now; raise ``WouldBlock`` when empty, ``EndOfStream`` when ended."""
+        item = self.poll()
+        if item is EMPTY:
+            raise WouldBlock
+        if item is END:
             raise EndOfStream
-        raise WouldBlock
+        return item
 
     async def receive(self) -> T:
         """Take the oldest item, waiting while the channel is empty; ``EndOfStream`` once ended."""
-        while True:
-            try:
-                return self.receive_nowait()
-            except WouldBlock:
-                await self._wait(self._getters)
+        item = await self.next()
+        if item is END:
+            raise EndOfStream
+        return item
 
     def drain_nowait(self) -> list[T]:
         """Take every buffered item at once (used to fail what is left at a forced shutdown)."""
@@ -148,6 +193,21 @@ class Channel(Generic[T]):
             self._closed = True
             self._wake_all(self._getters)
             self._wake_all(self._putters)
+
+    def holds(self, match: Callable[[T], bool]) -> bool:
+        """True when a buffered item matches (a scan: for diagnostics, not the hot path)."""
+        return any(match(item) for item in self._buf)
+
+    def add_senders(self, n: int) -> None:
+        """Register ``n`` more producers; the channel closes when all have called
+        ``sender_done()``. Register every producer before any of them can finish."""
+        self._senders += n
+
+    def sender_done(self) -> None:
+        """One registered producer has stopped; the last one closes the channel."""
+        self._senders -= 1
+        if self._senders <= 0:
+            self.close()
 
     @property
     def closed(self) -> bool:

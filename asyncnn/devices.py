@@ -32,6 +32,7 @@ __all__ = [
     "Device",
     "make_device",
     "map_tensors",
+    "open_device",
     "parse_device",
 ]
 
@@ -81,6 +82,10 @@ class Completion:
         """Block until done. Call it on a waiter thread, never on the event loop's thread."""
         if self.event is not None:
             self.event.synchronize()
+        self.keep = ()
+
+    def release(self) -> None:
+        """The batch is done: let go of the tensors kept alive for its streams."""
         self.keep = ()
 
 
@@ -205,3 +210,11 @@ def make_device(device: torch.device) -> Device:
             )
         return CudaDevice(device)
     return CpuDevice(device)
+
+
+def open_device(device: torch.device, fn: Any) -> Device:
+    """The device for a placed stage, with ``fn`` moved onto it. Call it on the stage's thread:
+    creating streams and moving a module may block for a while."""
+    impl = make_device(device)
+    impl.place(fn)
+    return impl

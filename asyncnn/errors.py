@@ -22,6 +22,7 @@ __all__ = [
     "PipelineClosed",
     "PipelineFull",
     "StageError",
+    "check_whole",
 ]
 
 
@@ -66,3 +67,11 @@ class LoaderError(AsyncnnError):
 
     def __reduce__(self) -> tuple[type[LoaderError], tuple[str, int | None]]:
         return (type(self), (str(self), self.index))
+
+
+def check_whole(value: object, label: str, low: int = 1) -> int:
+    """``value`` when it is a whole number >= ``low`` (not a bool); else a ``ValueError`` that
+    names it: ``"{label}={value!r} must be a whole number >= {low}"``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{label}={value!r} must be a whole number >= {low}")
+    return value

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KINDS", "Event", "EventBus", "Listener", "Subscription", "Watchdog"]
+__all__ = ["KINDS", "Event", "EventBus", "Listener", "Subscription", "Watchdog", "describe_stall"]
 
 log = logging.getLogger("asyncnn")
 
@@ -261,3 +261,19 @@ class Watchdog:
             self._reported = True
             return True
         return False
+
+
+def describe_stall(where: dict[str, Any], in_flight: int, timeout: float) -> str:
+    """The warning for a stall, from where the oldest request is held (``locate_oldest``)."""
+    stage = where.get("stage")
+    detail = (
+        f"stage {stage!r} holds the oldest request ({where.get('where')}; input "
+        f"{'empty' if where.get('input_empty') else 'not empty'}, output "
+        f"{'full' if where.get('output_full') else 'not full'})"
+        if stage
+        else "the oldest request is between stages"
+    )
+    return (
+        f"pipeline stalled: {in_flight} request(s) in flight and no progress for "
+        f"{timeout:.1f}s; {detail}"
+    )

@@ -13,10 +13,13 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import Any
 
-__all__ = ["ThreadWorker", "is_module", "prepare_call"]
+Invoke = Callable[[Any], Awaitable[Any]]
+
+__all__ = ["Invoke", "ThreadWorker", "invoker", "is_module", "prepare_call", "returned_coroutine"]
 
 log = logging.getLogger("asyncnn")
 
@@ -42,6 +45,55 @@ def prepare_call(fn: Callable[..., Any], runs_on: str) -> Callable[..., Any]:
 
         return call_module
     return fn
+
+
+def invoker(
+    call: Callable[..., Any],
+    runs_on: str,
+    *,
+    join: bool = False,
+    worker: ThreadWorker | None = None,
+    pool: Any = None,
+) -> Invoke:
+    """``invoke(payload)``: an awaitable of one call of a stage, wherever the stage runs.
+
+    Chosen once per stage. A join's payload is the tuple of its parts, spread into the call.
+    Loop stages are called directly (their coroutine is the awaitable); thread stages hand the
+    call to their ``worker``; Ray stages to their ``pool``; inline stages run on the loop.
+    """
+    if runs_on == "loop":
+        return (lambda parts: call(*parts)) if join else call
+    if runs_on == "inline":
+        if join:
+
+            async def inline_join(parts: Any) -> Any:
+                return call(*parts)
+
+            return inline_join
+
+        async def inline(payload: Any) -> Any:
+            return call(payload)
+
+        return inline
+    if runs_on == "ray":
+        remote = pool.call
+        if join:
+            return lambda parts: remote("run", parts)
+        return lambda payload: remote("run", (payload,))
+    assert worker is not None, "a thread stage needs its worker"
+    run = worker.run
+    if join:
+        return lambda parts: run(call, parts)
+    return lambda payload: run(call, (payload,))
+
+
+def returned_coroutine(stage: str, coro: CoroutineType[Any, Any, Any]) -> TypeError:
+    """The error for a sync stage function that returned a coroutine (closed, never awaited)."""
+    coro.close()  # never awaited on purpose: close it so Python does not warn about it
+    return TypeError(
+        f"stage {stage!r} returned a coroutine: its function is sync but calls an "
+        "async one; make the stage's function `async def` and await it there"
+    )
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .errors import GraphError
 from .stage import Stage
 
-__all__ = ["Graph", "Node", "Plan", "PlanNode", "balance", "to_dot", "to_mermaid"]
+__all__ = ["Graph", "Node", "Plan", "PlanNode", "to_dot", "to_mermaid"]
 
 
 class Node:
@@ -224,38 +224,6 @@ def _unique_names(names: Sequence[str]) -> list[str]:
         taken.add(candidate)
         out.append(candidate)
     return out
-
-
-def balance(costs: Sequence[float], groups: int) -> list[int]:
-    """Sizes of ``groups`` runs of consecutive items whose largest total cost is smallest.
-
-    The pipeline's throughput is set by its slowest stage, so this is what to minimise. Exact
-    dynamic programming over split points (O(groups * n^2); n is a layer count).
-    """
-    n = len(costs)
-    if not 1 <= groups <= n:
-        raise ValueError(f"cannot split {n} layer(s) into {groups} group(s): use 1..{n}")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[g][i]: the smallest largest-group cost covering the first i items with g groups.
-    best = [[inf] * (n + 1) for _ in range(groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(groups + 1)]
-    best[0][0] = 0.0
-    for g in range(1, groups + 1):
-        for i in range(g, n + 1):
-            for j in range(g - 1, i):
-                cand = max(best[g - 1][j], prefix[i] - prefix[j])
-                if cand < best[g][i]:
-                    best[g][i], cut[g][i] = cand, j
-    sizes: list[int] = []
-    i = n
-    for g in range(groups, 0, -1):
-        j = cut[g][i]
-        sizes.append(i - j)
-        i = j
-    return sizes[::-1]
 
 
 def _label(stage: Stage) -> str:

@@ -1,4 +1,9 @@
-"""The face of asyncnn: build a pipeline, run it with ``async with``, send it work."""
+"""The face of asyncnn: build a pipeline, run it with ``async with``, send it work.
+
+``Pipeline`` is a facade: arguments are checked in ``options``, ``from_module`` plans in
+``partition``, ``stream`` windows live in ``streaming``, statistics in ``stats``, and the running
+graph is a :class:`~asyncnn.runtime.Runtime`.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,22 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-from anyio import EndOfStream, WouldBlock
 
-from .batching import Envelope, PayloadTooDeep, Request, count_rows
-from .channels import Channel
-from .errors import AsyncnnError, GraphError, PipelineClosed, PipelineFull
-from .events import EventBus, Watchdog
-from .graph import Graph, Plan, balance, to_dot, to_mermaid
-from .metrics import PipelineStats, snapshot
-from .scheduler import Scheduler
-from .stage import Stage, is_module
+from .batching import PayloadTooDeep, Request, count_rows
+from .errors import AsyncnnError, PipelineClosed, PipelineFull
+from .events import EventBus, Watchdog, describe_stall
+from .graph import Graph, to_dot, to_mermaid
+from .options import check_devices, options
+from .partition import layer_stages
+from .runtime import Runtime
+from .stage import Stage
+from .stats import PipelineStats, snapshot
+from .streaming import OrderedWindow, UnorderedWindow, stream
 
 __all__ = ["Pipeline"]
 
@@ -33,14 +39,6 @@ if sys.version_info < (3, 11):
 
 _State = Literal["new", "running", "closing", "closed"]
 _THREAD_JOIN_TIMEOUT = 5.0
-
-
-def _as_stage(item: Any) -> Stage:
-    if isinstance(item, Stage):
-        return item
-    if callable(item):
-        return Stage(item)
-    raise TypeError(f"Pipeline: expected Stage objects or callables, got {type(item).__name__}")
 
 
 class Pipeline:
@@ -95,57 +93,28 @@ class Pipeline:
         max_request_rows: int | None = None,
         stall_timeout: float | None = None,
     ) -> None:
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"Pipeline: queue_size={queue_size!r} must be a whole number >= 1")
-        if drain_timeout is not None and not drain_timeout >= 0:
-            raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
-        if isinstance(stages, Graph):
-            graph = stages
-        elif isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
-            raise TypeError(
-                f"Pipeline: expected a list of stages or a Graph, got {type(stages).__name__}"
-            )
-        else:
-            graph = Graph.chain([_as_stage(s) for s in stages])
-        self._plan: Plan = graph.validate()
-        if output_device is not None and str(output_device) != "cpu":
-            raise ValueError(
-                f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
-                "or None (results stay where the last stage put them)"
-            )
-        if microbatch is not None:
-            if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
-                raise ValueError(f"Pipeline: microbatch={microbatch!r} must be a whole number >= 1")
-            if any(len(n.inputs) != 1 for n in self._plan.nodes) or len(self._plan.outputs) != 1:
-                raise GraphError(
-                    "microbatch needs a chain of stages (no fan-in, one output): "
-                    "split the request before the graph instead"
-                )
-            batched = [s.name for s in self._plan.stages if s.batch is not None]
-            if batched:
-                raise GraphError(
-                    f"microbatch does not mix with batching stages ({', '.join(batched)}): "
-                    "use one or the other"
-                )
-        if max_request_rows is not None and (
-            isinstance(max_request_rows, bool)
-            or not isinstance(max_request_rows, int)
-            or max_request_rows < 1
-        ):
-            raise ValueError(
-                f"Pipeline: max_request_rows={max_request_rows!r} must be a whole number >= 1"
-            )
+        self._plan, opts = options(
+            stages,
+            queue_size=queue_size,
+            drain_timeout=drain_timeout,
+            output_device=output_device,
+            torch_threads=torch_threads,
+            microbatch=microbatch,
+            max_request_rows=max_request_rows,
+            stall_timeout=stall_timeout,
+        )
+        self._opts = opts
         self.queue_size = queue_size
         self.drain_timeout = drain_timeout
         self.microbatch = microbatch
         self.max_request_rows = max_request_rows
+        self.torch_threads = opts.torch_threads
         self._check_rows = microbatch is not None or max_request_rows is not None
-        self.torch_threads = self._resolve_threads(torch_threads)
-        self._sched = Scheduler(
+        self._runtime = Runtime(
             self._plan,
             queue_size,
             output_device=output_device,
-            torch_threads=self.torch_threads,
+            torch_threads=opts.torch_threads,
             microbatch=microbatch,
         )
         self._watchdog = None if stall_timeout is None else Watchdog(stall_timeout)
@@ -158,63 +127,28 @@ class Pipeline:
         self._feeders: set[anyio.CancelScope] = set()
 
     def _observe(self, emit: Callable[..., None] | None) -> None:
-        # The bus turns the scheduler's event hooks on while someone listens.
-        self._sched.observe = emit
+        # The bus turns the stages' event hooks on while someone listens.
+        self._runtime.set_observer(emit)
 
     async def _watch(self) -> None:
         """The stall watchdog: looks every quarter timeout; reports each stall once."""
         wd = self._watchdog
         assert wd is not None
-        sched = self._sched
+        rt = self._runtime
         while True:
             await anyio.sleep(wd.timeout / 4)
-            if wd.check(time.monotonic(), sched.progress(), len(sched.inflight)):
+            if wd.check(time.monotonic(), rt.progress(), len(rt.ledger)):
                 self._report_stall(wd.timeout)
 
     def _report_stall(self, timeout: float) -> None:
-        where = self._sched.locate_oldest() or {}
-        stage = where.get("stage")
-        detail = (
-            f"stage {stage!r} holds the oldest request ({where.get('where')}; input "
-            f"{'empty' if where.get('input_empty') else 'not empty'}, output "
-            f"{'full' if where.get('output_full') else 'not full'})"
-            if stage
-            else "the oldest request is between stages"
-        )
-        log.warning(
-            "asyncnn: pipeline stalled: %d request(s) in flight and no progress for %.1fs; %s",
-            len(self._sched.inflight),
-            timeout,
-            detail,
-        )
+        where = self._runtime.locate_oldest() or {}
+        in_flight = len(self._runtime.ledger)
+        log.warning("asyncnn: %s", describe_stall(where, in_flight, timeout))
         if self.events.active:
             fields = {k: v for k, v in where.items() if k != "stage"}
             self.events.emit(
-                "stall", stage, seconds=timeout, in_flight=len(self._sched.inflight), **fields
+                "stall", where.get("stage"), seconds=timeout, in_flight=in_flight, **fields
             )
-
-    def _resolve_threads(self, threads: int | Literal["auto"] | None) -> int | None:
-        if threads is None:
-            return None
-        if threads == "auto":
-            compute = sum(
-                s.workers
-                for s in self._plan.stages
-                if s.runs_on == "thread"
-                and (is_module(s.fn) or (s.device is not None and str(s.device) == "cpu"))
-            )
-            if compute == 0:
-                return None
-            # torch's count in this (the caller's) thread: new threads may start from another
-            # value, since torch.set_num_threads in any thread changes the default for new ones.
-            import torch
-
-            return max(1, torch.get_num_threads() // compute)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(
-                f"Pipeline: torch_threads={threads!r} must be 'auto', None or a whole number >= 1"
-            )
-        return threads
 
     @classmethod
     def from_module(
@@ -247,49 +181,7 @@ class Pipeline:
             TypeError: ``module`` is not an ``nn.Sequential`` (the message says how to wrap it).
             ValueError: ``stages`` or ``devices`` do not fit the number of layers.
         """
-        import torch
-
-        if not isinstance(module, torch.nn.Sequential):
-            kind = type(module).__name__
-            raise TypeError(
-                f"Pipeline.from_module: {kind} is not an nn.Sequential, so its forward() cannot "
-                "be split safely. Wrap the parts that run in order: "
-                "nn.Sequential(model.backbone, model.head), or pass your own split: "
-                "Pipeline([Stage(part1), Stage(part2)])"
-            )
-        named = list(module.named_children())
-        if not named:
-            raise ValueError("Pipeline.from_module: the nn.Sequential has no layers")
-        if devices is not None:
-            devices = list(devices)
-            if stages is None:
-                stages = len(devices)
-            if len(devices) != stages:
-                raise ValueError(
-                    f"Pipeline.from_module: {len(devices)} device(s) for {stages} stage(s): "
-                    "give one device per stage"
-                )
-        if stages is None:
-            sizes = [1] * len(named)
-        else:
-            if isinstance(stages, bool) or not isinstance(stages, int):
-                raise TypeError(f"Pipeline.from_module: stages={stages!r} must be an int")
-            costs = (
-                _layer_times([m for _, m in named], sample)
-                if sample is not None
-                else [1.0 + sum(p.numel() for p in m.parameters()) for _, m in named]
-            )
-            sizes = balance(costs, stages)
-        built: list[Stage] = []
-        i = 0
-        for g, size in enumerate(sizes):
-            group = named[i : i + size]
-            i += size
-            fn = group[0][1] if size == 1 else torch.nn.Sequential(*(m for _, m in group))
-            label = group[0][0] if size == 1 else f"{group[0][0]}-{group[-1][0]}"
-            name = f"{label}:{type(group[0][1]).__name__}" if size == 1 else f"layers{label}"
-            device = devices[g] if devices is not None else None
-            built.append(Stage(fn, name=name, executor="thread", device=device))
+        built = layer_stages(module, stages, devices, sample)
         return cls(built, microbatch=microbatch, **kwargs)
 
     # -- introspection ---------------------------------------------------------------------------
@@ -305,7 +197,7 @@ class Pipeline:
 
     def stats(self) -> PipelineStats:
         """Per-stage figures by name, and request outcomes as attributes (see ``PipelineStats``)."""
-        return snapshot(self._sched)
+        return snapshot(self._runtime.view())
 
     def to_mermaid(self) -> str:
         """The graph as Mermaid flowchart text (stages, where they run, batching, queues)."""
@@ -326,18 +218,19 @@ class Pipeline:
             raise AsyncnnError(
                 f"this pipeline is {self._state}: a Pipeline runs once; build a new one to rerun"
             )
-        self._check_devices()
+        check_devices(self.stages)
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        rt = self._runtime
         try:
-            await self._sched.prepare()
+            await rt.prepare()
         except BaseException:
-            self._sched.release_remote()
+            rt.release_remote()
             raise
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            self._sched.start(tg, self._loop)
+            sup = rt.start(tg)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             await tg.__aexit__(type(exc), exc, exc.__traceback__)
@@ -345,30 +238,11 @@ class Pipeline:
         self._tg = tg
         self._state = "running"
         if self._watchdog is not None:
-            self._sched._spawn(tg, "watchdog", self._watch)
+            sup.spawn("watchdog", self._watch)
         if self.events.active:
             for stage in self.stages:
                 self.events.emit("stage_started", stage.name)
         return self
-
-    def _check_devices(self) -> None:
-        for stage in self.stages:
-            dev = stage.device
-            if dev is None or str(dev) == "cpu":
-                continue
-            import torch
-
-            if not torch.cuda.is_available():
-                raise AsyncnnError(
-                    f"stage {stage.name!r} is placed on {str(dev)!r} but CUDA is not available "
-                    "here: place it on 'cpu' or run on a machine with a GPU"
-                )
-            index = torch.device(dev).index or 0
-            if index >= torch.cuda.device_count():
-                raise AsyncnnError(
-                    f"stage {stage.name!r} is placed on {str(dev)!r} but this machine has "
-                    f"{torch.cuda.device_count()} CUDA device(s)"
-                )
 
     async def __aexit__(
         self,
@@ -425,24 +299,19 @@ class Pipeline:
             await self._stopped.wait()
             return
         self._state = "closing"
-        sched = self._sched
-        sched.close_admission()
+        rt = self._runtime
+        rt.close_admission()
         try:
-            finished = sched.finished
-            assert finished is not None
             with anyio.move_on_after(math.inf if timeout is None else timeout):
-                await finished.wait()
+                await rt.drained()
         finally:
-            sched.cancel_tasks()
             for scope in self._feeders:
                 scope.cancel()
-            sched.fail_all(sched.crash)
             with anyio.CancelScope(shield=True):
-                await sched.stop_threads(_THREAD_JOIN_TIMEOUT)
-                sched.release_remote()
+                await rt.stop(_THREAD_JOIN_TIMEOUT)
                 self._state = "closed"
                 if self.events.active:
-                    k = sched.counters
+                    k = rt.ledger.counters
                     self.events.emit(
                         "pipeline_closed",
                         None,
@@ -470,7 +339,7 @@ class Pipeline:
         """
         if self._state != "running":
             raise self._closed_error()
-        if not self._sched.admission.has_room():
+        if not self._runtime.admission.has_room():
             raise PipelineFull(
                 f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
                 "retry later, use `await pipe.submit(x)` to wait, or raise queue_size"
@@ -482,8 +351,7 @@ class Pipeline:
         if self._check_rows:
             self._check_request(x)
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
-        self._sched.admit(req)
-        self._sched.admission.send_nowait(Envelope(x, [req]))
+        self._runtime.admit(req, x)
         return req.future
 
     def _check_request(self, x: Any) -> None:
@@ -508,7 +376,7 @@ class Pipeline:
         Raises:
             PipelineClosed: the pipeline is not running, or closed while we waited.
         """
-        admission = self._sched.admission
+        admission = self._runtime.admission
         while self._state == "running" and not admission.has_room():
             await admission.wait_room()
         if self._state != "running":
@@ -534,13 +402,13 @@ class Pipeline:
         if timeout is not None:
             with anyio.fail_after(timeout):
                 return await (await self.submit(x))
-        if self._state == "running" and self._sched.admission.has_room():
+        if self._state == "running" and self._runtime.admission.has_room():
             fut = self._admit(x)  # the fast path: no suspension before the result
         else:
             fut = await self.submit(x)
         return await fut
 
-    async def stream(
+    def stream(
         self,
         inputs: Iterable[Any] | AsyncIterable[Any],
         *,
@@ -555,89 +423,27 @@ class Pipeline:
         are in flight, so memory stays flat however long ``inputs`` is. Leaving the loop early
         cancels the items still in flight (use ``contextlib.aclosing`` to leave promptly).
         """
-        if self._state != "running":
-            raise self._closed_error()
+
+        def open_window() -> OrderedWindow | UnorderedWindow:
+            # Checked when iteration starts, not when stream() is called.
+            if self._state != "running":
+                raise self._closed_error()
+            size = self._runtime.capacity
+            return OrderedWindow(size) if ordered else UnorderedWindow(size)
+
+        return stream(inputs, self.submit, open_window, self._start_feeder, return_exceptions)
+
+    def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
         assert self._tg is not None
-        window = self._sched.capacity
-        pending: Channel[asyncio.Future[Any]] = Channel(window, "stream")
-        slots = asyncio.Semaphore(window)
-        feed_error: list[BaseException] = []
-        scope = anyio.CancelScope()
-        outstanding: set[asyncio.Future[Any]] = set()  # unordered: admitted, not yet done
-        feeding = True
-
-        def on_done(fut: asyncio.Future[Any]) -> None:
-            outstanding.discard(fut)
-            if not pending.closed:
-                pending.send_nowait(fut)  # never full: at most `window` are outstanding
-                if not feeding and not outstanding:
-                    pending.close()
-
-        async def feed() -> None:
-            nonlocal feeding
-            with scope:
-                try:
-                    if isinstance(inputs, AsyncIterable):
-                        async for x in inputs:
-                            await self._feed_one(x, ordered, pending, slots, outstanding, on_done)
-                    else:
-                        for x in inputs:
-                            await self._feed_one(x, ordered, pending, slots, outstanding, on_done)
-                except Exception as exc:
-                    feed_error.append(exc)
-                finally:
-                    feeding = False
-                    self._feeders.discard(scope)
-                    if ordered or not outstanding:
-                        pending.close()  # unordered: else the last on_done closes it
-
         self._feeders.add(scope)
-        self._tg.start_soon(feed, name="asyncnn:stream-feed")
-        try:
-            while True:
-                try:
-                    fut = pending.receive_nowait()
-                except WouldBlock:
-                    try:
-                        fut = await pending.receive()
-                    except EndOfStream:
-                        break
-                except EndOfStream:
-                    break
-                if not ordered:
-                    slots.release()
-                if return_exceptions:
-                    try:
-                        yield await fut
-                    except Exception as exc:
-                        yield exc
-                else:
-                    yield await fut
-            if feed_error:
-                raise feed_error[0]
-        finally:
-            scope.cancel()
-            for fut in [*pending.drain_nowait(), *outstanding]:
-                fut.cancel()
 
-    async def _feed_one(
-        self,
-        x: Any,
-        ordered: bool,
-        pending: Channel[asyncio.Future[Any]],
-        slots: asyncio.Semaphore,
-        outstanding: set[asyncio.Future[Any]],
-        on_done: Callable[[asyncio.Future[Any]], None],
-    ) -> None:
-        if ordered:
-            await pending.wait_room()
-            fut = await self.submit(x)
-            pending.send_nowait(fut)
-        else:
-            await slots.acquire()
-            fut = await self.submit(x)
-            outstanding.add(fut)
-            fut.add_done_callback(on_done)
+        async def run() -> None:
+            try:
+                await feed()
+            finally:
+                self._feeders.discard(scope)
+
+        self._tg.start_soon(run, name="asyncnn:stream-feed")
 
 
 def _first_of(
@@ -651,22 +457,3 @@ def _first_of(
             if found is not None:
                 return found
     return None
-
-
-def _layer_times(layers: list[Any], sample: Any, repeats: int = 3) -> list[float]:
-    """Seconds each layer takes on the activations that reach it (median of ``repeats``)."""
-    import torch
-
-    times: list[float] = []
-    x = sample
-    with torch.inference_mode():
-        for layer in layers:
-            runs = []
-            y = layer(x)  # warm-up
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                y = layer(x)
-                runs.append(time.perf_counter() - t0)
-            times.append(sorted(runs)[len(runs) // 2] + 1e-9)
-            x = y
-    return times

@@ -74,9 +74,9 @@ async def test_unsubscribe_stops_delivery_and_turns_hooks_off():
     pipe = Pipeline([inc])
     async with pipe:
         with pipe.events.subscribe(seen.append, kinds="batch_done"):
-            assert pipe._sched.observe is not None
+            assert pipe.events.active
             await pipe.send(1)
-        assert pipe._sched.observe is None
+        assert not pipe.events.active
         await pipe.send(2)
     assert len(seen) == 1
 
@@ -171,7 +171,7 @@ async def test_stats_figures():
 
 
 def test_latency_histogram_quantiles():
-    from asyncnn.scheduler import LatencyHistogram
+    from asyncnn.runtime.probe import LatencyHistogram
 
     h = LatencyHistogram()
     for ms in range(1, 101):

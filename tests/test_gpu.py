@@ -63,7 +63,7 @@ async def test_copies_overlap_compute(monkeypatch):
         made.append(d)
         return d
 
-    monkeypatch.setattr("asyncnn.scheduler.make_device", spy)
+    monkeypatch.setattr(devices_mod, "make_device", spy)
     width = 2048
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(3)]).eval().to("cuda")

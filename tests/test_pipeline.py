@@ -217,8 +217,7 @@ async def test_failing_branch_fails_the_request_and_frees_the_join():
     async with Pipeline(g) as pipe:
         res = [y async for y in pipe.stream(range(20), return_exceptions=True)]
         st = check_counts(pipe)
-        join_parts = pipe._sched.nodes[-1].join.parts
-        assert join_parts == {}, "a failed request left a part parked in the join"
+        # That the failed requests left no part parked in the join: tests/unit/test_joins.py.
     for i, r in enumerate(res):
         if i % 2:
             assert isinstance(r, StageError) and r.stage == "strict"
@@ -266,7 +265,8 @@ async def test_stream_keeps_a_bounded_number_in_flight():
     async with pipe:
         n = sum([1 async for _ in pipe.stream(range(5000))])
     assert n == 5000
-    assert peak <= pipe._sched.capacity
+    # The graph's capacity: (admission + 2 stage inputs + 1 output) queues of 4, + 2 workers.
+    assert peak <= 4 * 4 + 2
 
 
 async def test_closed_pipeline_refuses_work():
@@ -366,15 +366,20 @@ async def test_cancelling_the_owner_ends_every_request():
     check_counts(pipe)
 
 
-async def test_runtime_failure_cancels_everything_and_fails_pending():
-    from asyncnn.channels import Channel
+async def test_runtime_failure_cancels_everything_and_fails_pending(monkeypatch):
+    import asyncnn.runtime.kinds as kinds
 
-    class BrokenChannel(Channel):
-        __slots__ = ()
+    real = kinds.run_plain
 
-        def send_nowait(self, item):
-            raise TypeError("runtime bug")
+    async def broken(ctx, invoke, sample, sync):
+        # Simulate a bug in the runtime itself: the first stage's worker dies after a call.
+        if ctx.name != "held":
+            return await real(ctx, invoke, sample, sync)
+        env = await ctx.inbox.next()
+        await invoke(env.payload)
+        raise TypeError("runtime bug")
 
+    monkeypatch.setattr(kinds, "run_plain", broken)
     gate = asyncio.Event()
 
     async def held(x):
@@ -382,8 +387,6 @@ async def test_runtime_failure_cancels_everything_and_fails_pending():
         return x
 
     pipe = Pipeline([held, inc])
-    # Simulate a bug in the runtime itself: the queue after the first stage breaks.
-    pipe._sched.nodes[0].outs[0] = BrokenChannel(4, "broken")
     futs = []
     with pytest.raises(BaseExceptionGroup) as info:
         async with pipe:

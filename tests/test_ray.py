@@ -16,6 +16,12 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.hang_guard(120)]
 
 
+def ray_pool(pipe):
+    """The replica pool of the pipeline's first stage (white-box: replica call counts and
+    killing an actor have no public handle)."""
+    return pipe._runtime.stages[0].pool
+
+
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -65,7 +71,7 @@ async def test_batches_are_formed_before_dispatch():
     async with pipe:
         xs = [torch.full((1, 1), float(i)) for i in range(32)]
         ys = await asyncio.gather(*(pipe.send(x) for x in xs))
-        calls = sum(r["calls"] for r in pipe._sched.nodes[0].pool.stats())
+        calls = sum(r["calls"] for r in ray_pool(pipe).stats())
         st = pipe.stats()["double"]
     assert [y.item() for y in ys] == [2.0 * i for i in range(32)]
     assert calls == st.batches < 32  # one remote call per batch, not per request
@@ -95,7 +101,7 @@ async def test_a_killed_replica_fails_only_its_calls_and_is_replaced():
         ]
     )
     async with pipe:
-        pool = pipe._sched.nodes[0].pool
+        pool = ray_pool(pipe)
         first = [asyncio.ensure_future(pipe.send(torch.full((1,), float(i)))) for i in range(2)]
         await wait_all_tasks_blocked()
         assert pool._load == [1, 1]  # each replica holds one call

@@ -16,6 +16,7 @@ from ..batching import Batching
 from ..pipeline import Pipeline
 from ..stage import Stage
 from ._core import Context, Row, interleave, run_on_loop, summarize
+from .clients import MAX_DELAY, MAX_SIZE, drive
 
 __all__ = ["ray_peers"]
 
@@ -29,7 +30,6 @@ def ray_peers(
     from ray import serve
 
     from .models import bench_mlp
-    from .workloads_serving import MAX_DELAY, MAX_SIZE, _drive
 
     started = not ray.is_initialized()
     if started:
@@ -49,7 +49,7 @@ def ray_peers(
             async with Pipeline([stage], queue_size=clients) as pipe:
                 if check:
                     return await pipe.send(rows[0])
-                return await _drive(pipe.send, rows, clients, n)
+                return await drive(pipe.send, rows, clients, n)
 
         # max_ongoing_requests: Serve's default (5) would cap @serve.batch at 5 rows. Access
         # logs off: by default Serve logs a line per request, which would cost it throughput.
@@ -83,7 +83,7 @@ def ray_peers(
 
             if check:
                 return await send(rows[0])
-            return await _drive(send, rows, clients, n)
+            return await drive(send, rows, clients, n)
 
         with torch.inference_mode():
             expected = bench_mlp()(rows[0])

@@ -22,30 +22,10 @@ from ._core import (
     summarize,
     verdict,
 )
+from .clients import CLIENTS, MAX_DELAY, MAX_SIZE, drive
 from .models import bench_mlp
 
 __all__ = ["serving"]
-
-CLIENTS = 512
-MAX_SIZE = 256
-MAX_DELAY = 0.002
-
-
-async def _drive(send: Any, rows: list[torch.Tensor], clients: int, total: int) -> Measure:
-    per_client = total // clients
-    lat: list[float] = []
-    now = time.perf_counter
-
-    async def client(c: int) -> None:
-        for i in range(per_client):
-            x = rows[(c * per_client + i) % len(rows)]
-            t0 = now()
-            await send(x)
-            lat.append(now() - t0)
-
-    t0 = now()
-    await asyncio.gather(*(client(c) for c in range(clients)))
-    return Measure(per_client * clients, now() - t0, lat)
 
 
 def serving(ctx: Context) -> list[Row]:
@@ -67,12 +47,12 @@ def serving(ctx: Context) -> list[Row]:
         async def send(x: torch.Tensor) -> torch.Tensor:
             return await asyncio.to_thread(infer, x)
 
-        return await _drive(send, rows, CLIENTS, n)
+        return await drive(send, rows, CLIENTS, n)
 
     async def ours(n: int) -> Measure:
         pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
         async with pipe:
-            m = await _drive(pipe.send, rows, CLIENTS, n)
+            m = await drive(pipe.send, rows, CLIENTS, n)
             stats = pipe.stats()
             st = stats["model"]
         record_stages(ctx, "serving", stats)
@@ -164,7 +144,7 @@ def _sweep(
         async def run(clients: int = clients, total: int = total) -> Measure:
             pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
             async with pipe:
-                return await _drive(pipe.send, rows, clients, total)
+                return await drive(pipe.send, rows, clients, total)
 
         ctx.progress(f"sweep: {clients} clients")
         m: Measure = run_on_loop(ctx.loop, run)

@@ -1,0 +1,142 @@
+"""``Pipeline(...)``'s arguments, checked: one pure function per rule, messages that prescribe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import AsyncnnError, GraphError, check_whole
+from .graph import Graph, Plan
+from .stage import Stage, is_module
+
+__all__ = ["PipelineOptions", "as_plan", "check_devices", "options"]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    queue_size: int
+    drain_timeout: float | None
+    output_device: str | None
+    torch_threads: int | None  # resolved: None leaves torch alone
+    microbatch: int | None
+    max_request_rows: int | None
+    stall_timeout: float | None
+
+
+def as_plan(stages: Sequence[Stage | Callable[..., Any]] | Graph) -> Plan:
+    """The validated plan of a list of stages (a chain) or a ``Graph``."""
+    if isinstance(stages, Graph):
+        return stages.validate()
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
+        raise TypeError(
+            f"Pipeline: expected a list of stages or a Graph, got {type(stages).__name__}"
+        )
+    return Graph.chain([_as_stage(s) for s in stages]).validate()
+
+
+def _as_stage(item: Any) -> Stage:
+    if isinstance(item, Stage):
+        return item
+    if callable(item):
+        return Stage(item)
+    raise TypeError(f"Pipeline: expected Stage objects or callables, got {type(item).__name__}")
+
+
+def options(
+    stages: Sequence[Stage | Callable[..., Any]] | Graph,
+    *,
+    queue_size: int,
+    drain_timeout: float | None,
+    output_device: str | None,
+    torch_threads: int | Literal["auto"] | None,
+    microbatch: int | None,
+    max_request_rows: int | None,
+    stall_timeout: float | None,
+) -> tuple[Plan, PipelineOptions]:
+    """Check every argument of ``Pipeline``; raise on the first bad one. Returns the plan."""
+    check_whole(queue_size, "Pipeline: queue_size")
+    if drain_timeout is not None and not drain_timeout >= 0:
+        raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
+    plan = as_plan(stages)
+    if output_device is not None and str(output_device) != "cpu":
+        raise ValueError(
+            f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
+            "or None (results stay where the last stage put them)"
+        )
+    if microbatch is not None:
+        check_microbatch(plan, microbatch)
+    if max_request_rows is not None:
+        check_whole(max_request_rows, "Pipeline: max_request_rows")
+    return plan, PipelineOptions(
+        queue_size=queue_size,
+        drain_timeout=drain_timeout,
+        output_device=output_device,
+        torch_threads=resolve_threads(plan, torch_threads),
+        microbatch=microbatch,
+        max_request_rows=max_request_rows,
+        stall_timeout=stall_timeout,
+    )
+
+
+def check_microbatch(plan: Plan, microbatch: int) -> None:
+    """Micro-batching needs a chain (no fan-in, one output) without batching stages."""
+    check_whole(microbatch, "Pipeline: microbatch")
+    if any(len(n.inputs) != 1 for n in plan.nodes) or len(plan.outputs) != 1:
+        raise GraphError(
+            "microbatch needs a chain of stages (no fan-in, one output): "
+            "split the request before the graph instead"
+        )
+    batched = [s.name for s in plan.stages if s.batch is not None]
+    if batched:
+        raise GraphError(
+            f"microbatch does not mix with batching stages ({', '.join(batched)}): "
+            "use one or the other"
+        )
+
+
+def resolve_threads(plan: Plan, threads: int | Literal["auto"] | None) -> int | None:
+    """torch intra-op threads per compute thread: ``"auto"`` shares the caller's count between
+    the CPU compute threads (module or ``device="cpu"`` stages, counting workers)."""
+    if threads is None:
+        return None
+    if threads == "auto":
+        compute = sum(
+            s.workers
+            for s in plan.stages
+            if s.runs_on == "thread"
+            and (is_module(s.fn) or (s.device is not None and str(s.device) == "cpu"))
+        )
+        if compute == 0:
+            return None
+        # torch's count in this (the caller's) thread: new threads may start from another
+        # value, since torch.set_num_threads in any thread changes the default for new ones.
+        import torch
+
+        return max(1, torch.get_num_threads() // compute)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(
+            f"Pipeline: torch_threads={threads!r} must be 'auto', None or a whole number >= 1"
+        )
+    return threads
+
+
+def check_devices(stages: Iterable[Stage]) -> None:
+    """Every placed stage's device exists here (checked when a run starts)."""
+    for stage in stages:
+        dev = stage.device
+        if dev is None or str(dev) == "cpu":
+            continue
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AsyncnnError(
+                f"stage {stage.name!r} is placed on {str(dev)!r} but CUDA is not available "
+                "here: place it on 'cpu' or run on a machine with a GPU"
+            )
+        index = torch.device(dev).index or 0
+        if index >= torch.cuda.device_count():
+            raise AsyncnnError(
+                f"stage {stage.name!r} is placed on {str(dev)!r} but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )

@@ -1,0 +1,119 @@
+"""What one running stage works with: its inbox, its outbox, the ledger and its probe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from anyio import WouldBlock
+
+from ..batching import Envelope, Request
+from ..channels import EMPTY, END, Channel
+from ..stage import Stage
+from .ledger import Ledger
+from .probe import StageProbe
+
+__all__ = ["Outbox", "StageContext", "next_live"]
+
+
+class Outbox:
+    """Where a stage's outputs go: one channel per consumer.
+
+    A merged batch stays merged for consumers that take it as it is (a batching stage, the sink)
+    and is split into one envelope per request for the others; every consumer after the first
+    gets its own envelope around the same payload. The channels end themselves: each of the
+    stage's sending tasks is registered with ``open(n)`` and calls ``sender_done()`` once.
+    """
+
+    __slots__ = ("channels", "merged", "probe", "single")
+
+    def __init__(
+        self, channels: Sequence[Channel[Envelope]], merged: Sequence[bool], probe: StageProbe
+    ) -> None:
+        self.channels = list(channels)
+        self.merged = list(merged)
+        self.probe = probe
+        # The fast path: one consumer, an unmerged envelope goes to it as it is.
+        self.single = self.channels[0] if len(self.channels) == 1 else None
+
+    def open(self, senders: int) -> None:
+        for ch in self.channels:
+            ch.add_senders(senders)
+
+    def sender_done(self) -> None:
+        for ch in self.channels:
+            ch.sender_done()
+
+    def has_room(self) -> bool:
+        return all(ch.has_room() for ch in self.channels)
+
+    async def send(self, env: Envelope) -> None:
+        """Send ``env`` to every consumer, waiting for room (counted as backpressure)."""
+        t0 = 0.0
+        single = self.single is not None
+        # Read the fields first: once a consumer holds `env` it may replace its payload.
+        payload, requests, chunk, rows, parts = (
+            env.payload,
+            env.requests,
+            env.chunk,
+            env.rows,
+            env.parts,
+        )
+        for i, (ch, merged) in enumerate(zip(self.channels, self.merged, strict=True)):
+            if parts is None or merged:
+                copy = single or i == 0
+                envs = [env if copy else Envelope(payload, requests, chunk, rows, parts)]
+            else:
+                envs = Envelope(payload, requests, chunk, rows, parts).split()
+            for e in envs:
+                try:
+                    ch.send_nowait(e)
+                except WouldBlock:
+                    if not t0:
+                        t0 = time.perf_counter()
+                    await ch.send(e)
+        if t0:
+            self.probe.waited(time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class StageContext:
+    """One stage at run time. Built by the runtime from the plan and the wiring."""
+
+    stage: Stage
+    index: int
+    inbox: Channel[Envelope]  # the stage's work: its one port, or the join's merged channel
+    ports: list[Channel[Envelope]]  # one per input port (the inbox itself unless a join)
+    outbox: Outbox
+    ledger: Ledger
+    probe: StageProbe
+    call: Any  # the stage's function, prepared for where it runs
+    to_host: bool = False
+    device: torch.device | None = None
+    pool: Any = None  # a RayPool for executor="ray" stages, made by prepare()
+    workers: int = 1  # worker tasks reading the inbox (a Ray stage: one per call its replicas hold)
+    join: Any = None  # a join's PartTable: the parts of each request, matched by id
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    def fail(
+        self, requests: Sequence[Request], cause: Exception, message: str | None = None
+    ) -> None:
+        """A call of this stage failed: end ``requests`` with a ``StageError`` naming it."""
+        self.probe.failed(cause, len(requests))
+        self.ledger.fail_stage(self.stage.name, requests, cause, message)
+
+
+async def next_live(inbox: Channel[Envelope], ledger: Ledger) -> Envelope:
+    """The next envelope with a live request (dead ones are dropped), or ``END``."""
+    while True:
+        env = inbox.poll()
+        if env is EMPTY:
+            env = await inbox.next()
+        if env is END or ledger.live(env):
+            return env

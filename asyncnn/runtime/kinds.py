@@ -1,0 +1,88 @@
+"""Stage kinds: how each kind of stage is started. Adding a kind is a module and a line here.
+
+A kind's ``start(ctx, sup)`` registers the stage's sending tasks on its outbox (so its output
+channels end themselves) and spawns its tasks through the supervisor; it runs synchronously,
+before any task can finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..batching import Batch
+from ..channels import Channel
+from ..executors import invoker
+from ..stage import Stage
+from .context import StageContext
+from .probe import LOOP_SAMPLE
+from .supervisor import Supervisor
+from .workers.batched import run_former, run_runner
+from .workers.edges import run_collector
+from .workers.placed import launched_channel, run_complete, run_launch
+from .workers.plain import run_plain
+
+__all__ = ["KINDS", "kind_of", "start_stage"]
+
+StageKind = Callable[[StageContext, Supervisor], None]
+
+
+def kind_of(stage: Stage) -> str:
+    """The kind that runs ``stage``: decided once, from its declaration."""
+    if stage.batch is not None:
+        return "batched"
+    if stage.device is not None:
+        return "placed"
+    return "plain"
+
+
+def _start_plain(ctx: StageContext, sup: Supervisor) -> None:
+    runs_on, name = ctx.stage.runs_on, ctx.name
+    sample = LOOP_SAMPLE - 1 if runs_on in ("loop", "inline") else 0
+    ctx.outbox.open(ctx.workers)
+    for w in range(ctx.workers):
+        worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
+        invoke = invoker(ctx.call, runs_on, join=ctx.join is not None, worker=worker, pool=ctx.pool)
+        sup.spawn(f"{name}:{w}", run_plain, ctx, invoke, sample, runs_on != "loop")
+
+
+def _start_placed(ctx: StageContext, sup: Supervisor) -> None:
+    name = ctx.name
+    ctx.outbox.open(ctx.workers)  # the completers send
+    for w in range(ctx.workers):
+        worker = sup.thread(f"{name}:{w}")
+        waiter = sup.thread(f"{name}:{w}:wait", compute=False)
+        launched = launched_channel(ctx, w)
+        sup.spawn(f"{name}:{w}:launch", run_launch, ctx, worker, launched)
+        sup.spawn(f"{name}:{w}:complete", run_complete, ctx, waiter, launched, True)
+
+
+def _start_batched(ctx: StageContext, sup: Supervisor) -> None:
+    name = ctx.name
+    # Formed batches wait here for a free runner; one slot keeps batches forming late (and
+    # large) while every runner is busy.
+    batches = Channel[Batch](1, f"{name}.batches")
+    sup.spawn(f"{name}:form", run_former, ctx, batches)
+    ctx.outbox.open(ctx.workers)
+    runs_on = ctx.stage.runs_on
+    for w in range(ctx.workers):
+        worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
+        waiter = sup.thread(f"{name}:{w}:wait", compute=False) if ctx.device is not None else None
+        launched = launched_channel(ctx, w)
+        sup.spawn(f"{name}:{w}:run", run_runner, ctx, worker, batches, launched)
+        sup.spawn(f"{name}:{w}:complete", run_complete, ctx, waiter, launched, False)
+
+
+KINDS: dict[str, StageKind] = {
+    "plain": _start_plain,
+    "placed": _start_placed,
+    "batched": _start_batched,
+}
+
+
+def start_stage(ctx: StageContext, sup: Supervisor) -> None:
+    """Start ``ctx``'s stage: its join collectors, then the tasks of its kind."""
+    if ctx.join is not None:
+        ctx.inbox.add_senders(len(ctx.ports))
+        for port, ch in enumerate(ctx.ports):
+            sup.spawn(f"{ctx.name}:join{port}", run_collector, ctx, port, ch)
+    KINDS[kind_of(ctx.stage)](ctx, sup)

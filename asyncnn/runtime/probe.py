@@ -1,0 +1,119 @@
+"""What a stage measures about itself: counts, call times, backpressure, and the event hook.
+
+One :class:`StageProbe` per stage, updated on the hot path with plain int and float adds. Call
+times are measured on every call of a thread, device, Ray or batching stage; for cheap stages on
+the loop, one call in :data:`LOOP_SAMPLE` is timed and their mean stands for every call (timing
+costs more than such a call), unless an event subscriber wants every ``batch_done``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]
+
+LOOP_SAMPLE = 64  # loop and inline stages time one call in this many
+
+
+class LatencyHistogram:
+    """Seconds per call in log-spaced buckets (8 per doubling, 1 µs to ~18 min): quantiles
+    within ~9% from 250 counters, however many calls."""
+
+    __slots__ = ("counts", "total")
+    PER_DOUBLING = 8
+    BUCKETS = 8 * 30 + 1
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BUCKETS
+        self.total = 0
+
+    def add(self, seconds: float) -> None:
+        i = 0 if seconds <= 1e-6 else int(math.log2(seconds * 1e6) * self.PER_DOUBLING) + 1
+        self.counts[min(i, self.BUCKETS - 1)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0..1) in seconds: the geometric middle of its bucket; 0 if empty."""
+        if not self.total:
+            return 0.0
+        rank = q * (self.total - 1)
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen > rank:
+                if i == 0:
+                    return 1e-6
+                return 1e-6 * 2 ** ((i - 0.5) / self.PER_DOUBLING)
+        return 1e-6 * 2 ** ((self.BUCKETS - 1) / self.PER_DOUBLING)
+
+
+class StageProbe:
+    """One stage's counters and its event hook.
+
+    ``observe`` is ``None`` while nobody listens (the runtime then builds no events at all), else
+    ``observe(kind, stage, **fields)``.
+    """
+
+    __slots__ = (
+        "active",
+        "batches",
+        "blocked",
+        "busy",
+        "failures",
+        "items",
+        "latency",
+        "name",
+        "observe",
+        "released",
+        "retries",
+        "rows",
+        "timed",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.observe: Callable[..., None] | None = None
+        self.items = 0  # requests the stage finished
+        self.batches = 0  # calls of its function (batches formed and run, for batching stages)
+        self.failures = 0
+        self.busy = 0.0  # seconds inside the timed calls of the stage's function
+        self.timed = 0  # calls timed (all of them, or a sample for cheap loop stages)
+        self.blocked = 0.0  # seconds its workers waited for room downstream (backpressure)
+        self.active = 0  # calls running now
+        self.latency = LatencyHistogram()
+        self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
+        self.retries = 0  # batched stages: re-runs of part of a failed batch
+        self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
+
+    def timed_call(self, seconds: float, size: int) -> None:
+        """A call of ``size`` requests took ``seconds``."""
+        self.busy += seconds
+        self.timed += 1
+        self.latency.add(seconds)
+        obs = self.observe
+        if obs is not None:
+            obs("batch_done", self.name, size=size, seconds=seconds)
+
+    def waited(self, seconds: float) -> None:
+        """Workers waited ``seconds`` for room downstream."""
+        self.blocked += seconds
+        obs = self.observe
+        if obs is not None:
+            obs("backpressure", self.name, seconds=seconds)
+
+    def failed(self, cause: BaseException, requests: int) -> None:
+        self.failures += 1
+        obs = self.observe
+        if obs is not None:
+            obs("request_failed", self.name, error=type(cause).__name__, requests=requests)
+
+    def formed(self, rows: int, reason: str) -> None:
+        self.released[reason] += 1
+        obs = self.observe
+        if obs is not None:
+            obs("batch_formed", self.name, size=rows, reason=reason)
+
+    def progress(self) -> int:
+        """Grows whenever the stage finishes or fails a call (for the stall watchdog)."""
+        return self.batches + self.failures + self.retries

@@ -1,0 +1,259 @@
+"""One running graph: builds channels and stage contexts from the wiring, starts the kinds.
+
+Shape of a running pipeline::
+
+    admission ─▶ [stage a] ─▶ ch ─▶ [stage b] ─┬▶ ch ─▶ [stage c] ─┬▶ join ─▶ [stage d] ─▶ sink
+                                               └▶ ch ─▶ [stage e] ─┘
+
+Every arrow is a bounded :class:`~asyncnn.channels.Channel` that ends itself when its last sender
+is done, so closing admission drains the whole graph in order and the sinks finish last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import anyio.abc
+
+from ..batching import Envelope, Request
+from ..channels import Channel
+from ..executors import prepare_call
+from ..graph import Plan
+from .context import Outbox, StageContext
+from .joins import PartTable
+from .kinds import kind_of, start_stage
+from .ledger import Ledger
+from .probe import StageProbe
+from .supervisor import Supervisor
+from .view import RuntimeView, StageView
+from .wiring import SINK, Target, wire
+from .workers.edges import run_input, run_sink
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """The channels, stage contexts and tasks of one pipeline.
+
+    ``start(tg)`` launches every task in the caller's task group; ``admission`` is where
+    requests enter; ``drained()`` returns once every sink has seen the end of the stream.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        queue_size: int,
+        *,
+        output_device: Any = "cpu",
+        torch_threads: int | None = None,
+        microbatch: int | None = None,
+    ) -> None:
+        self.plan = plan
+        self.torch_threads = torch_threads
+        self.microbatch = microbatch
+        self.ledger = Ledger()
+        w = self.wiring = wire(plan, queue_size, output_device, microbatch)
+        self.capacity = w.capacity
+        ports = [
+            [Channel[Envelope](queue_size, f"{n.stage.name}[{p}]") for p in range(nw.ports)]
+            for n, nw in zip(plan.nodes, w.nodes, strict=True)
+        ]
+        self.sink_ports = [Channel[Envelope](queue_size, f"output[{p}]") for p in range(w.outputs)]
+
+        def channel(t: Target) -> Channel[Envelope]:
+            return self.sink_ports[t.port] if t.node == SINK else ports[t.node][t.port]
+
+        def outbox(targets: tuple[Target, ...], probe: StageProbe) -> Outbox:
+            return Outbox([channel(t) for t in targets], [t.merged for t in targets], probe)
+
+        self.stages: list[StageContext] = []
+        for i, (node, nw) in enumerate(zip(plan.nodes, w.nodes, strict=True)):
+            st = node.stage
+            probe = StageProbe(st.name)
+            self.stages.append(
+                StageContext(
+                    stage=st,
+                    index=i,
+                    inbox=Channel(queue_size, f"{st.name}.joined") if nw.join else ports[i][0],
+                    ports=ports[i],
+                    outbox=outbox(nw.outs, probe),
+                    ledger=self.ledger,
+                    probe=probe,
+                    call=prepare_call(st.fn, st.runs_on),
+                    to_host=nw.to_host,
+                    device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
+                    workers=st.workers,
+                    join=PartTable(self.ledger) if nw.join else None,
+                )
+            )
+        self._input_outbox = outbox(w.input_outs, StageProbe("input"))
+        self.admission: Channel[Envelope] = (
+            Channel(queue_size, "input") if w.input_task else self._input_outbox.channels[0]
+        )
+        self.outputs = PartTable(self.ledger) if w.outputs > 1 else None
+        self.chunks = PartTable(self.ledger) if microbatch is not None else None
+        self._done = Channel[None](1, "sinks")  # closes when the last sink leaves
+        self._sup: Supervisor | None = None
+        self.started_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Start what must exist before the tasks: the Ray replicas of remote stages."""
+        remote = [c for c in self.stages if c.stage.runs_on == "ray"]
+        if not remote:
+            return
+        from ..executors_ray import RayPool, ensure_ray
+
+        await anyio.to_thread.run_sync(ensure_ray)
+        for ctx in remote:
+            st = ctx.stage
+            ctx.pool = RayPool(st.name, st.fn, st.replicas, st.resources, st.max_inflight)
+            # One worker task per call a replica may hold: least-loaded dispatch picks the replica.
+            ctx.workers = ctx.pool.capacity
+        await asyncio.gather(*(c.pool.ready() for c in remote))
+
+    def release_remote(self) -> None:
+        for ctx in self.stages:
+            if ctx.pool is not None:
+                ctx.pool.release()
+
+    def start(self, tg: anyio.abc.TaskGroup) -> Supervisor:
+        sup = self._sup = Supervisor(tg, self.torch_threads)
+        self.started_at = time.perf_counter()
+        if self.wiring.input_task:
+            self._input_outbox.open(1)
+            sup.spawn(
+                "input", run_input, self.admission, self._input_outbox, self.ledger, self.microbatch
+            )
+        for ctx in self.stages:
+            start_stage(ctx, sup)
+        self._done.add_senders(len(self.sink_ports))
+        n = len(self.sink_ports)
+        for port, ch in enumerate(self.sink_ports):
+            sup.spawn(
+                f"output{port}",
+                run_sink,
+                self.ledger,
+                port,
+                ch,
+                self.outputs,
+                n,
+                self.chunks,
+                self._done,
+            )
+        return sup
+
+    @property
+    def crash(self) -> BaseException | None:
+        """The first exception a runtime task died of (a bug), or None."""
+        return None if self._sup is None else self._sup.crash
+
+    def admit(self, req: Request, payload: Any) -> None:
+        """Admit ``req`` (the caller checked that admission has room)."""
+        self.ledger.admit(req)
+        self.admission.send_nowait(Envelope(payload, [req]))
+
+    def close_admission(self) -> None:
+        self.admission.close()
+
+    async def drained(self) -> None:
+        """Return once every request admitted before ``close_admission`` has left the graph."""
+        await self._done.next()
+
+    def set_observer(self, observe: Any) -> None:
+        """Turn the stages' event hooks on (``observe(kind, stage, **fields)``) or off (None)."""
+        for ctx in self.stages:
+            ctx.probe.observe = observe
+
+    async def stop(self, thread_timeout: float) -> None:
+        """Force the end: cancel every task, end what is left with ``PipelineClosed``, stop the
+        threads, release remote replicas."""
+        sup = self._sup
+        if sup is not None:
+            sup.cancel_all()
+        self.ledger.fail_all(self.crash)
+        for ctx in self.stages:
+            for ch in {id(c): c for c in (*ctx.ports, ctx.inbox)}.values():
+                ch.drain_nowait()
+        if sup is not None:
+            await sup.stop_threads(thread_timeout)
+        self.release_remote()
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    def view(self) -> RuntimeView:
+        elapsed = max(1e-9, time.perf_counter() - self.started_at) if self.started_at else 0.0
+        k = self.ledger.counters
+        return RuntimeView(
+            stages=tuple(self._stage_view(c) for c in self.stages),
+            admitted=k.admitted,
+            completed=k.completed,
+            failed=k.failed,
+            cancelled=k.cancelled,
+            in_flight=len(self.ledger),
+            elapsed=elapsed,
+        )
+
+    def _stage_view(self, ctx: StageContext) -> StageView:
+        p, st = ctx.probe, ctx.stage
+        return StageView(
+            name=st.name,
+            kind=kind_of(st),
+            runs_on=st.runs_on,
+            workers=st.replicas if st.runs_on == "ray" else st.workers,
+            inbox=ctx.inbox.statistics(),
+            items=p.items,
+            batches=p.batches,
+            failures=p.failures,
+            rows=p.rows,
+            retries=p.retries,
+            released=dict(p.released),
+            busy=p.busy,
+            timed=p.timed,
+            blocked=p.blocked,
+            running=p.active,
+            latency=(p.latency.quantile(0.5), p.latency.quantile(0.9), p.latency.quantile(0.99)),
+        )
+
+    def progress(self) -> int:
+        """A number that grows whenever any stage finishes a call or any request ends."""
+        k = self.ledger.counters
+        return sum(c.probe.progress() for c in self.stages) + k.completed + k.failed + k.cancelled
+
+    def locate_oldest(self) -> dict[str, Any] | None:
+        """Where the oldest request in flight is held: the stage, and whether that stage's input
+        is empty and its output full. Scans the queues: for stall reports, not the hot path."""
+        oldest = self.ledger.oldest()
+        if oldest is None:
+            return None
+        holder: StageContext | None = None
+        where = "running in the stage"
+        for ctx in self.stages:
+            if any(ch.holds(lambda e: oldest in e.requests) for ch in (*ctx.ports, ctx.inbox)):
+                holder, where = ctx, "waiting in the stage's input queue"
+                break
+        if holder is None:
+            holder = next((c for c in self.stages if self._running_calls(c) > 0), None)
+        if holder is None:
+            return {"stage": None, "request": oldest.id, "where": "between stages"}
+        return {
+            "stage": holder.name,
+            "request": oldest.id,
+            "where": where,
+            "input_empty": len(holder.inbox) == 0,
+            "output_full": not holder.outbox.has_room(),
+            "calls_running": self._running_calls(holder),
+        }
+
+    @staticmethod
+    def _running_calls(ctx: StageContext) -> int:
+        """Calls in progress. Plain loop stages do not count their calls on the hot path: a
+        worker neither waiting for input nor for room downstream is inside a call."""
+        if ctx.stage.runs_on in ("thread", "ray") or kind_of(ctx.stage) != "plain":
+            return ctx.probe.active
+        waiting_in = ctx.inbox.statistics().waiting_receivers
+        blocked_out = sum(ch.statistics().waiting_senders for ch in ctx.outbox.channels)
+        return max(0, ctx.workers - waiting_in - blocked_out)

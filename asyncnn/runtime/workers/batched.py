@@ -1,0 +1,207 @@
+"""Batching stages (``batch=Batching(...)``): a former, and per worker a runner and a completer.
+
+The former files arrivals into a clock-free :class:`~asyncnn.batching.Batcher` and releases a
+batch (full, delay, or drain) only when a runner is free, so batches grow under load. A runner
+collates, calls, checks rows and splits on the stage's executor; when a merged batch raises it
+bisects until the failing request is alone. Outputs go through the placed stages' completer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ...batching import (
+    Batch,
+    Batcher,
+    Envelope,
+    Item,
+    RowMismatch,
+    collate,
+    concat_rows,
+    count_rows,
+    finish,
+    run_batch,
+    signature,
+    split_rows,
+)
+from ...channels import EMPTY, END, Channel
+from ...devices import Completion, Device, open_device
+from ...executors import ThreadWorker
+from ..context import StageContext
+from .placed import Launched
+
+__all__ = ["batch_call", "file_request", "run_former", "run_runner"]
+
+# items -> (merged output, rows per item, each item's part, completion or None)
+BatchCall = Callable[[list[Item]], Awaitable[tuple[Any, list[int], list[Any], Any]]]
+
+
+def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float) -> None:
+    """Put an arriving envelope's requests into the batcher (or fail the unbatchable)."""
+    spec = ctx.stage.batch
+    assert spec is not None
+    try:
+        key = signature(env.payload, spec.pad is not None)
+        total = count_rows(env.payload)
+    except (TypeError, ValueError) as exc:
+        ctx.fail(env.requests, exc, f"cannot batch this request: {exc}")
+        return
+    if total == 0:
+        ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
+        return
+    alive = ctx.ledger.alive
+    if env.rows is None:
+        if alive(env.requests[0]):
+            batcher.add(Item(env.requests[0], env.payload, 0, total, now), key)
+        return
+    start = 0
+    for req, n in zip(env.requests, env.rows, strict=True):
+        if alive(req):
+            batcher.add(Item(req, env.payload, start, start + n, now), key)
+        start += n
+
+
+async def run_former(
+    ctx: StageContext, batches: Channel[Batch], clock: Callable[[], float] | None = None
+) -> None:
+    """Form batches: pull arrivals, release on size, delay or drain, when a runner is free."""
+    spec = ctx.stage.batch
+    assert spec is not None
+    batcher = Batcher(spec)
+    inbox, probe = ctx.inbox, ctx.probe
+    now = clock or asyncio.get_running_loop().time
+    closed = False
+    try:
+        while True:
+            while not closed and batcher.pending_rows < spec.max_size:
+                env = inbox.poll()
+                if env is EMPTY:
+                    break
+                if env is END:
+                    closed = True
+                    break
+                file_request(ctx, batcher, env, now())
+            if not batches.has_room():
+                await batches.wait_room()  # every runner is busy: arrivals wait in the inbox
+                continue
+            batch = batcher.pop(now(), draining=closed)
+            if batch is not None:
+                probe.formed(batch.rows, batch.reason)
+                batches.send_nowait(batch)
+                continue
+            if closed:
+                return  # drained: pop(draining=True) left nothing behind
+            deadline = batcher.next_deadline()
+            with anyio.move_on_after(math.inf if deadline is None else max(0.0, deadline - now())):
+                env = await inbox.next()
+                if env is END:
+                    closed = True
+                else:
+                    file_request(ctx, batcher, env, now())
+    finally:
+        batches.close()
+
+
+def batch_call(ctx: StageContext, worker: ThreadWorker | None, device: Device | None) -> BatchCall:
+    """How this stage runs one batch, chosen once per worker."""
+    spec = ctx.stage.batch
+    assert spec is not None
+    name, call, max_size = ctx.name, ctx.call, spec.max_size
+    pad = None if spec.pad is None else float(spec.pad)
+    if ctx.join is not None:  # a batching join gets its merged parts as one tuple
+        joined = call
+        call = lambda parts: joined(*parts)  # noqa: E731
+    launch = None if device is None else functools.partial(_launch_on, device, ctx.to_host)
+
+    def ranges(items: list[Item]) -> list[tuple[Any, int, int]]:
+        return [(i.source, i.start, i.stop) for i in items]
+
+    if worker is not None:
+        run = worker.run
+        return lambda items: run(run_batch, (name, call, ranges(items), max_size, pad, launch))
+
+    async def remote(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
+        # One remote call per batch; collated on the replica.
+        result = await ctx.pool.call("run_batch", ranges(items), max_size, pad)
+        lengths = [i.source.shape[1] for i in items] if pad is not None else None
+        return (*finish(name, result, [i.rows for i in items], lengths), None)
+
+    async def on_loop(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
+        payload, rows, lengths = collate(ranges(items), pad)
+        if sum(rows) <= max_size:
+            result = await call(payload)
+        else:
+            result = concat_rows([await call(p) for p in split_rows(payload, max_size)])
+        return (*finish(name, result, rows, lengths), None)
+
+    async def inline(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
+        return run_batch(name, call, ranges(items), max_size, pad)
+
+    runs_on = ctx.stage.runs_on
+    return remote if runs_on == "ray" else on_loop if runs_on == "loop" else inline
+
+
+def _launch_on(
+    device: Device, to_host: bool, call: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[Any, Completion]:
+    return device.launch(call, args, to_host)
+
+
+async def run_runner(
+    ctx: StageContext,
+    worker: ThreadWorker | None,
+    batches: Channel[Batch],
+    launched: Channel[Launched],
+) -> None:
+    """Run formed batches on the stage's executor; hand each output to the completer."""
+    probe, alive = ctx.probe, ctx.ledger.alive
+    try:
+        device = None
+        if ctx.device is not None:
+            assert worker is not None
+            device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
+        call = batch_call(ctx, worker, device)
+        while (batch := await batches.next()) is not END:
+            # Cancelled or timed out while waiting: not computed.
+            items = [i for i in batch.items if alive(i.request)]
+            if items:
+                probe.batches += 1
+                probe.rows += sum(i.rows for i in items)
+                await _run_items(ctx, call, items, launched)
+    finally:
+        launched.close()
+
+
+async def _run_items(
+    ctx: StageContext, call: BatchCall, items: list[Item], launched: Channel[Launched]
+) -> None:
+    spec, probe = ctx.stage.batch, ctx.probe
+    assert spec is not None
+    t0 = time.perf_counter()
+    probe.active += 1
+    try:
+        out, rows, parts, done = await call(items)
+    except Exception as exc:
+        probe.active -= 1
+        if len(items) > 1 and spec.isolate_failures and not isinstance(exc, RowMismatch):
+            # Bisect: rerun each half until the failing request is alone. A RowMismatch is the
+            # stage itself being wrong: no retry helps.
+            mid = len(items) // 2
+            for half in (items[:mid], items[mid:]):
+                live = [i for i in half if ctx.ledger.alive(i.request)]
+                if live:
+                    probe.retries += 1
+                    await _run_items(ctx, call, live, launched)
+            return
+        ctx.fail([i.request for i in items], exc)
+        return
+    probe.items += len(items)
+    env = Envelope(out, [i.request for i in items], None, rows, parts)
+    await launched.send(Launched(env, out, Completion(None) if done is None else done, t0))

@@ -1,0 +1,87 @@
+"""Placed stages (``device=``): hand each call to the device, complete it in launch order.
+
+Two tasks per worker, joined by a bounded ``launched`` channel of at most ``max_inflight`` calls:
+the launcher puts work on the device's streams without waiting for it; the completer awaits each
+call's completion (a CUDA event, waited on a waiter thread: the loop never synchronises) and
+passes the output on. A call counts as running (``probe.active``) from launch to completion.
+Batching stages reuse the completer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+from ...batching import Envelope
+from ...channels import END, Channel
+from ...devices import Completion, Device, open_device
+from ...executors import ThreadWorker
+from ..context import StageContext, next_live
+
+__all__ = ["Launched", "launched_channel", "run_complete", "run_launch"]
+
+
+class Launched(NamedTuple):
+    """A call handed to a device (or a remote replica) and not yet completed."""
+
+    env: Envelope
+    out: Any
+    done: Completion
+    started: float
+
+
+def launched_channel(ctx: StageContext, w: int) -> Channel[Launched]:
+    return Channel(ctx.stage.max_inflight, f"{ctx.name}:{w}:inflight")
+
+
+async def run_launch(ctx: StageContext, worker: ThreadWorker, launched: Channel[Launched]) -> None:
+    """Part one: open the device on the stage's thread, then launch each envelope's call."""
+    assert ctx.device is not None
+    probe, join, to_host, call = ctx.probe, ctx.join is not None, ctx.to_host, ctx.call
+    try:
+        device: Device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
+        while (env := await next_live(ctx.inbox, ctx.ledger)) is not END:
+            args = env.payload if join else (env.payload,)
+            t0 = time.perf_counter()
+            probe.active += 1
+            try:
+                out, done = await worker.run(device.launch, (call, args, to_host))
+            except Exception as exc:
+                probe.active -= 1
+                ctx.fail(env.requests, exc)
+                continue
+            await launched.send(Launched(env, out, done, t0))  # at most max_inflight on streams
+    finally:
+        launched.close()
+
+
+async def run_complete(
+    ctx: StageContext, waiter: ThreadWorker | None, launched: Channel[Launched], counts: bool
+) -> None:
+    """Part two: await each call's completion in launch order, then send its output on.
+
+    ``counts``: count items and calls here (a batching stage counts when it runs instead)."""
+    probe = ctx.probe
+    try:
+        while (job := await launched.next()) is not END:
+            env, out, done, t0 = job
+            if not done.done:  # a non-blocking query; the blocking wait is the waiter's
+                assert waiter is not None
+                try:
+                    await waiter.run(done.wait, ())
+                except Exception as exc:  # an asynchronous CUDA error surfaces here
+                    probe.active -= 1
+                    ctx.fail(env.requests, exc)
+                    continue
+            done.release()
+            probe.active -= 1
+            # From launch to completion: on a device, calls in flight overlap, so busy time can
+            # exceed wall time per worker (a busy fraction above 1 means overlap).
+            probe.timed_call(time.perf_counter() - t0, len(env.requests))
+            if counts:
+                probe.items += len(env.requests)
+                probe.batches += 1
+            env.payload = out
+            await ctx.outbox.send(env)
+    finally:
+        ctx.outbox.sender_done()

@@ -1,0 +1,72 @@
+"""Plain stages: one call per envelope, on the loop, inline, on the stage's threads, or on Ray.
+
+The hot path of the runtime: one receive, one liveness check, one call and one send per item.
+The executor was chosen once, as ``invoke``; loop and inline stages time one call in
+``LOOP_SAMPLE`` (timing costs more than such a call), the others every call.
+"""
+
+from __future__ import annotations
+
+import time
+from types import CoroutineType
+
+from anyio import WouldBlock
+
+from ...channels import EMPTY, END
+from ...executors import Invoke, returned_coroutine
+from ..context import StageContext
+
+__all__ = ["run_plain"]
+
+
+async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) -> None:
+    """Run one worker of a plain stage until its inbox ends.
+
+    ``sample``: calls between timed calls (0: time every call); ``sync``: the function is sync
+    (a coroutine it returns is a mistake, reported as such).
+    """
+    inbox, outbox, ledger, probe = ctx.inbox, ctx.outbox, ctx.ledger, ctx.probe
+    poll, wait_next, live = inbox.poll, inbox.next, ledger.live
+    single, now = outbox.single, time.perf_counter
+    tick = 0
+    try:
+        while True:
+            env = poll()
+            if env is EMPTY:
+                env = await wait_next()
+            if env is END:
+                return
+            reqs = env.requests
+            # Inlined for the common case (one live request); ledger.live does the rest.
+            if (len(reqs) != 1 or reqs[0].future.done()) and not live(env):
+                continue
+            tick -= 1
+            try:
+                if tick >= 0 and probe.observe is None:
+                    out = await invoke(env.payload)
+                else:
+                    tick = sample
+                    t0 = now()
+                    probe.active += 1
+                    try:
+                        out = await invoke(env.payload)
+                    finally:
+                        probe.active -= 1
+                    probe.timed_call(now() - t0, len(env.requests))
+                if sync and type(out) is CoroutineType:
+                    raise returned_coroutine(ctx.name, out)
+            except Exception as exc:
+                ctx.fail(env.requests, exc)
+                continue
+            probe.items += len(env.requests)
+            probe.batches += 1
+            env.payload = out
+            if single is not None:
+                try:
+                    single.send_nowait(env)
+                    continue
+                except WouldBlock:
+                    pass
+            await outbox.send(env)
+    finally:
+        outbox.sender_done()

@@ -1,0 +1,153 @@
+"""Snapshots of what a running pipeline has done: ``pipe.stats()``.
+
+``stats()`` returns a :class:`PipelineStats`: a read-only mapping from stage name to
+:class:`StageStats`, with the pipeline-wide request outcomes as attributes. Counts add up:
+``admitted == completed + failed + cancelled + in_flight``. Built from the runtime's read-only
+:class:`~asyncnn.runtime.RuntimeView`; exporters (``asyncnn.metrics``) take any :class:`HasStats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from .runtime import RuntimeView
+
+__all__ = ["HasStats", "PipelineStats", "StageStats", "snapshot"]
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """One stage's figures since the pipeline started.
+
+    ``items`` counts requests the stage finished, ``batches`` the calls of its function (for a
+    batching stage: the batches it formed and ran; ``retries`` counts apart the re-runs of parts
+    of a failed batch), ``failures`` the calls that raised; ``queue_depth``/``peak_queue_depth``
+    describe its input. A batching stage also counts ``rows`` and why each batch was released:
+    ``released_full`` (max_size reached), ``released_delay`` (max_delay passed),
+    ``released_drain`` (the pipeline was closing).
+
+    ``busy_fraction``: the share of its workers' time spent inside calls since the pipeline
+    started (on a GPU stage, overlapping batches can push it above 1); ``blocked_seconds``: time
+    its workers waited for room downstream (backpressure); ``latency_p50/p90/p99``: seconds per
+    call, from a compact histogram; ``running``: calls in progress now.
+    """
+
+    name: str
+    runs_on: str
+    workers: int
+    items: int
+    batches: int
+    failures: int
+    queue_depth: int
+    peak_queue_depth: int
+    queue_capacity: int
+    rows: int = 0
+    retries: int = 0
+    released_full: int = 0
+    released_delay: int = 0
+    released_drain: int = 0
+    busy_fraction: float = 0.0
+    blocked_seconds: float = 0.0
+    latency_p50: float = 0.0
+    latency_p90: float = 0.0
+    latency_p99: float = 0.0
+    running: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Mean rows per batch for a batching stage; mean requests per call otherwise."""
+        if not self.batches:
+            return 0.0
+        return (self.rows or self.items) / self.batches
+
+
+class PipelineStats(Mapping[str, StageStats]):
+    """Per-stage snapshots by name, plus ``admitted``, ``completed``, ``failed``, ``cancelled``
+    and ``in_flight`` for the whole pipeline."""
+
+    def __init__(
+        self,
+        stages: dict[str, StageStats],
+        *,
+        admitted: int,
+        completed: int,
+        failed: int,
+        cancelled: int,
+        in_flight: int,
+    ) -> None:
+        self._stages = stages
+        self.admitted = admitted
+        self.completed = completed
+        self.failed = failed
+        self.cancelled = cancelled
+        self.in_flight = in_flight
+
+    def __getitem__(self, name: str) -> StageStats:
+        try:
+            return self._stages[name]
+        except KeyError:
+            raise KeyError(f"no stage named {name!r}; stages are {list(self._stages)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stages)
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    def __repr__(self) -> str:
+        return (
+            f"<PipelineStats admitted={self.admitted} completed={self.completed} "
+            f"failed={self.failed} cancelled={self.cancelled} in_flight={self.in_flight} "
+            f"stages={list(self._stages)}>"
+        )
+
+
+def _busy(timed_seconds: float, timed: int, calls: int) -> float:
+    # Loop stages time a sample of their calls: the sample's mean stands for every call.
+    return timed_seconds / timed * max(calls, timed) if timed else 0.0
+
+
+class HasStats(Protocol):
+    """Anything with a ``stats()`` snapshot (a ``Pipeline``): what metrics exporters take."""
+
+    def stats(self) -> PipelineStats: ...
+
+
+def snapshot(view: RuntimeView) -> PipelineStats:
+    """``stats()`` from the runtime's read-only view."""
+    stages: dict[str, StageStats] = {}
+    for s in view.stages:
+        calls = s.batches + s.failures + s.retries
+        busy = _busy(s.busy, s.timed, calls) / (view.elapsed * s.workers) if view.elapsed else 0.0
+        stages[s.name] = StageStats(
+            name=s.name,
+            runs_on=s.runs_on,
+            workers=s.workers,
+            items=s.items,
+            batches=s.batches,
+            failures=s.failures,
+            queue_depth=s.inbox.depth,
+            peak_queue_depth=s.inbox.peak_depth,
+            queue_capacity=s.inbox.capacity,
+            rows=s.rows,
+            retries=s.retries,
+            released_full=s.released["full"],
+            released_delay=s.released["delay"],
+            released_drain=s.released["drain"],
+            busy_fraction=busy,
+            blocked_seconds=s.blocked,
+            latency_p50=s.latency[0],
+            latency_p90=s.latency[1],
+            latency_p99=s.latency[2],
+            running=s.running,
+        )
+    return PipelineStats(
+        stages,
+        admitted=view.admitted,
+        completed=view.completed,
+        failed=view.failed,
+        cancelled=view.cancelled,
+        in_flight=view.in_flight,
+    )
