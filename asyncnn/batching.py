@@ -36,13 +36,11 @@ class Request:
     """One admitted request. ``future`` is its single outcome; once it is done the request is dead
     and every stage boundary drops it (this is how caller cancellation reaches the pipeline)."""
 
-    __slots__ = ("future", "id", "parked")
+    __slots__ = ("future", "id")
 
     def __init__(self, rid: int, future: asyncio.Future[Any]) -> None:
         self.id = rid
         self.future = future
-        # Join states holding a partial result of this request; released when it ends early.
-        self.parked: list[Any] | None = None
 
     def __repr__(self) -> str:
         f = self.future

@@ -4,7 +4,7 @@ Kinds: ``stage_started``, ``batch_formed`` (size, reason: full/delay/drain), ``b
 (size, seconds), ``request_failed`` (error, requests), ``backpressure`` (seconds blocked),
 ``stall`` (where the oldest request is held), ``pipeline_closed`` (the request counts).
 
-Emitting costs nothing but an attribute check while nobody listens: the scheduler only calls the
+Emitting costs nothing but an attribute check while nobody listens: the runtime only calls the
 bus when a subscription exists. Sync callbacks run inline on the event loop (keep them short);
 ``listen()`` gives an async iterator with a bounded buffer that drops the oldest events when
 its reader falls behind (and counts them), so a slow listener never slows the pipeline.
@@ -153,7 +153,7 @@ class Listener:
 
 class EventBus:
     """Subscribers of one pipeline. ``on_change(active)`` tells the pipeline whether anyone is
-    listening, so the scheduler can skip building events altogether."""
+    listening, so the runtime can skip building events altogether."""
 
     def __init__(self, on_change: Callable[[Callable[..., None] | None], None]) -> None:
         self._subs: list[Subscription] = []

@@ -33,7 +33,7 @@ def is_module(fn: object) -> bool:
 
 
 def prepare_call(fn: Callable[..., Any], runs_on: str) -> Callable[..., Any]:
-    """The callable the scheduler invokes for a stage: modules on threads run in inference mode."""
+    """The callable the runtime invokes for a stage: modules on threads run in inference mode."""
     if is_module(fn) and runs_on == "thread":
         import torch
 

@@ -54,7 +54,7 @@ class PlanNode:
 
 @dataclass(frozen=True)
 class Plan:
-    """A validated graph in topological order; what the scheduler runs."""
+    """A validated graph in topological order; what the runtime runs."""
 
     nodes: tuple[PlanNode, ...]
     outputs: tuple[int, ...]  # plan indices, -1 for the graph input
@@ -123,7 +123,7 @@ class Graph:
         return g
 
     def validate(self) -> Plan:
-        """Check the structure and return the plan the scheduler runs.
+        """Check the structure and return the plan the runtime runs.
 
         Raises:
             GraphError: no input, no output, no stages, a stage with no inputs, a node from another

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from .channels import END, Channel
+from .channels import EMPTY, END, Channel
 
 __all__ = ["OrderedWindow", "UnorderedWindow", "stream"]
 
@@ -26,13 +26,24 @@ class OrderedWindow:
 
     def __init__(self, size: int) -> None:
         self._pending: Channel[asyncio.Future[Any]] = Channel(size, "stream")
+        self._abandoned = False
 
-    async def admit(self, submit: Submit, x: Any) -> None:
+    async def admit(self, submit: Submit, x: Any) -> bool:
+        """Submit ``x`` once there is room; False (and nothing left running) once abandoned."""
         await self._pending.wait_room()
-        self._pending.send_nowait(await submit(x))
+        fut = await submit(x)
+        if self._abandoned:  # the consumer left while we submitted: nobody will read it
+            fut.cancel()
+            return False
+        self._pending.send_nowait(fut)
+        return True
 
     def feeding_done(self) -> None:
         self._pending.close()
+
+    def poll(self) -> Any:
+        """The next future now, ``EMPTY`` when none is due yet, or ``END``."""
+        return self._pending.poll()
 
     async def next(self) -> Any:
         """The next future, or ``END`` once feeding is done and every future was taken."""
@@ -40,6 +51,7 @@ class OrderedWindow:
 
     def abandon(self) -> list[asyncio.Future[Any]]:
         """The futures not taken yet (the consumer left early: cancel them)."""
+        self._abandoned = True
         return self._pending.drain_nowait()
 
 
@@ -51,12 +63,17 @@ class UnorderedWindow:
         self._slots = asyncio.Semaphore(size)
         self._outstanding: set[asyncio.Future[Any]] = set()  # admitted, not yet done
         self._feeding = True
+        self._abandoned = False
 
-    async def admit(self, submit: Submit, x: Any) -> None:
+    async def admit(self, submit: Submit, x: Any) -> bool:
         await self._slots.acquire()
         fut = await submit(x)
+        if self._abandoned:
+            fut.cancel()
+            return False
         self._outstanding.add(fut)
         fut.add_done_callback(self._on_done)
+        return True
 
     def _on_done(self, fut: asyncio.Future[Any]) -> None:
         self._outstanding.discard(fut)
@@ -70,6 +87,12 @@ class UnorderedWindow:
         if not self._outstanding:
             self._done.close()  # else the last completion closes it
 
+    def poll(self) -> Any:
+        fut = self._done.poll()
+        if fut is not EMPTY and fut is not END:
+            self._slots.release()
+        return fut
+
     async def next(self) -> Any:
         fut = await self._done.next()
         if fut is not END:
@@ -77,6 +100,7 @@ class UnorderedWindow:
         return fut
 
     def abandon(self) -> list[asyncio.Future[Any]]:
+        self._abandoned = True
         return [*self._done.drain_nowait(), *self._outstanding]
 
 
@@ -98,10 +122,12 @@ async def stream(
             try:
                 if isinstance(inputs, AsyncIterable):
                     async for x in inputs:
-                        await window.admit(submit, x)
+                        if not await window.admit(submit, x):
+                            break
                 else:
                     for x in inputs:
-                        await window.admit(submit, x)
+                        if not await window.admit(submit, x):
+                            break
             except Exception as exc:
                 feed_error.append(exc)
             finally:
@@ -109,7 +135,12 @@ async def stream(
 
     start_feeder(feed, scope)
     try:
-        while (fut := await window.next()) is not END:
+        while True:
+            fut = window.poll()  # the fast path: no suspension while results are ready
+            if fut is EMPTY:
+                fut = await window.next()
+            if fut is END:
+                break
             if return_exceptions:
                 try:
                     yield await fut

@@ -4,7 +4,7 @@ import anyio
 import pytest
 from anyio import ClosedResourceError, EndOfStream, WouldBlock, wait_all_tasks_blocked
 
-from asyncnn.channels import Channel
+from asyncnn.channels import EMPTY, END, Channel
 
 
 async def test_fifo_and_bound():
@@ -93,3 +93,41 @@ async def test_cancelled_waiter_passes_its_wakeup_on():
 def test_bad_capacity():
     with pytest.raises(ValueError, match="capacity"):
         Channel(0)
+
+
+# -- counted senders and the poll/next pair -------------------------------------------------
+
+
+async def test_the_last_sender_closes_the_channel():
+    ch = Channel[int](4, "counted")
+    ch.add_senders(2)
+    ch.send_nowait(1)
+    ch.sender_done()
+    assert not ch.closed
+    ch.send_nowait(2)
+    ch.sender_done()
+    assert ch.closed
+    assert [ch.poll(), await ch.next(), ch.poll(), await ch.next()] == [1, 2, END, END]
+
+
+async def test_poll_says_empty_and_next_waits_for_an_item():
+    ch = Channel[int](1)
+    assert ch.poll() is EMPTY
+    got = []
+
+    async def take():
+        got.append(await ch.next())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await wait_all_tasks_blocked()
+        assert got == []
+        ch.send_nowait(5)
+    assert got == [5]
+
+
+def test_holds_finds_a_buffered_item():
+    ch = Channel[int](3)
+    ch.send_nowait(1)
+    ch.send_nowait(2)
+    assert ch.holds(lambda x: x == 2) and not ch.holds(lambda x: x == 3)

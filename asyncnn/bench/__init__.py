@@ -1,6 +1,6 @@
 """``python -m asyncnn.bench``: asyncnn against plain baselines, side by side, in one run.
 
-See ``python -m asyncnn.bench --help`` and ``shared/BENCH.md`` for the protocol.
+See ``python -m asyncnn.bench --help`` and BENCHMARKS.md for the protocol and the figures.
 """
 
 from __future__ import annotations

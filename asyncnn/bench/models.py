@@ -1,4 +1,4 @@
-"""The bench's models: the MLP of BENCH.md and a user's own model from ``--model``."""
+"""The bench's models: the serving and overlap MLP, and a user's own model from ``--model``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["bench_mlp", "load_user_model"]
 
 
 def bench_mlp(width: int = 512, hidden: int = 2048) -> nn.Module:
-    """MLP 512→2048→2048→512 with ReLU, in eval mode (BENCH.md's serving/overlap model)."""
+    """MLP 512→2048→2048→512 with ReLU, in eval mode (the serving and overlap workloads' model)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(width, hidden),

@@ -255,7 +255,7 @@ def gpu(ctx: Context) -> list[Row]:
     h2d = statistics.median(p[0] for p in parts)
     comp = statistics.median(p[1] for p in parts)
     d2h = statistics.median(p[2] for p in parts)
-    # BENCH.md's bound, max(copy, compute), with copy = upload + download of one batch.
+    # The bound, max(copy, compute), with copy = upload + download of one batch.
     bound = 1.0 / max(h2d + d2h, comp)
     seq = summarize(
         "gpu",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...batching import Envelope, concat_rows, split_rows
-from ...channels import END, Channel
+from ...channels import EMPTY, END, Channel
 from ..context import Outbox, StageContext
 from ..joins import PartTable
 from ..ledger import Ledger
@@ -18,7 +18,12 @@ async def run_input(
 ) -> None:
     """Between admission and the first stages: micro-batch splitting and input fan-out."""
     try:
-        while (env := await admission.next()) is not END:
+        while True:
+            env = admission.poll()
+            if env is EMPTY:
+                env = await admission.next()
+            if env is END:
+                return
             if microbatch is None:
                 await outbox.send(env)
                 continue
@@ -62,13 +67,19 @@ async def run_sink(
     """Output ``port`` of the pipeline: match the outputs (``outputs``, when ``ports`` > 1)
     and the micro-batch chunks (``chunks``) of each request, then end it with its result.
     ``done`` counts the sinks: it closes when the last one leaves (the graph has drained)."""
+    alive, complete = ledger.alive, ledger.complete
     try:
-        while (env := await ch.next()) is not END:
+        while True:
+            env = ch.poll()
+            if env is EMPTY:
+                env = await ch.next()
+            if env is END:
+                return
             payload, parts = env.payload, env.parts
             for k, req in enumerate(env.requests):
                 if parts is not None:
                     payload = parts[k]
-                if not ledger.alive(req):
+                if not alive(req):
                     continue
                 result: Any = payload
                 if outputs is not None:
@@ -86,6 +97,6 @@ async def run_sink(
                     except Exception as exc:
                         ledger.fail(req, exc)
                         continue
-                ledger.complete(req, result)
+                complete(req, result)
     finally:
         done.sender_done()

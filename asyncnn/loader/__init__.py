@@ -1,0 +1,175 @@
+"""Async data loading: fetch samples concurrently, collate them into batches, feed pipelines.
+
+``AsyncLoader`` replaces a ``torch.utils.data.DataLoader``'s worker processes with concurrency on
+one event loop: ``async`` fetches (network, object storage, databases) run on the loop, up to
+``concurrency`` at once; a sync ``__getitem__`` runs on a small set of dedicated threads.
+Collation, pinning and the early host-to-device copy run on a collate thread, never on the loop.
+Batches are prepared ahead of the consumer by a producer task, ``prefetch`` of them and no more.
+Memory is bounded: at most ``max(concurrency, batch_size) + prefetch * batch_size`` samples are
+fetched (or being fetched) and not yet handed to the consumer.
+
+The package: ``plan`` (source kinds, indices, batches; sync), ``reorder`` (samples back into
+batches; sync), ``flow`` (slots and chunked reads), ``epoch`` (one pass: producer and consumer),
+and this facade.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Literal
+
+import torch
+
+from ..devices import parse_device
+from ..errors import check_whole
+from .config import LoaderConfig, LoaderCounters, LoaderStats
+from .epoch import Epoch
+from .plan import source_kind
+
+__all__ = ["AsyncLoader", "LoaderStats"]
+
+
+class AsyncLoader:
+    """Load samples concurrently and yield collated batches.
+
+    Args:
+        source: a map-style dataset (``__len__`` + ``__getitem__``, sync or ``async def``), a sync
+            iterable of samples, an async iterable of samples, or a ``torch.utils.data.DataLoader``
+            (its batches are passed through).
+        batch_size: samples per batch (>= 1).
+        concurrency: the most fetches in flight at once (map-style sources).
+        prefetch: batches kept ready ahead of the consumer, and no more.
+        shuffle: a new random order each epoch (map-style); seeded by ``generator``.
+        drop_last: drop the last batch when it is smaller than ``batch_size``.
+        collate: builds a batch from a list of samples (default: torch's ``default_collate``).
+        pin_memory: collate into pinned (page-locked) host memory, for fast copies to a GPU.
+        device: copy each batch to this device (e.g. ``"cuda:0"``) on a copy stream as soon as it
+            is ready, ahead of the consumer.
+        ordered: yield batches in sampler order (default) although fetches finish out of order;
+            ``False`` yields batches as they fill, for the highest throughput.
+        sampler: an iterable of indices (map-style) used instead of ``range`` or ``shuffle``.
+        generator: a ``torch.Generator`` for ``shuffle`` (as in ``DataLoader``).
+        fetch: ``async def fetch(index)`` used instead of ``source[index]``.
+        on_error: ``"raise"`` (default: a ``LoaderError`` naming the index, cause chained) or
+            ``"skip"`` (leave the sample out and count it in ``stats().skipped``; map-style).
+        threads: threads for a sync ``__getitem__`` (default ``min(concurrency, 8)``).
+
+    Leaving an ``async for`` early cancels the fetches in flight once the abandoned epoch is
+    closed; ``async with contextlib.aclosing(aiter(loader)) as batches:`` closes it at once.
+
+    Example::
+
+        loader = AsyncLoader(dataset, batch_size=64, concurrency=64, shuffle=True)
+        async for batch in loader:
+            ...
+        async for y in pipe.stream(loader):   # a loader feeds a pipeline
+            ...
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int = 64,
+        concurrency: int = 64,
+        prefetch: int = 2,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        collate: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+        ordered: bool = True,
+        *,
+        sampler: Iterable[int] | None = None,
+        generator: torch.Generator | None = None,
+        fetch: Callable[[int], Any] | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+        threads: int | None = None,
+    ) -> None:
+        check_whole(batch_size, "AsyncLoader: batch_size")
+        check_whole(concurrency, "AsyncLoader: concurrency")
+        check_whole(prefetch, "AsyncLoader: prefetch", 0)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"AsyncLoader: on_error={on_error!r}: use 'raise' or 'skip'")
+        if fetch is not None and not inspect.iscoroutinefunction(fetch):
+            raise TypeError("AsyncLoader: fetch must be an `async def fetch(index)`")
+        kind = source_kind(source, fetch)
+        if (shuffle or sampler is not None) and kind not in ("map", "async-map"):
+            raise ValueError(
+                f"AsyncLoader: shuffle/sampler need a map-style source (__len__ + __getitem__) "
+                f"or fetch=; this source is {kind}"
+            )
+        if shuffle and sampler is not None:
+            raise ValueError("AsyncLoader: pass shuffle=True or a sampler, not both")
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn(
+                "AsyncLoader(pin_memory=True): no accelerator here, so batches stay in pageable "
+                "memory; drop pin_memory on CPU-only machines",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            pin_memory = False
+        self.source = source
+        self.kind = kind
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.collate = collate if collate is not None else torch.utils.data.default_collate
+        self.pin_memory = pin_memory
+        self.device = None if device is None else parse_device(device, "AsyncLoader")
+        self.ordered = ordered
+        self.sampler = sampler
+        self.generator = generator
+        self.fetch = fetch
+        self.on_error = on_error
+        self.threads = threads if threads is not None else min(concurrency, 8)
+        self._counters = LoaderCounters()
+
+    def _config(self) -> LoaderConfig:
+        """The settings as they are now: one epoch runs on one snapshot of them."""
+        return LoaderConfig(**{f: getattr(self, f) for f in LoaderConfig.__dataclass_fields__})
+
+    @property
+    def buffer_bound(self) -> int:
+        """The most samples fetched (or being fetched) and not yet handed to the consumer."""
+        return max(self.concurrency, self.batch_size) + self.prefetch * self.batch_size
+
+    def __len__(self) -> int:
+        """Batches per epoch, where the source has a length."""
+        cfg = self._config()
+        if cfg.kind == "dataloader":
+            return len(cfg.source)
+        n: int
+        if cfg.sampler is not None and hasattr(cfg.sampler, "__len__"):
+            n = len(cfg.sampler)  # type: ignore[arg-type]
+        elif hasattr(cfg.source, "__len__"):
+            n = len(cfg.source)
+        else:
+            raise TypeError(f"AsyncLoader: this {cfg.kind} source has no length")
+        return n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+
+    def stats(self) -> LoaderStats:
+        c = self._counters
+        return LoaderStats(
+            epochs=c.epochs,
+            batches=c.batches,
+            samples=c.samples,
+            skipped=c.skipped,
+            peak_buffered=c.peak,
+            buffer_bound=self.buffer_bound,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncLoader {self.kind} batch_size={self.batch_size} "
+            f"concurrency={self.concurrency} prefetch={self.prefetch}>"
+        )
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """One epoch; each ``async for`` starts a new one (reshuffled when ``shuffle``)."""
+        self._counters.epochs += 1
+        return Epoch(self._config(), self._counters).batches()

@@ -1,0 +1,79 @@
+"""Flow control for an epoch: sample slots, and sources read in chunks as room allows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
+from typing import Any
+
+from ..executors import ThreadWorker
+from .plan import next_chunk
+
+__all__ = ["Slots", "async_chunks", "sync_chunks"]
+
+
+class Slots:
+    """A counting semaphore with a synchronous fast path and a bulk release."""
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_nowait(self) -> bool:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut  # resolved by give(), which already counted this slot as taken
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give(1)  # handed a slot while being cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # give() may have dropped it already
+                    self.waiters.remove(fut)
+            raise
+
+    def give(self, n: int) -> None:
+        self.free += n
+        while self.free > 0 and self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.free -= 1
+                fut.set_result(None)
+
+
+async def async_chunks(
+    source: AsyncIterable[Any], n: int, room: asyncio.Semaphore
+) -> AsyncGenerator[list[Any], None]:
+    """Lists of ``n`` samples (the last may be shorter); each begins once ``room`` allows."""
+    await room.acquire()
+    chunk: list[Any] = []
+    async for sample in source:
+        chunk.append(sample)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+            await room.acquire()
+    if chunk:
+        yield chunk
+
+
+async def sync_chunks(
+    it: Iterator[Any], n: int, room: asyncio.Semaphore, reader: ThreadWorker
+) -> AsyncGenerator[list[Any], None]:
+    """Lists of ``n`` samples read on the reader thread; each read begins once ``room`` allows."""
+    while True:
+        await room.acquire()
+        chunk = await reader.run(next_chunk, (it, n))
+        if not chunk:
+            return
+        yield chunk

@@ -1,0 +1,39 @@
+"""StageProbe: counts, timing and events, with a recording observer."""
+
+from asyncnn.runtime.probe import StageProbe
+
+
+def test_nothing_is_built_for_events_while_nobody_listens():
+    p = StageProbe("m")
+    p.timed_call(0.002, 3)
+    p.waited(0.5)
+    p.failed(ValueError("x"), 2)
+    p.formed(8, "full")
+    assert (p.busy, p.timed, p.blocked, p.failures) == (0.002, 1, 0.5, 1)
+    assert p.released == {"full": 1, "delay": 0, "drain": 0}
+    assert p.latency.total == 1
+
+
+def test_the_observer_gets_each_kind_with_its_fields():
+    seen = []
+    p = StageProbe("m")
+    p.observe = lambda kind, stage, **fields: seen.append((kind, stage, fields))
+    p.timed_call(0.25, 4)
+    p.waited(0.1)
+    p.failed(KeyError("k"), 3)
+    p.formed(16, "delay")
+    assert seen == [
+        ("batch_done", "m", {"size": 4, "seconds": 0.25}),
+        ("backpressure", "m", {"seconds": 0.1}),
+        ("request_failed", "m", {"error": "KeyError", "requests": 3}),
+        ("batch_formed", "m", {"size": 16, "reason": "delay"}),
+    ]
+
+
+def test_progress_grows_with_calls_failures_and_retries():
+    p = StageProbe("m")
+    before = p.progress()
+    p.batches += 1
+    p.failed(ValueError(), 1)
+    p.retries += 1
+    assert p.progress() == before + 3

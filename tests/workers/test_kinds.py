@@ -1,0 +1,155 @@
+"""The placed completer, the batch former, join collectors, the input task and the sinks."""
+
+import asyncio
+
+import anyio
+import torch
+
+from asyncnn import Batching
+from asyncnn.batching import Batch, Envelope
+from asyncnn.channels import Channel
+from asyncnn.runtime.joins import PartTable
+from asyncnn.runtime.workers.batched import run_former
+from asyncnn.runtime.workers.edges import run_collector, run_input, run_sink
+from asyncnn.runtime.workers.placed import Launched, run_complete
+from tests.workers.helpers import admit, drained, feed, make_ctx
+
+
+def ident(x):
+    return x
+
+
+class FakeCompletion:
+    """Not done until the test says so; ``wait`` is what the waiter thread would run."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.released = False
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self) -> None:  # never called on the loop: the fake waiter awaits the event
+        raise AssertionError
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeWaiter:
+    def run(self, fn, args):
+        return fn.__self__.event.wait()
+
+
+async def test_the_completer_keeps_launch_order_whatever_order_calls_finish_in():
+    ctx = make_ctx(ident)
+    launched = Channel[Launched](4)
+    first, second = FakeCompletion(), FakeCompletion()
+    reqs = [admit(ctx, i) for i in range(2)]
+    feed(launched, Launched(Envelope(None, [reqs[0]]), "A", first, 0.0), close=False)
+    launched.send_nowait(Launched(Envelope(None, [reqs[1]]), "B", second, 0.0))
+    launched.close()
+    ctx.outbox.open(1)
+    ctx.probe.active = 2
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_complete, ctx, FakeWaiter(), launched, True)
+        second.event.set()  # the second call finishes first
+        await anyio.wait_all_tasks_blocked()
+        assert len(ctx.outbox.channels[0]) == 0  # still waiting for the first
+        first.event.set()
+    out = drained(ctx.outbox.channels[0])
+    assert [e.payload for e in out] == ["A", "B"]
+    assert first.released and second.released
+    assert ctx.probe.active == 0 and ctx.probe.items == 2 and ctx.probe.timed == 2
+
+
+async def test_the_former_releases_full_batches_then_drains_on_a_manual_clock():
+    ctx = make_ctx(ident, batch=Batching(max_size=2, max_delay=10.0))
+    now = [0.0]
+    batches = Channel[Batch](8)
+    rows = [torch.zeros(1, 3) for _ in range(3)]
+    reqs = [admit(ctx, i) for i in range(3)]
+    reqs[2].future.cancel()  # dead before it is filed: never batched
+    feed(ctx.inbox, *(Envelope(x, [r]) for x, r in zip(rows, reqs, strict=True)))
+    await run_former(ctx, batches, clock=lambda: now[0])
+    got = drained(batches)
+    assert [(b.reason, [i.request.id for i in b.items]) for b in got] == [("full", [0, 1])]
+    assert ctx.probe.released == {"full": 1, "delay": 0, "drain": 0}
+    assert ctx.ledger.counters.cancelled == 1
+
+
+async def test_the_former_releases_on_delay_by_its_clock():
+    ctx = make_ctx(ident, batch=Batching(max_size=4, max_delay=1.0))
+    now = [0.0]
+    batches = Channel[Batch](8)
+    feed(ctx.inbox, Envelope(torch.zeros(1, 3), [admit(ctx, 0)]), close=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_former, ctx, batches, lambda: now[0])
+        await anyio.wait_all_tasks_blocked()
+        assert len(batches) == 0  # nothing due at t=0
+        now[0] = 5.0
+        ctx.inbox.send_nowait(Envelope(torch.zeros(1, 3), [admit(ctx, 1)]))  # wakes the former
+        await anyio.wait_all_tasks_blocked()
+        ctx.inbox.close()
+    (batch,) = drained(batches)
+    assert batch.reason == "delay" and [i.request.id for i in batch.items] == [0, 1]
+
+
+async def test_collectors_match_parts_by_request_and_the_last_one_closes_the_work():
+    ctx = make_ctx(lambda a, b: a, ports=2, name="join")
+    a, b, dead = (admit(ctx, i) for i in range(3))
+    dead.future.cancel()
+    feed(ctx.ports[0], Envelope("a0", [a]), Envelope("b0", [b]), Envelope("d0", [dead]))
+    feed(ctx.ports[1], Envelope("b1", [b]), Envelope("a1", [a]))
+    ctx.inbox.add_senders(2)
+    await run_collector(ctx, 0, ctx.ports[0])
+    assert not ctx.inbox.closed
+    await run_collector(ctx, 1, ctx.ports[1])
+    work = drained(ctx.inbox)
+    assert [(e.payload, e.requests) for e in work] == [(("b0", "b1"), [b]), (("a0", "a1"), [a])]
+    assert len(ctx.join) == 0 and ctx.ledger.counters.cancelled == 1
+
+
+async def test_the_input_task_splits_micro_batches_and_the_sink_reassembles_them():
+    from asyncnn.runtime.context import Outbox
+    from asyncnn.runtime.ledger import Ledger
+    from asyncnn.runtime.probe import StageProbe
+
+    led = Ledger()
+    admission, first = Channel(4, "input"), Channel(8, "first")
+    loop = asyncio.get_running_loop()
+    from asyncnn.batching import Request
+
+    req = Request(0, loop.create_future())
+    led.admit(req)
+    feed(admission, Envelope(torch.arange(5.0), [req]))
+    outbox = Outbox([first], [False], StageProbe("input"))
+    outbox.open(1)
+    await run_input(admission, outbox, led, microbatch=2)
+    chunks = drained(first)
+    assert [e.chunk for e in chunks] == [(0, 3), (1, 3), (2, 3)]
+    sink, done = Channel(8, "output[0]"), Channel[None](1, "sinks")
+    done.add_senders(1)
+    feed(sink, *reversed(chunks))  # chunks may arrive in any order
+    await run_sink(led, 0, sink, None, 1, PartTable(led), done)
+    assert torch.equal(req.future.result(), torch.arange(5.0))
+    assert done.closed and led.counters.completed == 1 and len(led) == 0
+
+
+async def test_a_sink_with_several_outputs_ends_a_request_once_all_arrived():
+    from asyncnn.batching import Request
+    from asyncnn.runtime.ledger import Ledger
+
+    led = Ledger()
+    req = Request(0, asyncio.get_running_loop().create_future())
+    led.admit(req)
+    outs, done = PartTable(led), Channel[None](1, "sinks")
+    ports = [Channel(4, "output[0]"), Channel(4, "output[1]")]
+    done.add_senders(2)
+    feed(ports[1], Envelope("right", [req]))
+    await run_sink(led, 1, ports[1], outs, 2, None, done)
+    assert not req.future.done() and not done.closed
+    feed(ports[0], Envelope("left", [req]))
+    await run_sink(led, 0, ports[0], outs, 2, None, done)
+    assert req.future.result() == ("left", "right") and done.closed
