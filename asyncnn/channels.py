@@ -110,12 +110,8 @@ class Channel(Generic[T]):
         buf.append(item)
         if len(buf) > self._peak:
             self._peak = len(buf)
-        getters = self._getters
-        while getters:
-            fut = getters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                break
+        if self._getters:
+            self._wake(self._getters)
 
     async def send(self, item: T) -> None:
         """Append ``item``, waiting while the channel is full (backpressure)."""
@@ -145,12 +141,8 @@ class Channel(Generic[T]):
         buf = self._buf
         if buf:
             item = buf.popleft()
-            putters = self._putters
-            while putters:
-                fut = putters.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                    break
+            if self._putters:
+                self._wake(self._putters)
             return item
         return END if self._closed else EMPTY
 
@@ -182,7 +174,7 @@ class Channel(Generic[T]):
         """Take every buffered item at once (used to fail what is left at a forced shutdown)."""
         items = list(self._buf)
         self._buf.clear()
-        self._wake_all(self._putters)
+        self._wake(self._putters, every=True)
         return items
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -191,8 +183,8 @@ class Channel(Generic[T]):
         """End the stream: receivers drain the buffer then see ``EndOfStream``; senders fail."""
         if not self._closed:
             self._closed = True
-            self._wake_all(self._getters)
-            self._wake_all(self._putters)
+            self._wake(self._getters, every=True)
+            self._wake(self._putters, every=True)
 
     def holds(self, match: Callable[[T], bool]) -> bool:
         """True when a buffered item matches (a scan: for diagnostics, not the hot path)."""
@@ -244,20 +236,15 @@ class Channel(Generic[T]):
         except asyncio.CancelledError:
             # A wake-up that raced with our cancellation must not be lost: hand it on.
             if fut.done() and not fut.cancelled():
-                self._wake_one(waiters)
+                self._wake(waiters)
             raise
 
     @staticmethod
-    def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
+    def _wake(waiters: deque[asyncio.Future[None]], every: bool = False) -> None:
+        """Wake the first live waiter (``every``: all of them)."""
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
-                return
-
-    @staticmethod
-    def _wake_all(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+                if not every:
+                    return

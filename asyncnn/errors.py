@@ -15,6 +15,11 @@ names the value and the fix; ``GraphError`` is also a ``ValueError`` so that eit
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = [
     "AsyncnnError",
     "GraphError",
@@ -23,6 +28,7 @@ __all__ = [
     "PipelineFull",
     "StageError",
     "check_whole",
+    "first_of",
 ]
 
 
@@ -75,3 +81,17 @@ def check_whole(value: object, label: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{label}={value!r} must be a whole number >= {low}")
     return value
+
+
+def first_of(
+    group: BaseExceptionGroup[BaseException], kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of one of ``kinds`` in ``group``, searching nested groups."""
+    for exc in group.exceptions:
+        if isinstance(exc, kinds):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_of(exc, kinds)
+            if found is not None:
+                return found
+    return None

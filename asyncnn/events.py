@@ -19,9 +19,20 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["KINDS", "Event", "EventBus", "Listener", "Subscription", "Watchdog", "describe_stall"]
+import anyio
+
+__all__ = [
+    "KINDS",
+    "Event",
+    "EventBus",
+    "Listener",
+    "Subscription",
+    "Watchdog",
+    "describe_stall",
+    "watch_stalls",
+]
 
 log = logging.getLogger("asyncnn")
 
@@ -277,3 +288,29 @@ def describe_stall(where: dict[str, Any], in_flight: int, timeout: float) -> str
         f"pipeline stalled: {in_flight} request(s) in flight and no progress for "
         f"{timeout:.1f}s; {detail}"
     )
+
+
+class Watched(Protocol):
+    """What the stall watchdog reads of a running graph (a ``Runtime``)."""
+
+    def progress(self) -> int: ...
+
+    def in_flight(self) -> int: ...
+
+    def locate_oldest(self) -> dict[str, Any] | None: ...
+
+
+async def watch_stalls(wd: Watchdog, graph: Watched, bus: EventBus) -> None:
+    """The stall watchdog's loop: looks every quarter timeout; reports each stall once, as a
+    logged warning and a ``stall`` event."""
+    while True:
+        await anyio.sleep(wd.timeout / 4)
+        if wd.check(time.monotonic(), graph.progress(), graph.in_flight()):
+            where = graph.locate_oldest() or {}
+            in_flight = graph.in_flight()
+            log.warning("asyncnn: %s", describe_stall(where, in_flight, wd.timeout))
+            if bus.active:
+                fields = {k: v for k, v in where.items() if k != "stage"}
+                bus.emit(
+                    "stall", where.get("stage"), seconds=wd.timeout, in_flight=in_flight, **fields
+                )

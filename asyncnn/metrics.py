@@ -37,72 +37,74 @@ def collector(pipe: HasStats) -> Any:
         from prometheus_client import REGISTRY
         REGISTRY.register(asyncnn.metrics.collector(pipe))
     """
+    _prometheus()  # fail now, not at the first scrape
+    return _Collector(pipe)
+
+
+def _prometheus() -> Any:
     try:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            SummaryMetricFamily,
-        )
+        from prometheus_client import core
     except ImportError as exc:
         raise ImportError(
             'asyncnn.metrics needs prometheus-client: pip install "asyncnn[prometheus]"'
         ) from exc
+    return core
 
-    class _Collector:
-        def describe(self) -> list[Any]:
-            return []  # metrics are only known at collect time; no duplicate check on register
 
-        def collect(self) -> Iterator[Any]:
-            st = pipe.stats()
-            counters = {
-                "items": ("asyncnn_stage_items", "Requests a stage finished"),
-                "batches": ("asyncnn_stage_batches", "Calls of a stage's function (batches)"),
-                "failures": ("asyncnn_stage_failures", "Calls of a stage that raised"),
-                "rows": ("asyncnn_stage_rows", "Rows in the batches a batching stage formed"),
-                "blocked_seconds": (
-                    "asyncnn_stage_backpressure_seconds",
-                    "Seconds a stage waited for room downstream",
-                ),
-            }
-            for attr, (name, doc) in counters.items():
-                fam = CounterMetricFamily(name, doc, labels=["stage"])
-                for s in st.values():
-                    fam.add_metric([s.name], float(getattr(s, attr)))
-                yield fam
-            gauges = {
-                "busy_fraction": ("asyncnn_stage_busy_ratio", "Share of worker time in calls"),
-                "queue_depth": ("asyncnn_stage_queue_depth", "Items waiting at a stage now"),
-                "peak_queue_depth": (
-                    "asyncnn_stage_queue_peak_depth",
-                    "Most items ever waiting at a stage",
-                ),
-            }
-            for attr, (name, doc) in gauges.items():
-                g = GaugeMetricFamily(name, doc, labels=["stage"])
-                for s in st.values():
-                    g.add_metric([s.name], float(getattr(s, attr)))
-                yield g
-            lat = SummaryMetricFamily(
-                "asyncnn_stage_latency_seconds", "Seconds per call of a stage", labels=["stage"]
-            )
+# Per-stage metrics: StageStats attribute -> (family, name after "asyncnn_stage_", help text).
+_STAGE_METRICS = {
+    "items": ("counter", "items", "Requests a stage finished"),
+    "batches": ("counter", "batches", "Calls of a stage's function (batches)"),
+    "failures": ("counter", "failures", "Calls of a stage that raised"),
+    "rows": ("counter", "rows", "Rows in the batches a batching stage formed"),
+    "blocked_seconds": ("counter", "backpressure_seconds", "Seconds waiting for room downstream"),
+    "busy_fraction": ("gauge", "busy_ratio", "Share of worker time in calls"),
+    "queue_depth": ("gauge", "queue_depth", "Items waiting at a stage now"),
+    "peak_queue_depth": ("gauge", "queue_peak_depth", "Most items ever waiting at a stage"),
+}
+
+
+class _Collector:
+    """Reads ``pipe.stats()`` at every scrape."""
+
+    def __init__(self, pipe: HasStats) -> None:
+        self._pipe = pipe
+
+    def describe(self) -> list[Any]:
+        return []  # metrics are only known at collect time; no duplicate check on register
+
+    def collect(self) -> Iterator[Any]:
+        core = _prometheus()
+        st = self._pipe.stats()
+        kinds = {"counter": core.CounterMetricFamily, "gauge": core.GaugeMetricFamily}
+        for attr, (kind, name, doc) in _STAGE_METRICS.items():
+            fam = kinds[kind](f"asyncnn_stage_{name}", doc, labels=["stage"])
             for s in st.values():
-                lat.add_sample(
-                    "asyncnn_stage_latency_seconds_count", {"stage": s.name}, float(s.batches)
-                )
-                for q, v in ((0.5, s.latency_p50), (0.9, s.latency_p90), (0.99, s.latency_p99)):
-                    lat.add_sample(
-                        "asyncnn_stage_latency_seconds", {"stage": s.name, "quantile": str(q)}, v
-                    )
-            yield lat
-            req = CounterMetricFamily("asyncnn_requests", "Requests by outcome", labels=["outcome"])
-            for outcome in ("admitted", "completed", "failed", "cancelled"):
-                req.add_metric([outcome], float(getattr(st, outcome)))
-            yield req
-            yield GaugeMetricFamily(
-                "asyncnn_requests_in_flight", "Requests admitted and not ended", value=st.in_flight
-            )
+                fam.add_metric([s.name], float(getattr(s, attr)))
+            yield fam
+        yield _latency(core, st)
+        req = core.CounterMetricFamily(
+            "asyncnn_requests", "Requests by outcome", labels=["outcome"]
+        )
+        for outcome in ("admitted", "completed", "failed", "cancelled"):
+            req.add_metric([outcome], float(getattr(st, outcome)))
+        yield req
+        yield core.GaugeMetricFamily(
+            "asyncnn_requests_in_flight", "Requests admitted and not ended", value=st.in_flight
+        )
 
-    return _Collector()
+
+def _latency(core: Any, st: PipelineStats) -> Any:
+    lat = core.SummaryMetricFamily(
+        "asyncnn_stage_latency_seconds", "Seconds per call of a stage", labels=["stage"]
+    )
+    for s in st.values():
+        lat.add_sample("asyncnn_stage_latency_seconds_count", {"stage": s.name}, float(s.batches))
+        for q, v in ((0.5, s.latency_p50), (0.9, s.latency_p90), (0.99, s.latency_p99)):
+            lat.add_sample(
+                "asyncnn_stage_latency_seconds", {"stage": s.name, "quantile": str(q)}, v
+            )
+    return lat
 
 
 class PrometheusServer:

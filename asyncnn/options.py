@@ -6,11 +6,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .batching import PayloadTooDeep, count_rows
 from .errors import AsyncnnError, GraphError, check_whole
 from .graph import Graph, Plan
 from .stage import Stage, is_module
 
-__all__ = ["PipelineOptions", "as_plan", "check_devices", "options"]
+__all__ = ["PipelineOptions", "as_plan", "check_devices", "check_request_rows", "options"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,20 @@ def check_devices(stages: Iterable[Stage]) -> None:
                 f"stage {stage.name!r} is placed on {str(dev)!r} but this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s)"
             )
+
+
+def check_request_rows(x: Any, limit: int | None, microbatch: int | None) -> None:
+    """A request's rows against ``max_request_rows``; micro-batched requests must have rows."""
+    try:
+        rows = count_rows(x)
+    except PayloadTooDeep:
+        raise
+    except (TypeError, ValueError) as exc:
+        if microbatch is not None:
+            raise type(exc)(f"microbatch={microbatch}: {exc}") from None
+        return  # non-tensor payloads have no rows to cap
+    if limit is not None and rows > limit:
+        raise ValueError(
+            f"request of {rows} rows refused: max_request_rows={limit}; split it into "
+            f"requests of at most {limit} rows, or raise max_request_rows"
+        )

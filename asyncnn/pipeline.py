@@ -12,18 +12,17 @@ import itertools
 import logging
 import math
 import sys
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 
-from .batching import PayloadTooDeep, Request, count_rows
-from .errors import AsyncnnError, PipelineClosed, PipelineFull
-from .events import EventBus, Watchdog, describe_stall
+from .batching import Request
+from .errors import AsyncnnError, PipelineClosed, PipelineFull, first_of
+from .events import EventBus, Watchdog, watch_stalls
 from .graph import Graph, to_dot, to_mermaid
-from .options import check_devices, options
+from .options import check_devices, check_request_rows, options
 from .partition import layer_stages
 from .runtime import Runtime
 from .stage import Stage
@@ -130,26 +129,6 @@ class Pipeline:
         # The bus turns the stages' event hooks on while someone listens.
         self._runtime.set_observer(emit)
 
-    async def _watch(self) -> None:
-        """The stall watchdog: looks every quarter timeout; reports each stall once."""
-        wd = self._watchdog
-        assert wd is not None
-        rt = self._runtime
-        while True:
-            await anyio.sleep(wd.timeout / 4)
-            if wd.check(time.monotonic(), rt.progress(), len(rt.ledger)):
-                self._report_stall(wd.timeout)
-
-    def _report_stall(self, timeout: float) -> None:
-        where = self._runtime.locate_oldest() or {}
-        in_flight = len(self._runtime.ledger)
-        log.warning("asyncnn: %s", describe_stall(where, in_flight, timeout))
-        if self.events.active:
-            fields = {k: v for k, v in where.items() if k != "stage"}
-            self.events.emit(
-                "stall", where.get("stage"), seconds=timeout, in_flight=in_flight, **fields
-            )
-
     @classmethod
     def from_module(
         cls,
@@ -238,7 +217,7 @@ class Pipeline:
         self._tg = tg
         self._state = "running"
         if self._watchdog is not None:
-            sup.spawn("watchdog", self._watch)
+            sup.spawn("watchdog", watch_stalls, self._watchdog, rt, self.events)
         if self.events.active:
             for stage in self.stages:
                 self.events.emit("stage_started", stage.name)
@@ -272,7 +251,7 @@ class Pipeline:
         except BaseExceptionGroup as group:
             # A stage raised KeyboardInterrupt or SystemExit: hand it on as itself, not inside
             # a group, so that the interpreter stops (or exits) as the user meant.
-            urgent = _first_of(group, (KeyboardInterrupt, SystemExit))
+            urgent = first_of(group, (KeyboardInterrupt, SystemExit))
             if urgent is not None:
                 raise urgent from None
             raise
@@ -349,26 +328,10 @@ class Pipeline:
     def _admit(self, x: Any) -> asyncio.Future[Any]:
         # Callers checked that the pipeline runs and admission has room.
         if self._check_rows:
-            self._check_request(x)
+            check_request_rows(x, self.max_request_rows, self.microbatch)
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
         self._runtime.admit(req, x)
         return req.future
-
-    def _check_request(self, x: Any) -> None:
-        limit = self.max_request_rows
-        try:
-            rows = count_rows(x)
-        except PayloadTooDeep:
-            raise
-        except (TypeError, ValueError) as exc:
-            if self.microbatch is not None:
-                raise type(exc)(f"microbatch={self.microbatch}: {exc}") from None
-            return  # non-tensor payloads have no rows to cap
-        if limit is not None and rows > limit:
-            raise ValueError(
-                f"request of {rows} rows refused: max_request_rows={limit}; split it into "
-                f"requests of at most {limit} rows, or raise max_request_rows"
-            )
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
@@ -444,16 +407,3 @@ class Pipeline:
                 self._feeders.discard(scope)
 
         self._tg.start_soon(run, name="asyncnn:stream-feed")
-
-
-def _first_of(
-    group: BaseExceptionGroup[BaseException], kinds: tuple[type[BaseException], ...]
-) -> BaseException | None:
-    for exc in group.exceptions:
-        if isinstance(exc, kinds):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_of(exc, kinds)
-            if found is not None:
-                return found
-    return None

@@ -63,26 +63,17 @@ class StageStats:
         return (self.rows or self.items) / self.batches
 
 
+@dataclass(frozen=True, eq=False)
 class PipelineStats(Mapping[str, StageStats]):
     """Per-stage snapshots by name, plus ``admitted``, ``completed``, ``failed``, ``cancelled``
     and ``in_flight`` for the whole pipeline."""
 
-    def __init__(
-        self,
-        stages: dict[str, StageStats],
-        *,
-        admitted: int,
-        completed: int,
-        failed: int,
-        cancelled: int,
-        in_flight: int,
-    ) -> None:
-        self._stages = stages
-        self.admitted = admitted
-        self.completed = completed
-        self.failed = failed
-        self.cancelled = cancelled
-        self.in_flight = in_flight
+    _stages: dict[str, StageStats]
+    admitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    in_flight: int
 
     def __getitem__(self, name: str) -> StageStats:
         try:
@@ -144,10 +135,5 @@ def snapshot(view: RuntimeView) -> PipelineStats:
             running=s.running,
         )
     return PipelineStats(
-        stages,
-        admitted=view.admitted,
-        completed=view.completed,
-        failed=view.failed,
-        cancelled=view.cancelled,
-        in_flight=view.in_flight,
+        stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight
     )

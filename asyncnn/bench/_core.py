@@ -22,6 +22,8 @@ __all__ = [
     "Measure",
     "Row",
     "Workload",
+    "against",
+    "bounded",
     "environment",
     "percentile",
     "run_on_loop",
@@ -173,6 +175,20 @@ def format_stages(stage_stats: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"{s['latency_p99'] * 1e3:.2f} | {s['peak_queue_depth']}/{s['queue_capacity']} |"
             )
     return "\n".join(lines)
+
+
+def bounded(rows: Sequence[Row], bound: float, note: str) -> None:
+    """Each row's throughput as a fraction of ``bound`` (a rate), with the same note."""
+    for row in rows:
+        row.bound = row.rate / bound
+        row.note = note
+
+
+def against(row: Row, base: Row, label: str) -> float:
+    """``row``'s throughput over ``base``'s, recorded on ``row``; returns the ratio."""
+    row.ratio = row.rate / base.rate
+    row.ratio_label = label
+    return row.ratio
 
 
 def verdict(ok: bool) -> str:

@@ -18,6 +18,8 @@ from ._core import (
     Context,
     Measure,
     Row,
+    against,
+    bounded,
     interleave,
     record_stages,
     run_on_loop,
@@ -144,18 +146,14 @@ def overlap(ctx: Context) -> list[Row]:
     bound = 1.0 / max(READ_S, compute, WRITE_S)
     rows = [summarize("overlap", name, ctx.loop, runs[name], unit="batches/s") for name in systems]
     seq, hand, ours = rows
-    for row in rows:
-        row.bound = row.rate / bound
-        row.note = (
-            f"compute {compute * 1e3:.1f} ms, read {READ_S * 1e3:.0f} ms, "
-            f"write {WRITE_S * 1e3:.0f} ms"
-        )
-    hand.ratio = hand.rate / seq.rate
-    hand.ratio_label = "vs sequential"
-    ours.ratio = ours.rate / hand.rate
-    ours.ratio_label = "vs hand-written"
+    note = (
+        f"compute {compute * 1e3:.1f} ms, read {READ_S * 1e3:.0f} ms, write {WRITE_S * 1e3:.0f} ms"
+    )
+    bounded(rows, bound, note)
+    against(hand, seq, "vs sequential")
+    ratio = against(ours, hand, "vs hand-written")
     ours.target = ">= 0.95x hand-written, >= 0.85 bound"
-    ours.verdict = verdict(ours.ratio >= 0.95 and ours.bound is not None and ours.bound >= 0.85)
+    ours.verdict = verdict(ratio >= 0.95 and ours.rate / bound >= 0.85)
     return rows
 
 
@@ -257,24 +255,13 @@ def gpu(ctx: Context) -> list[Row]:
     d2h = statistics.median(p[2] for p in parts)
     # The bound, max(copy, compute), with copy = upload + download of one batch.
     bound = 1.0 / max(h2d + d2h, comp)
-    seq = summarize(
-        "gpu",
-        "sequential pinned non_blocking",
-        ctx.loop,
-        runs["sequential pinned non_blocking"],
-        unit="batches/s",
+    seq, ours = (summarize("gpu", name, ctx.loop, m, unit="batches/s") for name, m in runs.items())
+    note = (
+        f"h2d {h2d * 1e3:.2f} ms, compute {comp * 1e3:.2f} ms, d2h {d2h * 1e3:.2f} ms "
+        f"({torch.cuda.get_device_name(dev)})"
     )
-    ours = summarize(
-        "gpu", "asyncnn CUDA stage", ctx.loop, runs["asyncnn CUDA stage"], unit="batches/s"
-    )
-    for row in (seq, ours):
-        row.bound = row.rate / bound
-        row.note = (
-            f"h2d {h2d * 1e3:.2f} ms, compute {comp * 1e3:.2f} ms, d2h {d2h * 1e3:.2f} ms "
-            f"({torch.cuda.get_device_name(dev)})"
-        )
-    ours.ratio = ours.rate / seq.rate
-    ours.ratio_label = "vs sequential"
+    bounded((seq, ours), bound, note)
+    ratio = against(ours, seq, "vs sequential")
     ours.target = ">= 1.5x sequential, >= 0.9 bound"
-    ours.verdict = verdict(ours.ratio >= 1.5 and ours.bound is not None and ours.bound >= 0.9)
+    ours.verdict = verdict(ratio >= 1.5 and ours.rate / bound >= 0.9)
     return [seq, ours]

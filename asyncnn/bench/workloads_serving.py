@@ -16,6 +16,7 @@ from ._core import (
     Context,
     Measure,
     Row,
+    against,
     interleave,
     record_stages,
     run_on_loop,
@@ -103,23 +104,15 @@ def serving(ctx: Context) -> list[Row]:
         },
         ctx.progress,
     )
-    naive_row = summarize(
-        "serving",
-        "naive to_thread per request",
-        ctx.loop,
-        runs["naive to_thread per request"],
-        unit="req/s",
-    )
-    ours_row = summarize(
-        "serving", "asyncnn Batching", ctx.loop, runs["asyncnn Batching"], unit="req/s"
+    naive_row, ours_row = (
+        summarize("serving", k, ctx.loop, m, unit="req/s") for k, m in runs.items()
     )
     ceil = statistics.median(ceiling_rates)
     mean_batch = statistics.median(m.extra["mean_batch"] for m in runs["asyncnn Batching"])
     ours_row.bound = ours_row.rate / ceil
-    ours_row.ratio = ours_row.rate / naive_row.rate
-    ours_row.ratio_label = "vs naive"
+    ratio = against(ours_row, naive_row, "vs naive")
     ours_row.target = ">= 0.75 ceiling, >= 8x naive"
-    ours_row.verdict = verdict(ours_row.bound >= 0.75 and ours_row.ratio >= 8)
+    ours_row.verdict = verdict(ours_row.bound >= 0.75 and ratio >= 8)
     ours_row.note = (
         f"{CLIENTS} clients x 1 row; Batching(max_size={MAX_SIZE}, max_delay={MAX_DELAY}); "
         f"mean batch {mean_batch:.0f}; ceiling {ceil:,.0f} rows/s at that size"

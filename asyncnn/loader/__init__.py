@@ -25,7 +25,7 @@ import torch
 
 from ..devices import parse_device
 from ..errors import check_whole
-from .config import LoaderConfig, LoaderCounters, LoaderStats
+from .config import LoaderConfig, LoaderStats, loader_counters
 from .epoch import Epoch
 from .plan import source_kind
 
@@ -127,7 +127,7 @@ class AsyncLoader:
         self.fetch = fetch
         self.on_error = on_error
         self.threads = threads if threads is not None else min(concurrency, 8)
-        self._counters = LoaderCounters()
+        self._counters = loader_counters()
 
     def _config(self) -> LoaderConfig:
         """The settings as they are now: one epoch runs on one snapshot of them."""
@@ -153,15 +153,7 @@ class AsyncLoader:
         return n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
 
     def stats(self) -> LoaderStats:
-        c = self._counters
-        return LoaderStats(
-            epochs=c.epochs,
-            batches=c.batches,
-            samples=c.samples,
-            skipped=c.skipped,
-            peak_buffered=c.peak,
-            buffer_bound=self.buffer_bound,
-        )
+        return LoaderStats(buffer_bound=self.buffer_bound, **self._counters)
 
     def __repr__(self) -> str:
         return (
@@ -171,5 +163,5 @@ class AsyncLoader:
 
     def __aiter__(self) -> AsyncIterator[Any]:
         """One epoch; each ``async for`` starts a new one (reshuffled when ``shuffle``)."""
-        self._counters.epochs += 1
+        self._counters["epochs"] += 1
         return Epoch(self._config(), self._counters).batches()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["LoaderConfig", "LoaderCounters", "LoaderStats"]
+__all__ = ["LoaderConfig", "LoaderStats", "loader_counters"]
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,9 @@ class LoaderStats:
     buffer_bound: int
 
 
-@dataclass
-class LoaderCounters:
-    epochs: int = 0
-    batches: int = 0
-    samples: int = 0
-    skipped: int = 0
-    peak: int = 0
+def loader_counters() -> Counter[str]:
+    """What a loader's epochs add to: ``LoaderStats``'s counted fields, by name."""
+    return Counter(dict.fromkeys(("epochs", "batches", "samples", "skipped", "peak_buffered"), 0))
 
 
 @dataclass(frozen=True)

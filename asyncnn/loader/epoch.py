@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ..devices import map_tensors
 from ..errors import LoaderError
 from ..executors import ThreadWorker
-from .config import LoaderConfig, LoaderCounters
+from .config import LoaderConfig
 from .flow import Slots, async_chunks, sync_chunks
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
 from .reorder import Failed, Reassembler
@@ -30,7 +31,7 @@ _THREAD_JOIN_TIMEOUT = 5.0
 
 
 class Epoch:
-    def __init__(self, cfg: LoaderConfig, counters: LoaderCounters) -> None:
+    def __init__(self, cfg: LoaderConfig, counters: Counter[str]) -> None:
         self.cfg = cfg
         self.counters = counters
         self.buffered = 0  # samples fetched (or being fetched) and not handed over
@@ -59,8 +60,8 @@ class Epoch:
                         self.slots.give(held)
                     if pending is not None and not pending[0].query():  # the wait is a thread's
                         await waiter.run(pending[0].synchronize, ())
-                    self.counters.batches += 1
-                    self.counters.samples += n
+                    self.counters["batches"] += 1
+                    self.counters["samples"] += n
                     yield batch
             finally:
                 producer.cancel()
@@ -143,7 +144,7 @@ class Epoch:
                         "samples out)",
                         s.index,
                     ) from s.error
-                self.counters.skipped += 1
+                self.counters["skipped"] += 1
             else:
                 good.append(s)
         return good
@@ -179,8 +180,8 @@ class Epoch:
                     await slots.take()  # FIFO: earlier samples get their slot first
                 value = await self._fetch(pool, index)
                 self.buffered += 1
-                if self.buffered > self.counters.peak:
-                    self.counters.peak = self.buffered
+                if self.buffered > self.counters["peak_buffered"]:
+                    self.counters["peak_buffered"] = self.buffered
                 if parts.put(b, pos, value):
                     changed.set()  # wake the producer only when a batch is complete
 

@@ -218,6 +218,9 @@ class Runtime:
             latency=(p.latency.quantile(0.5), p.latency.quantile(0.9), p.latency.quantile(0.99)),
         )
 
+    def in_flight(self) -> int:
+        return len(self.ledger)
+
     def progress(self) -> int:
         """A number that grows whenever any stage finishes a call or any request ends."""
         k = self.ledger.counters

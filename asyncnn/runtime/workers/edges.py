@@ -18,12 +18,7 @@ async def run_input(
 ) -> None:
     """Between admission and the first stages: micro-batch splitting and input fan-out."""
     try:
-        while True:
-            env = admission.poll()
-            if env is EMPTY:
-                env = await admission.next()
-            if env is END:
-                return
+        while (env := await admission.next()) is not END:
             if microbatch is None:
                 await outbox.send(env)
                 continue

@@ -1,0 +1,66 @@
+"""The loader's sync pieces: the batch plan and the reassembly of out-of-order samples."""
+
+import itertools
+
+import pytest
+import torch
+
+from asyncnn.loader.plan import batch_plan, epoch_indices, rows, source_kind
+from asyncnn.loader.reorder import Reassembler
+
+
+def test_batch_plan_cuts_and_drops_the_short_last_batch_only_when_asked():
+    assert batch_plan(list(range(7)), 3, False) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert batch_plan(list(range(7)), 3, True) == [[0, 1, 2], [3, 4, 5]]
+    assert batch_plan([], 3, True) == []
+
+
+def test_epoch_indices_follow_the_sampler_or_a_seeded_shuffle():
+    assert epoch_indices(4, [3, 1], False, None) == [3, 1]
+    assert epoch_indices(4, None, False, None) == [0, 1, 2, 3]
+    a = epoch_indices(50, None, True, torch.Generator().manual_seed(0))
+    b = epoch_indices(50, None, True, torch.Generator().manual_seed(0))
+    assert a == b and sorted(a) == list(range(50)) and a != list(range(50))
+
+
+def test_source_kinds():
+    class Async:
+        def __len__(self):
+            return 1
+
+        async def __getitem__(self, i):
+            return i
+
+    assert source_kind([1, 2], None) == "map"
+    assert source_kind(Async(), None) == "async-map"
+    assert source_kind(iter([1]), None) == "iterable"
+    assert source_kind(torch.utils.data.DataLoader([1, 2]), None) == "dataloader"
+    with pytest.raises(TypeError, match="cannot load from int"):
+        source_kind(3, None)
+
+
+def test_rows_of_a_dataloader_batch():
+    assert rows(torch.zeros(5, 2)) == 5
+    assert rows({"x": torch.zeros(3, 1), "y": [1, 2, 3]}) == 3
+    assert rows([1, 2, 3, 4]) == 4
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_every_arrival_order_gives_back_every_sample_in_planned_batch_sizes(ordered):
+    plan = [[10, 11], [12, 13], [14]]
+    slots = [(b, pos) for b, idxs in enumerate(plan) for pos in range(len(idxs))]
+    for order in itertools.permutations(slots):
+        parts = Reassembler(plan, ordered, batch_size=2)
+        taken, k = [], 0
+        for b, pos in order:
+            parts.put(b, pos, plan[b][pos])
+            while k < len(plan) and parts.ready(k):
+                taken.append(parts.take(k))
+                k += 1
+        assert [len(t) for t in taken] == [2, 2, 1]
+        if ordered:
+            assert taken == plan  # in sampler order whatever order fetches finished in
+        else:
+            assert sorted(x for t in taken for x in t) == [10, 11, 12, 13, 14]
+            arrived = [plan[b][p] for b, p in order]
+            assert [x for t in taken for x in t] == arrived  # as they came

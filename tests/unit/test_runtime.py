@@ -1,0 +1,68 @@
+"""A Runtime built but not started: capacity, observers, view, progress and stall location."""
+
+from asyncnn import Batching, Graph, Stage
+from asyncnn.batching import Envelope
+from asyncnn.runtime import Runtime
+from tests.fakes import request
+
+
+def f(x):
+    return x
+
+
+def build(*stages, queue_size=2):
+    return Runtime(Graph.chain(list(stages)).validate(), queue_size)
+
+
+def test_the_view_before_start_lists_every_stage_with_its_kind():
+    rt = build(Stage(f, name="a"), Stage(f, name="b", batch=Batching(max_size=4), workers=2))
+    view = rt.view()
+    assert [(s.name, s.kind, s.workers) for s in view.stages] == [
+        ("a", "plain", 1),
+        ("b", "batched", 2),
+    ]
+    assert view.elapsed == 0 and view.admitted == 0 and rt.capacity == 4 * 2 + 3
+
+
+def test_set_observer_reaches_every_stage_and_turns_off():
+    rt = build(Stage(f, name="a"), Stage(f, name="b"))
+    seen = []
+    rt.set_observer(lambda kind, stage, **kw: seen.append((kind, stage)))
+    for ctx in rt.stages:
+        ctx.probe.formed(1, "full")
+    rt.set_observer(None)
+    for ctx in rt.stages:
+        ctx.probe.formed(1, "full")
+    assert seen == [("batch_formed", "a"), ("batch_formed", "b")]
+
+
+def test_locate_oldest_finds_a_request_waiting_in_a_stage_input():
+    rt = build(Stage(f, name="a"), Stage(f, name="b"))
+    assert rt.locate_oldest() is None
+    old, new = request(0), request(1)
+    rt.ledger.admit(old)
+    rt.ledger.admit(new)
+    rt.stages[1].inbox.send_nowait(Envelope("x", [old]))
+    where = rt.locate_oldest()
+    assert where["stage"] == "b" and where["request"] == 0
+    assert where["where"] == "waiting in the stage's input queue"
+    assert not where["input_empty"] and not where["output_full"]
+
+
+def test_locate_oldest_blames_a_busy_stage_or_says_between_stages():
+    rt = build(Stage(f, name="a"), Stage(f, name="b"))
+    rt.ledger.admit(request(0))
+    assert rt.locate_oldest()["where"] == "between stages"
+    rt.stages[1].probe.active = 1  # a thread stage inside a call
+    where = rt.locate_oldest()
+    assert where["stage"] == "b" and where["calls_running"] == 1
+
+
+def test_progress_counts_calls_and_ended_requests():
+    rt = build(Stage(f, name="a"))
+    before = rt.progress()
+    rt.stages[0].probe.batches += 2
+    r = request(0)
+    rt.ledger.admit(r)
+    rt.ledger.complete(r, 1)
+    assert rt.progress() == before + 3 and rt.in_flight() == 0
