@@ -153,3 +153,32 @@ async def test_a_sink_with_several_outputs_ends_a_request_once_all_arrived():
     feed(ports[0], Envelope("left", [req]))
     await run_sink(led, 0, ports[0], outs, 2, None, done)
     assert req.future.result() == ("left", "right") and done.closed
+
+
+async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fails():
+    from asyncnn.batching import Item
+    from asyncnn.errors import StageError
+    from asyncnn.runtime.workers.batched import run_runner
+
+    async def model(x):
+        if (x < 0).any():
+            raise ValueError("negative row")
+        return x * 2
+
+    ctx = make_ctx(model, batch=Batching(max_size=8))
+    reqs = [admit(ctx, i) for i in range(5)]
+    reqs[4].future.cancel()  # cancelled while its batch waited: never computed
+    rows = [torch.full((1, 2), -1.0 if i == 2 else float(i)) for i in range(5)]
+    batches, launched = Channel[Batch](2), Channel[Launched](16)
+    items = [Item(r, x, 0, 1, 0.0) for r, x in zip(reqs, rows, strict=True)]
+    feed(batches, Batch(items, "full"))
+    await run_runner(ctx, None, batches, launched)
+    done = drained(launched)
+    got = {r.id: part for job in done for r, part in zip(job.env.requests, job.env.parts)}
+    assert sorted(got) == [0, 1, 3]  # the guilty one and the cancelled one are not passed on
+    for rid, part in got.items():
+        assert torch.equal(part, rows[rid] * 2)
+    err = reqs[2].future.exception()
+    assert isinstance(err, StageError) and "negative row" in str(err)
+    assert ctx.probe.retries >= 2 and ctx.probe.batches == 1 and ctx.probe.rows == 4
+    assert ctx.ledger.counters.cancelled == 1 and ctx.ledger.counters.failed == 1
