@@ -200,7 +200,7 @@ class EventBus:
                 try:
                     callback(ev)
                 except Exception:
-                    log.exception("asyncnn: event callback %r raised; event dropped", callback)
+                    log.exception("event callback %r raised; event dropped", callback)
 
         return self._add(chosen, deliver)
 
@@ -230,7 +230,7 @@ class EventBus:
         try:
             await callback(ev)
         except Exception:
-            log.exception("asyncnn: async event callback %r raised", callback)
+            log.exception("async event callback %r raised", callback)
 
     def _add(
         self,
@@ -308,7 +308,7 @@ async def watch_stalls(wd: Watchdog, graph: Watched, bus: EventBus) -> None:
         if wd.check(time.monotonic(), graph.progress(), graph.in_flight()):
             where = graph.locate_oldest() or {}
             in_flight = graph.in_flight()
-            log.warning("asyncnn: %s", describe_stall(where, in_flight, wd.timeout))
+            log.warning("%s", describe_stall(where, in_flight, wd.timeout))
             if bus.active:
                 fields = {k: v for k, v in where.items() if k != "stage"}
                 bus.emit(

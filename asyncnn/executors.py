@@ -32,18 +32,19 @@ def is_module(fn: object) -> bool:
     return torch is not None and isinstance(fn, torch.nn.Module)
 
 
-def prepare_call(fn: Callable[..., Any], runs_on: str) -> Callable[..., Any]:
-    """The callable the runtime invokes for a stage: modules on threads run in inference mode."""
-    if is_module(fn) and runs_on == "thread":
+def prepare_call(
+    fn: Callable[..., Any], runs_on: str, inference: bool = True
+) -> Callable[..., Any]:
+    """The callable the runtime invokes for a stage. Calls that run off the loop (threads,
+    devices; modules run inline too) run under ``torch.inference_mode()`` when ``inference``."""
+    if inference and (runs_on == "thread" or (runs_on == "inline" and is_module(fn))):
         import torch
 
-        module = fn
-
-        def call_module(*args: Any) -> Any:
+        def call_in_inference_mode(*args: Any) -> Any:
             with torch.inference_mode():
-                return module(*args)
+                return fn(*args)
 
-        return call_module
+        return call_in_inference_mode
     return fn
 
 
@@ -146,7 +147,7 @@ class ThreadWorker:
             await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
         except asyncio.TimeoutError:
             log.warning(
-                "asyncnn: a thread of %r is still running a call after %.1fs; leaving it "
+                "a thread of %r is still running a call after %.1fs; leaving it "
                 "(it is a daemon thread); make the function return or time out",
                 self.name,
                 timeout,

@@ -53,13 +53,13 @@ def _is_factory(fn: Any) -> bool:
 class _Replica:
     """The actor: builds the stage's callable once, then runs calls and batches."""
 
-    def __init__(self, fn: Any, factory: bool) -> None:
+    def __init__(self, fn: Any, factory: bool, inference: bool = True) -> None:
         import torch
 
         self.fn = fn() if factory else fn
-        self.module = isinstance(self.fn, torch.nn.Module)
-        if self.module:
+        if isinstance(self.fn, torch.nn.Module):
             self.fn.eval()
+        self.inference = inference
         self.calls = 0
 
     def ready(self) -> int:
@@ -69,7 +69,7 @@ class _Replica:
         import torch
 
         self.calls += 1
-        if self.module:
+        if self.inference:
             with torch.inference_mode():
                 return self.fn(*args)
         return self.fn(*args)
@@ -95,7 +95,7 @@ def ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     cpus = os.cpu_count() or 1
-    log.info("asyncnn: Ray is not initialised; starting a local Ray with num_cpus=%d", cpus)
+    log.info("Ray is not initialised; starting a local Ray with num_cpus=%d", cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
     return True
 
@@ -110,11 +110,13 @@ class RayPool:
         replicas: int,
         resources: Mapping[str, float] | None,
         max_inflight: int,
+        inference: bool = True,
     ) -> None:
         import ray
 
         self.name = name
         self._fn = fn
+        self._inference = inference
         self._factory = _is_factory(fn)
         opts: dict[str, Any] = dict(resources if resources is not None else {"num_cpus": 1})
         remote: Any = ray.remote  # typed overloads do not take a dict of options
@@ -126,7 +128,7 @@ class RayPool:
         self.replaced = 0
 
     def _new_actor(self) -> Any:
-        return self._actor_cls.remote(self._fn, self._factory)
+        return self._actor_cls.remote(self._fn, self._factory, self._inference)
 
     async def ready(self, timeout: float = 120.0) -> None:
         """Wait until every replica has built its function (a factory error surfaces here)."""
@@ -170,7 +172,7 @@ class RayPool:
             if self.actors[i] is actor:  # replace once, whichever call noticed first
                 self.actors[i] = self._new_actor()
                 self.replaced += 1
-                log.warning("asyncnn: a Ray replica of stage %r died; replaced it", self.name)
+                log.warning("a Ray replica of stage %r died; replaced it", self.name)
             raise ReplicaDied(
                 f"stage {self.name!r}: the Ray replica running this call died ({exc}); it was "
                 "replaced, and this call was not retried: send the request again"
@@ -196,4 +198,4 @@ class RayPool:
             try:
                 ray.kill(a, no_restart=True)
             except Exception as exc:  # already gone: nothing to release
-                log.debug("asyncnn: releasing a Ray replica of %r: %s", self.name, exc)
+                log.debug("releasing a Ray replica of %r: %s", self.name, exc)

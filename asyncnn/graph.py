@@ -16,6 +16,7 @@ A :class:`Graph` has one input, stages added on earlier nodes, and one or more o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -156,6 +157,9 @@ class Graph:
                     f"stage {node.stage.name!r} has no path to an output: its results would be "
                     "thrown away; pass it (or a stage after it) to g.output(...), or remove it"
                 )
+        for node in self._nodes:
+            assert node.stage is not None
+            _check_arity(node.stage, node.parents)
         names = _unique_names([n.stage.name for n in order if n.stage is not None])
         pos = {id(n): i for i, n in enumerate(order)}
         pos[id(self._input)] = -1
@@ -212,6 +216,27 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph of {len(self._nodes)} stage(s), {len(self._outputs)} output(s)>"
+
+
+def _check_arity(stage: Stage, parents: tuple[Node, ...]) -> None:
+    """A stage is called with one positional argument per input: its function must take them."""
+    if stage.executor == "ray":
+        return  # fn may be a factory that builds the callable on each replica
+    try:
+        sig = inspect.signature(stage.fn)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): the call decides
+    n = len(parents)
+    fn_name = getattr(stage.fn, "__name__", type(stage.fn).__name__)
+    try:
+        sig.bind(*([None] * n))
+    except TypeError as exc:
+        feeds = ", ".join(p.label for p in parents)
+        raise GraphError(
+            f"stage {stage.name!r} is fed by {n} input(s) ({feeds}) and is called with one "
+            f"result of each, but {fn_name}{sig} cannot take {n} positional argument(s) "
+            f"({exc}): give it {n} parameter(s), one per input in order"
+        ) from None
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

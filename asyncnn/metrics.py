@@ -30,7 +30,7 @@ def collector(pipe: HasStats) -> Any:
     ``asyncnn_requests_in_flight``.
 
     Raises:
-        ImportError: prometheus-client is missing (``pip install "asyncnn[prometheus]"``).
+        ImportError: prometheus-client is missing (``pip install prometheus-client``).
 
     Example::
 
@@ -46,7 +46,7 @@ def _prometheus() -> Any:
         from prometheus_client import core
     except ImportError as exc:
         raise ImportError(
-            'asyncnn.metrics needs prometheus-client: pip install "asyncnn[prometheus]"'
+            "asyncnn.metrics needs prometheus-client: pip install prometheus-client"
         ) from exc
     return core
 
@@ -128,7 +128,7 @@ def serve_prometheus(pipe: HasStats, port: int = 9464, addr: str = "127.0.0.1") 
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError as exc:
         raise ImportError(
-            'asyncnn.metrics needs prometheus-client: pip install "asyncnn[prometheus]"'
+            "asyncnn.metrics needs prometheus-client: pip install prometheus-client"
         ) from exc
     registry = CollectorRegistry()
     registry.register(collector(pipe))

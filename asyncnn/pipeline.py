@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
@@ -20,8 +19,9 @@ import anyio
 
 from .batching import Request
 from .errors import AsyncnnError, PipelineClosed, PipelineFull, first_of
-from .events import EventBus, Watchdog, watch_stalls
+from .events import EventBus, Watchdog
 from .graph import Graph, to_dot, to_mermaid
+from .lifecycle import Run
 from .options import check_devices, check_request_rows, options
 from .partition import layer_stages
 from .runtime import Runtime
@@ -109,21 +109,24 @@ class Pipeline:
         self.max_request_rows = max_request_rows
         self.torch_threads = opts.torch_threads
         self._check_rows = microbatch is not None or max_request_rows is not None
-        self._runtime = Runtime(
-            self._plan,
-            queue_size,
-            output_device=output_device,
-            torch_threads=opts.torch_threads,
-            microbatch=microbatch,
-        )
-        self._watchdog = None if stall_timeout is None else Watchdog(stall_timeout)
+        self._runtime = self._new_runtime()
         self.events = EventBus(self._observe)
-        self._state: _State = "new"
+        self._run: Run | None = None  # the current (or last) run; None before the first start
+        self._runs = 0
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._stopped: asyncio.Event | None = None
-        self._feeders: set[anyio.CancelScope] = set()
+        self._owner: asyncio.Task[Any] | None = None  # the task inside `async with`, if any
+        self._owner_cancelled = False
+
+    def _new_runtime(self) -> Runtime:
+        o = self._opts
+        return Runtime(
+            self._plan,
+            o.queue_size,
+            output_device=o.output_device,
+            torch_threads=o.torch_threads,
+            microbatch=o.microbatch,
+        )
 
     def _observe(self, emit: Callable[..., None] | None) -> None:
         # The bus turns the stages' event hooks on while someone listens.
@@ -172,11 +175,15 @@ class Pipeline:
 
     @property
     def state(self) -> _State:
-        return self._state
+        """``new`` (never started), ``running``, ``closing`` or ``closed`` (may start again)."""
+        run = self._run
+        if run is None or run.state == "starting":
+            return "new" if self._runs <= 1 else "closed"
+        return run.state
 
     def stats(self) -> PipelineStats:
         """Per-stage figures by name, and request outcomes as attributes (see ``PipelineStats``)."""
-        return snapshot(self._runtime.view())
+        return snapshot(self._runtime.view(), run=self._runs)
 
     def to_mermaid(self) -> str:
         """The graph as Mermaid flowchart text (stages, where they run, batching, queues)."""
@@ -188,39 +195,55 @@ class Pipeline:
 
     def __repr__(self) -> str:
         names = " -> ".join(s.name for s in self.stages)
-        return f"<Pipeline {self._state} [{names}] queue_size={self.queue_size}>"
+        return f"<Pipeline {self.state} [{names}] queue_size={self.queue_size}>"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Pipeline:
-        if self._state != "new":
+    async def start(self) -> Pipeline:
+        """Start every stage task and thread; return once the pipeline accepts requests.
+
+        Any task may call it, and another may call ``aclose()`` later: the pipeline's tasks live
+        in a task of their own. A closed pipeline starts again as a fresh run (new queues,
+        threads and counters; ``stats().run`` counts runs).
+
+        Raises:
+            AsyncnnError: the pipeline is already running (or still closing), or a placed
+                stage's device is missing.
+        """
+        run = self._run
+        if run is not None and run.state != "closed":
             raise AsyncnnError(
-                f"this pipeline is {self._state}: a Pipeline runs once; build a new one to rerun"
+                f"this pipeline is already {'starting' if run.state == 'starting' else run.state}:"
+                " call aclose() (or leave `async with`) before starting it again"
             )
         check_devices(self.stages)
+        if run is not None:
+            self._runtime = self._new_runtime()  # a fresh run: nothing carries over
         self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        rt = self._runtime
-        try:
-            await rt.prepare()
-        except BaseException:
-            rt.release_remote()
-            raise
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        try:
-            sup = rt.start(tg)
-        except BaseException as exc:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._tg = tg
-        self._state = "running"
-        if self._watchdog is not None:
-            sup.spawn("watchdog", watch_stalls, self._watchdog, rt, self.events)
-        if self.events.active:
-            for stage in self.stages:
-                self.events.emit("stage_started", stage.name)
+        self._observe(self.events.emit if self.events.active else None)
+        stall = self._opts.stall_timeout
+        self._run = Run(
+            self._runtime,
+            self.events,
+            None if stall is None else Watchdog(stall),
+            self._runtime_failed,
+        )
+        self._runs += 1
+        await self._run.start()
+        return self
+
+    def _runtime_failed(self) -> None:
+        # A runtime task failed: a task inside `async with` is cancelled, as a task group would,
+        # and leaving the block raises the failure instead of the cancellation.
+        owner = self._owner
+        if owner is not None and not owner.done():
+            self._owner_cancelled = True
+            owner.cancel()
+
+    async def __aenter__(self) -> Pipeline:
+        await self.start()
+        self._owner = asyncio.current_task()
+        self._owner_cancelled = False
         return self
 
     async def __aexit__(
@@ -228,26 +251,34 @@ class Pipeline:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        if self._tg is None:
-            return None
-        own: BaseException | None = None
+    ) -> None:
+        ours = self._owner_cancelled and isinstance(exc, asyncio.CancelledError)
+        self._owner, self._owner_cancelled = None, False
+        if ours:
+            _uncancel()
+        # A failed or cancelled body does not wait on a drain: everything ends now.
+        await self._stop(self.drain_timeout if exc is None else 0)
+        if ours and self._run is not None and self._run.error is not None:
+            raise self._run.error  # already raised to another closer: raise it here too
+
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds (``None``:
+        no bound), then end the rest with ``PipelineClosed`` and stop every task and thread.
+
+        Any task may call it, however the pipeline was started; leaving ``async with``
+        afterwards only tidies up. Requests still in flight at the deadline end with
+        ``PipelineClosed`` at once, even while a stage's thread is still busy with them.
+
+        Raises:
+            BaseExceptionGroup: a runtime task failed while the pipeline ran (raised once).
+        """
+        await self._stop(timeout)
+
+    async def _stop(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        if self._run is None:
+            return
         try:
-            # A failed or cancelled body does not wait on a drain: everything ends now.
-            await self._stop(self.drain_timeout if exc is None else 0)
-        except BaseException as err:  # the drain was cancelled: a runtime task crashed, or
-            own = err  # our caller gave up; either way the task group decides below
-        pending = exc if exc is not None else own
-        # The caller's own exception propagates as it is, not wrapped in an ExceptionGroup;
-        # cancellations go to the task group, which does the cancel-scope bookkeeping.
-        forward = pending if isinstance(pending, asyncio.CancelledError) else None
-        tg, self._tg = self._tg, None
-        try:
-            suppress = await tg.__aexit__(
-                type(forward) if forward else None,
-                forward,
-                forward.__traceback__ if forward else None,
-            )
+            await self._run.stop(timeout)
         except BaseExceptionGroup as group:
             # A stage raised KeyboardInterrupt or SystemExit: hand it on as itself, not inside
             # a group, so that the interpreter stops (or exits) as the user meant.
@@ -255,59 +286,17 @@ class Pipeline:
             if urgent is not None:
                 raise urgent from None
             raise
-        if own is not None and not suppress:
-            raise own
-        return bool(suppress) and forward is not None and forward is exc
-
-    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds (``None``:
-        no bound), then end the rest with ``PipelineClosed`` and stop every task and thread.
-
-        Any task may call it; leaving ``async with`` afterwards only tidies up. Requests still
-        in flight at the deadline end with ``PipelineClosed`` at once, even while a stage's
-        thread is still busy with them.
-        """
-        await self._stop(timeout)
-
-    async def _stop(self, timeout: float | None) -> None:  # noqa: ASYNC109
-        if self._state == "new":
-            self._state = "closed"
-            return
-        assert self._stopped is not None
-        if self._state != "running":
-            await self._stopped.wait()
-            return
-        self._state = "closing"
-        rt = self._runtime
-        rt.close_admission()
-        try:
-            with anyio.move_on_after(math.inf if timeout is None else timeout):
-                await rt.drained()
-        finally:
-            for scope in self._feeders:
-                scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await rt.stop(_THREAD_JOIN_TIMEOUT)
-                self._state = "closed"
-                if self.events.active:
-                    k = rt.ledger.counters
-                    self.events.emit(
-                        "pipeline_closed",
-                        None,
-                        admitted=k.admitted,
-                        completed=k.completed,
-                        failed=k.failed,
-                        cancelled=k.cancelled,
-                    )
-                await self.events.drain()
-            self._stopped.set()
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _running(self) -> bool:
+        run = self._run
+        return run is not None and run.state == "running"
+
     def _closed_error(self) -> PipelineClosed:
-        if self._state == "new":
+        if self.state == "new":
             return PipelineClosed("pipeline is not running: enter it first with `async with pipe:`")
-        return PipelineClosed(f"pipeline is {self._state}: it accepts no new requests")
+        return PipelineClosed(f"pipeline is {self.state}: it accepts no new requests")
 
     def submit_nowait(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x`` now and return a future of its result.
@@ -316,7 +305,7 @@ class Pipeline:
             PipelineFull: the admission queue is full (shed the load, or use ``submit``).
             PipelineClosed: the pipeline is not running.
         """
-        if self._state != "running":
+        if not self._running():
             raise self._closed_error()
         if not self._runtime.admission.has_room():
             raise PipelineFull(
@@ -340,9 +329,9 @@ class Pipeline:
             PipelineClosed: the pipeline is not running, or closed while we waited.
         """
         admission = self._runtime.admission
-        while self._state == "running" and not admission.has_room():
+        while self._running() and not admission.has_room():
             await admission.wait_room()
-        if self._state != "running":
+        if not self._running():
             raise self._closed_error()
         return self._admit(x)
 
@@ -363,13 +352,37 @@ class Pipeline:
         Cancelling the caller drops the request at the next stage boundary.
         """
         if timeout is not None:
-            with anyio.fail_after(timeout):
-                return await (await self.submit(x))
-        if self._state == "running" and self._runtime.admission.has_room():
+            return await self._send_within(x, timeout)
+        run = self._run
+        if run is not None and run.state == "running" and self._runtime.admission.has_room():
             fut = self._admit(x)  # the fast path: no suspension before the result
         else:
             fut = await self.submit(x)
         return await fut
+
+    async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        fut: asyncio.Future[Any] | None = None
+        try:
+            with anyio.fail_after(timeout):
+                fut = await self.submit(x)
+                return await fut
+        except TimeoutError:
+            raise TimeoutError(
+                f"request timed out after {timeout:g} s: {self._where(fut)}"
+            ) from None
+
+    def _where(self, fut: asyncio.Future[Any] | None) -> str:
+        """Where a request was when its caller stopped waiting, in words."""
+        if fut is None:
+            return "it was still waiting for admission (the pipeline was full)"
+        req = self._runtime.find(fut)
+        if req is None:
+            return "it had just finished"
+        at = self._runtime.locate(req)
+        if at["stage"] is None:
+            return "it was between stages"
+        state = "queued for" if at["where"].startswith("waiting") else "in"
+        return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
 
     def stream(
         self,
@@ -389,7 +402,7 @@ class Pipeline:
 
         def open_window() -> OrderedWindow | UnorderedWindow:
             # Checked when iteration starts, not when stream() is called.
-            if self._state != "running":
+            if not self._running():
                 raise self._closed_error()
             size = self._runtime.capacity
             return OrderedWindow(size) if ordered else UnorderedWindow(size)
@@ -397,13 +410,12 @@ class Pipeline:
         return stream(inputs, self.submit, open_window, self._start_feeder, return_exceptions)
 
     def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
-        assert self._tg is not None
-        self._feeders.add(scope)
+        assert self._run is not None
+        self._run.spawn("stream-feed", feed)  # a task of the run: cancelled when it stops
 
-        async def run() -> None:
-            try:
-                await feed()
-            finally:
-                self._feeders.discard(scope)
 
-        self._tg.start_soon(run, name="asyncnn:stream-feed")
+def _uncancel() -> None:
+    """Take back a cancellation we made (Python 3.11+ counts them per task)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()

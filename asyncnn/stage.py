@@ -50,13 +50,13 @@ class Stage:
 
     Args:
         fn: an ``async def`` (runs on the event loop), a sync callable or an ``nn.Module`` (runs on
-            the stage's own worker thread(s), modules under ``torch.inference_mode()``).
+            the stage's own worker thread(s), under ``torch.inference_mode()``).
         name: unique name in the pipeline; defaults to the function's or module class's name, with
             a suffix (``f_2``) when two stages would share it.
         workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
         executor: ``"auto"`` (coroutines on the loop, everything else on dedicated threads),
             ``"inline"`` (a cheap sync function called on the loop itself), ``"thread"``, or
-            ``"ray"``: the stage runs in ``replicas`` Ray actors (``pip install "asyncnn[ray]"``).
+            ``"ray"``: the stage runs in ``replicas`` Ray actors (``pip install ray``).
             With ``"ray"``, ``fn`` is a zero-argument factory that builds the function or module
             on each replica (so the model is built there, not shipped per call), or a function
             or module, pickled once per replica.
@@ -70,6 +70,10 @@ class Stage:
             device never idles between batches while memory stays bounded).
         batch: a :class:`~asyncnn.Batching` to merge many requests into one call; without it
             the stage always receives one request's payload.
+        inference_mode: run the stage's calls under ``torch.inference_mode()`` (default
+            ``True``) wherever they run off the event loop: on its threads, on a device, on Ray
+            replicas (and modules run inline). Set ``False`` for a stage that needs autograd
+            (it then also accepts inference tensors only where torch allows it).
 
     Raises:
         TypeError: ``fn`` is not callable, is an async generator, or does not fit ``executor``.
@@ -91,6 +95,7 @@ class Stage:
     batch: Batching | None = None
     replicas: int = 1
     resources: Mapping[str, float] | None = None
+    inference_mode: bool = True
 
     def __post_init__(self) -> None:
         fn = self.fn
@@ -150,7 +155,7 @@ class Stage:
             import ray  # noqa: F401
         except ImportError:
             raise ImportError(
-                f'stage {self.name!r}: executor="ray" needs Ray: pip install "asyncnn[ray]"'
+                f'stage {self.name!r}: executor="ray" needs Ray: pip install "ray>=2.9"'
             ) from None
         r = self.replicas
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:

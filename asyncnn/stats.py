@@ -66,7 +66,8 @@ class StageStats:
 @dataclass(frozen=True, eq=False)
 class PipelineStats(Mapping[str, StageStats]):
     """Per-stage snapshots by name, plus ``admitted``, ``completed``, ``failed``, ``cancelled``
-    and ``in_flight`` for the whole pipeline."""
+    and ``in_flight`` for the whole pipeline, and ``run``: which run of the pipeline they
+    describe (1 for the first start, 2 after a restart, ...; 0 before any start)."""
 
     _stages: dict[str, StageStats]
     admitted: int
@@ -74,6 +75,7 @@ class PipelineStats(Mapping[str, StageStats]):
     failed: int
     cancelled: int
     in_flight: int
+    run: int = 0
 
     def __getitem__(self, name: str) -> StageStats:
         try:
@@ -91,7 +93,7 @@ class PipelineStats(Mapping[str, StageStats]):
         return (
             f"<PipelineStats admitted={self.admitted} completed={self.completed} "
             f"failed={self.failed} cancelled={self.cancelled} in_flight={self.in_flight} "
-            f"stages={list(self._stages)}>"
+            f"run={self.run} stages={list(self._stages)}>"
         )
 
 
@@ -106,8 +108,8 @@ class HasStats(Protocol):
     def stats(self) -> PipelineStats: ...
 
 
-def snapshot(view: RuntimeView) -> PipelineStats:
-    """``stats()`` from the runtime's read-only view."""
+def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
+    """``stats()`` from the runtime's read-only view of run number ``run``."""
     stages: dict[str, StageStats] = {}
     for s in view.stages:
         calls = s.batches + s.failures + s.retries
@@ -135,5 +137,5 @@ def snapshot(view: RuntimeView) -> PipelineStats:
             running=s.running,
         )
     return PipelineStats(
-        stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight
+        stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight, run
     )

@@ -1,7 +1,7 @@
 """Scale one stage out to Ray replicas: the heavy model runs on 2 actors, driven by concurrent
 send() calls from this process's event loop.
 
-Run: python examples/ray_scale_out.py          (needs: pip install "asyncnn[ray]")
+Run: python examples/ray_scale_out.py          (needs, from a checkout: pip install -e ".[ray]")
 
 On a real cluster only one line changes: call ray.init(address="ray://head:10001") (or
 address="auto" on a cluster node) before the pipeline starts. The pipeline, its stages and the

@@ -1,6 +1,6 @@
 """Serve a model with FastAPI: each request awaits the pipeline; many are batched together.
 
-Run:  python examples/serve_fastapi.py        (needs: pip install "asyncnn[examples]")
+Run:  python examples/serve_fastapi.py        (needs, from a checkout: pip install -e ".[examples]")
 Then: curl -s -X POST localhost:8000/predict -H 'content-type: application/json' \\
            -d '{"features": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}'
 
@@ -77,7 +77,7 @@ def create_app(model: torch.nn.Module | None = None, *, queue_size: int = 256) -
         return PredictOut(scores=y.tolist())
 
     @app.get("/stats")
-    async def stats() -> dict[str, float]:
+    async def stats() -> dict[str, int | float]:
         st = pipeline.stats()
         return {
             "admitted": st.admitted,

@@ -10,3 +10,7 @@ def tiny() -> torch.nn.Module:
 
 def not_a_module() -> int:
     return 3
+
+
+def broken() -> torch.nn.Module:
+    raise RuntimeError("no weights")

@@ -46,6 +46,26 @@ def test_bad_loop_and_bad_model():
         main(["--model", "tests.bench_models:not_a_module", "--input-shape", "8"])
 
 
+@pytest.mark.parametrize(
+    ("spec", "shape", "says"),
+    [
+        ("tests.bench_models:nope", "8", "has no callable 'nope'"),
+        ("no_such_module_here:tiny", "8", "cannot import 'no_such_module_here'"),
+        ("tests.bench_models:broken", "8", "the factory raised RuntimeError: no weights"),
+        ("tests.bench_models:tiny", "3,5", r"fails on a batch of shape \(2, 3, 5\).*--input-shape"),
+    ],
+)
+def test_a_bad_model_or_shape_is_a_message_not_a_traceback(spec, shape, says):
+    with pytest.raises(SystemExit, match=says):
+        main(["--quick", "--workload", "serving", "--model", spec, "--input-shape", shape])
+
+
+def test_model_is_refused_for_workloads_that_do_not_run_it(capsys):
+    argv = ["--workload", "overhead", "--model", "tests.bench_models:tiny", "--input-shape", "8"]
+    assert main(argv) == 2
+    assert "serving and overlap workloads only, not in overhead" in capsys.readouterr().err
+
+
 def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code = main(

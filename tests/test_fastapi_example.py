@@ -82,3 +82,19 @@ async def test_full_pipeline_answers_503_with_retry_after():
 def test_binds_loopback_by_default():
     text = EXAMPLE.read_text()
     assert '"HOST", "127.0.0.1"' in text
+
+
+def test_one_module_level_app_serves_two_test_clients_in_turn():
+    # FastAPI's usual test pattern: one app, a TestClient per test, each running the lifespan.
+    from fastapi.testclient import TestClient
+
+    ex = load_example()
+    app = ex.create_app()
+    x = [[0.5] * ex.FEATURES]
+    for _ in range(2):
+        with TestClient(app) as client:
+            r = client.post("/predict", json={"features": x})
+            assert r.status_code == 200, r.text
+            stats = client.get("/stats").json()
+            assert stats["completed"] == 1 and isinstance(stats["completed"], int)
+    assert app.state.pipeline.stats().run == 2

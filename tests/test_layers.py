@@ -31,7 +31,7 @@ LAYERS = [
     {"loader.epoch"},
     {"loader"},
     {"events"},
-    {"metrics", "streaming"},
+    {"metrics", "streaming", "lifecycle"},
     {"pipeline"},
     {"bench", "bench.*"},
 ]

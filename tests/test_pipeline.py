@@ -279,9 +279,11 @@ async def test_closed_pipeline_refuses_work():
         await pipe.send(1)
     with pytest.raises(PipelineClosed):
         pipe.submit_nowait(1)
-    with pytest.raises(AsyncnnError, match="runs once"):
-        async with pipe:
-            pass
+    async with pipe:  # a closed pipeline starts again, as a fresh run
+        assert await pipe.send(1) == 2
+        with pytest.raises(AsyncnnError, match="already running"):
+            await pipe.start()
+    assert pipe.stats().run == 2 and pipe.stats().completed == 1
 
 
 async def test_exit_drains_in_flight_requests():

@@ -134,7 +134,7 @@ async def test_factory_errors_surface_at_start():
 
 def test_ray_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(ImportError, match=r'pip install "asyncnn\[ray\]"'):
+    with pytest.raises(ImportError, match=r'pip install "ray>=2.9"'):
         Stage(double, executor="ray")
 
 

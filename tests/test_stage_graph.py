@@ -166,3 +166,34 @@ def test_add_rejects_non_nodes():
     g = Graph()
     with pytest.raises(TypeError, match="nodes"):
         g.add(Stage(f), "x")
+
+
+def test_a_join_whose_function_takes_the_wrong_number_of_inputs_fails_at_build():
+    from asyncnn import GraphError, Pipeline
+
+    def one(x):
+        return x
+
+    def join_one(a):
+        return a
+
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(one, name="a"), x)
+    b = g.add(Stage(one, name="b"), x)
+    g.output(g.add(Stage(join_one, name="join"), a, b))
+    with pytest.raises(GraphError, match=r"stage 'join' is fed by 2 input\(s\).*join_one\(a\)"):
+        Pipeline(g)
+    with pytest.raises(GraphError, match="give it 1 parameter"):
+        Pipeline([Stage(lambda: 1, name="nullary")])
+
+
+def test_joins_with_varargs_or_defaults_and_builtins_are_accepted():
+    from asyncnn import Pipeline
+
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(abs, name="a"), x)  # a builtin: no signature to check
+    b = g.add(Stage(lambda v, scale=2: v * scale, name="b"), x)
+    g.output(g.add(Stage(lambda *parts: sum(parts), name="sum"), a, b))
+    Pipeline(g)

@@ -19,6 +19,7 @@ from .workloads_serving import serving
 
 __all__ = ["WORKLOADS", "main"]
 
+MODEL_WORKLOADS = ("serving", "overlap")  # the workloads that run a user's --model
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
@@ -105,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         metavar="MODULE:CALLABLE",
-        help="your own model: a factory returning an nn.Module, run by the overlap workload",
+        help="your own model: a factory returning an nn.Module, run by the serving and overlap "
+        "workloads (the only ones run with it)",
     )
     p.add_argument(
         "--input-shape",
@@ -255,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             print(
-                "--plot needs matplotlib: pip install matplotlib (or 'asyncnn[benchmarks]')",
+                "--plot needs matplotlib: pip install matplotlib",
                 file=sys.stderr,
             )
             return 2
@@ -270,7 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--input-shape {args.input_shape!r}: use numbers like 3,224,224", file=sys.stderr
             )
             return 2
-        options["model"] = load_user_model(args.model)
+        other = [n for n in names if n not in MODEL_WORKLOADS]
+        if args.workload and other:
+            print(
+                f"--model runs in the {' and '.join(MODEL_WORKLOADS)} workloads only, not in "
+                f"{', '.join(other)}: drop those --workload options",
+                file=sys.stderr,
+            )
+            return 2
+        names = [n for n in names if n in MODEL_WORKLOADS]
+        options["model"] = load_user_model(args.model, shape)
         options["input_shape"] = shape
     if cuda:
         import torch

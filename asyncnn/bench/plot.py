@@ -17,9 +17,7 @@ def write_plot(path: str, rows: Sequence[Row], sweep: list[dict[str, Any]] | Non
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit(
-            "--plot needs matplotlib: pip install matplotlib (or 'asyncnn[benchmarks]')"
-        ) from exc
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from exc
     rows = [r for r in rows if r.verdict != "skipped"]
     workloads = list(dict.fromkeys(r.workload for r in rows))
     panels = len(workloads) + (1 if sweep else 0)

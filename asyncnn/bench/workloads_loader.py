@@ -161,7 +161,7 @@ def loader(ctx: Context) -> list[Row]:
     one.note += "; model Stage(workers=1)"
     ours.note += "; model Stage(workers=2)"
     if not _have_torchdata():
-        ours.note += "; torchdata not installed (pip install 'asyncnn[benchmarks]')"
+        ours.note += "; torchdata not installed (pip install torchdata)"
     else:
         ours.note += f"; best baseline: {best.system}"
     return rows_out

@@ -81,7 +81,7 @@ class Runtime:
                     outbox=outbox(nw.outs, probe),
                     ledger=self.ledger,
                     probe=probe,
-                    call=prepare_call(st.fn, st.runs_on),
+                    call=prepare_call(st.fn, st.runs_on, st.inference_mode),
                     to_host=nw.to_host,
                     device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
                     workers=st.workers,
@@ -110,7 +110,9 @@ class Runtime:
         await anyio.to_thread.run_sync(ensure_ray)
         for ctx in remote:
             st = ctx.stage
-            ctx.pool = RayPool(st.name, st.fn, st.replicas, st.resources, st.max_inflight)
+            ctx.pool = RayPool(
+                st.name, st.fn, st.replicas, st.resources, st.max_inflight, st.inference_mode
+            )
             # One worker task per call a replica may hold: least-loaded dispatch picks the replica.
             ctx.workers = ctx.pool.capacity
         await asyncio.gather(*(c.pool.ready() for c in remote))
@@ -227,29 +229,35 @@ class Runtime:
         return sum(c.probe.progress() for c in self.stages) + k.completed + k.failed + k.cancelled
 
     def locate_oldest(self) -> dict[str, Any] | None:
-        """Where the oldest request in flight is held: the stage, and whether that stage's input
-        is empty and its output full. Scans the queues: for stall reports, not the hot path."""
+        """Where the oldest request in flight is held (for stall reports); None when idle."""
         oldest = self.ledger.oldest()
-        if oldest is None:
-            return None
+        return None if oldest is None else self.locate(oldest)
+
+    def locate(self, req: Request) -> dict[str, Any]:
+        """Where ``req`` is held: the stage, and whether that stage's input is empty and its
+        output full. Scans the queues: for diagnostics, not the hot path."""
         holder: StageContext | None = None
         where = "running in the stage"
         for ctx in self.stages:
-            if any(ch.holds(lambda e: oldest in e.requests) for ch in (*ctx.ports, ctx.inbox)):
+            if any(ch.holds(lambda e: req in e.requests) for ch in (*ctx.ports, ctx.inbox)):
                 holder, where = ctx, "waiting in the stage's input queue"
                 break
         if holder is None:
             holder = next((c for c in self.stages if self._running_calls(c) > 0), None)
         if holder is None:
-            return {"stage": None, "request": oldest.id, "where": "between stages"}
+            return {"stage": None, "request": req.id, "where": "between stages"}
         return {
             "stage": holder.name,
-            "request": oldest.id,
+            "request": req.id,
             "where": where,
             "input_empty": len(holder.inbox) == 0,
             "output_full": not holder.outbox.has_room(),
             "calls_running": self._running_calls(holder),
         }
+
+    def find(self, future: Any) -> Request | None:
+        """The request in flight whose outcome is ``future`` (a scan: for diagnostics)."""
+        return next((r for r in self.ledger.inflight.values() if r.future is future), None)
 
     @staticmethod
     def _running_calls(ctx: StageContext) -> int:

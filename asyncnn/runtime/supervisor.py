@@ -26,7 +26,7 @@ class Supervisor:
     def __init__(self, tg: anyio.abc.TaskGroup, torch_threads: int | None = None) -> None:
         self._tg = tg
         self._loop = asyncio.get_running_loop()
-        self._scopes: list[anyio.CancelScope] = []
+        self._scopes: set[anyio.CancelScope] = set()  # of the tasks still running
         self.threads: list[ThreadWorker] = []
         self.crash: BaseException | None = None
         self.torch_threads = torch_threads
@@ -38,7 +38,7 @@ class Supervisor:
 
     def spawn(self, name: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         scope = anyio.CancelScope()
-        self._scopes.append(scope)
+        self._scopes.add(scope)
 
         async def run() -> None:
             with scope:
@@ -48,6 +48,8 @@ class Supervisor:
                     if not isinstance(exc, asyncio.CancelledError) and self.crash is None:
                         self.crash = exc  # the cause that every failed request will chain
                     raise
+                finally:
+                    self._scopes.discard(scope)
 
         self._tg.start_soon(run, name=f"asyncnn:{name}")
 
@@ -62,7 +64,7 @@ class Supervisor:
         return worker
 
     def cancel_all(self) -> None:
-        for scope in self._scopes:
+        for scope in list(self._scopes):
             scope.cancel()
 
     async def stop_threads(self, timeout: float | None) -> None:  # noqa: ASYNC109

@@ -174,7 +174,9 @@ async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fai
     feed(batches, Batch(items, "full"))
     await run_runner(ctx, None, batches, launched)
     done = drained(launched)
-    got = {r.id: part for job in done for r, part in zip(job.env.requests, job.env.parts)}
+    got = {
+        r.id: part for job in done for r, part in zip(job.env.requests, job.env.parts, strict=True)
+    }
     assert sorted(got) == [0, 1, 3]  # the guilty one and the cancelled one are not passed on
     for rid, part in got.items():
         assert torch.equal(part, rows[rid] * 2)
