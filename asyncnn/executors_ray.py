@@ -20,8 +20,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .batching import collate, concat_rows, split_rows
 from .errors import AsyncnnError
+from .payload import collate, concat_rows, split_rows
 
 __all__ = ["RayPool", "ReplicaDied", "ensure_ray"]
 

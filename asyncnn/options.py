@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .batching import PayloadTooDeep, count_rows
 from .errors import AsyncnnError, GraphError, check_whole
 from .graph import Graph, Plan
+from .payload import PayloadTooDeep, count_rows
 from .stage import Stage, is_module
 
 __all__ = ["PipelineOptions", "as_plan", "check_devices", "check_request_rows", "options"]

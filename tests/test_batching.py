@@ -8,7 +8,8 @@ import torch
 from anyio import wait_all_tasks_blocked
 
 from asyncnn import Batching, Pipeline, PipelineFull, Stage, StageError
-from asyncnn.batching import Batcher, Item, Request, collate, finish, run_batch, signature
+from asyncnn.batching import Batcher, Item, Request
+from asyncnn.payload import collate, finish, run_batch, signature
 
 
 def req(i):
@@ -156,7 +157,7 @@ def test_run_batch_chunks_an_oversized_request():
 
 
 def test_row_mismatch_names_the_stage_and_both_numbers():
-    from asyncnn.batching import RowMismatch
+    from asyncnn.payload import RowMismatch
 
     with pytest.raises(RowMismatch, match=r"stage 'embed' returned 31 rows for a batch of 32"):
         finish("embed", torch.zeros(31, 2), [16, 16], None)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from asyncnn import AsyncnnError, GraphError, Pipeline, Stage
-from asyncnn.batching import concat_rows, count_rows, split_rows
 from asyncnn.devices import CpuDevice, make_device, map_tensors
 from asyncnn.partition import balance
+from asyncnn.payload import concat_rows, count_rows, split_rows
 
 
 def mlp():

@@ -17,11 +17,11 @@ from typing import Any
 
 import anyio
 
-from ...batching import (
-    Batch,
-    Batcher,
-    Envelope,
-    Item,
+from ...batching import Batch, Batcher, Envelope, Item
+from ...channels import EMPTY, END, Channel
+from ...devices import Completion, Device, open_device
+from ...executors import ThreadWorker
+from ...payload import (
     RowMismatch,
     collate,
     concat_rows,
@@ -31,9 +31,6 @@ from ...batching import (
     signature,
     split_rows,
 )
-from ...channels import EMPTY, END, Channel
-from ...devices import Completion, Device, open_device
-from ...executors import ThreadWorker
 from ..context import StageContext
 from .placed import Launched
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...batching import Envelope, concat_rows, split_rows
+from ...batching import Envelope
 from ...channels import EMPTY, END, Channel
+from ...payload import concat_rows, split_rows
 from ..context import Outbox, StageContext
 from ..joins import PartTable
 from ..ledger import Ledger
