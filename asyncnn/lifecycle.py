@@ -22,7 +22,7 @@ from .events import EventBus, Watchdog, watch_stalls
 from .runtime import Runtime
 from .runtime.supervisor import Supervisor
 
-__all__ = ["Run"]
+__all__ = ["Run", "uncancel"]
 
 log = logging.getLogger("asyncnn")
 
@@ -166,3 +166,10 @@ class Run:
             )
         await self._events.drain()
         self._closed.set()
+
+
+def uncancel() -> None:
+    """Take back a cancellation we made of the current task (Python 3.11+ counts them)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()

@@ -21,7 +21,7 @@ from .batching import Request
 from .errors import AsyncnnError, PipelineClosed, PipelineFull, first_of
 from .events import EventBus, Watchdog
 from .graph import Graph, to_dot, to_mermaid
-from .lifecycle import Run
+from .lifecycle import Run, uncancel
 from .options import check_devices, check_request_rows, options
 from .partition import layer_stages
 from .runtime import Runtime
@@ -255,7 +255,7 @@ class Pipeline:
         ours = self._owner_cancelled and isinstance(exc, asyncio.CancelledError)
         self._owner, self._owner_cancelled = None, False
         if ours:
-            _uncancel()
+            uncancel()
         # A failed or cancelled body does not wait on a drain: everything ends now.
         await self._stop(self.drain_timeout if exc is None else 0)
         if ours and self._run is not None and self._run.error is not None:
@@ -368,21 +368,8 @@ class Pipeline:
                 return await fut
         except TimeoutError:
             raise TimeoutError(
-                f"request timed out after {timeout:g} s: {self._where(fut)}"
+                f"request timed out after {timeout:g} s: {self._runtime.where(fut)}"
             ) from None
-
-    def _where(self, fut: asyncio.Future[Any] | None) -> str:
-        """Where a request was when its caller stopped waiting, in words."""
-        if fut is None:
-            return "it was still waiting for admission (the pipeline was full)"
-        req = self._runtime.find(fut)
-        if req is None:
-            return "it had just finished"
-        at = self._runtime.locate(req)
-        if at["stage"] is None:
-            return "it was between stages"
-        state = "queued for" if at["where"].startswith("waiting") else "in"
-        return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
 
     def stream(
         self,
@@ -412,10 +399,3 @@ class Pipeline:
     def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
         assert self._run is not None
         self._run.spawn("stream-feed", feed)  # a task of the run: cancelled when it stops
-
-
-def _uncancel() -> None:
-    """Take back a cancellation we made (Python 3.11+ counts them per task)."""
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):
-        task.uncancel()

@@ -233,96 +233,88 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.list:
-        for w in WORKLOADS.values():
-            print(f"{w.name:<10} {w.summary}{'  [cuda]' if w.needs_cuda else ''}")
-        return 0
+class _Usage(Exception):
+    """A bad command line: the message says what to change (exit status 2)."""
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The workloads to run and the options they share, from the command line."""
     if args.repeats is not None and args.repeats < 1:
-        print(f"--repeats {args.repeats}: must be >= 1", file=sys.stderr)
-        return 2
+        raise _Usage(f"--repeats {args.repeats}: must be >= 1")
     cuda = args.device.startswith("cuda")
     names = args.workload or [w.name for w in WORKLOADS.values() if not w.needs_cuda or cuda]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
-        print(f"unknown workload(s) {unknown}; --list shows {list(WORKLOADS)}", file=sys.stderr)
-        return 2
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        print(f"--device {args.device!r}: use cpu or cuda[:N]", file=sys.stderr)
-        return 2
+        raise _Usage(f"unknown workload(s) {unknown}; --list shows {list(WORKLOADS)}")
+    if not (args.device == "cpu" or cuda):
+        raise _Usage(f"--device {args.device!r}: use cpu or cuda[:N]")
     options: dict[str, Any] = {"plot": bool(args.plot), "peers": args.peers}
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print(
-                "--plot needs matplotlib: pip install matplotlib",
-                file=sys.stderr,
-            )
-            return 2
+            raise _Usage("--plot needs matplotlib: pip install matplotlib") from None
     if args.model:
-        if not args.input_shape:
-            print("--model needs --input-shape (one row, without the batch dim)", file=sys.stderr)
-            return 2
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            print(
-                f"--input-shape {args.input_shape!r}: use numbers like 3,224,224", file=sys.stderr
-            )
-            return 2
-        other = [n for n in names if n not in MODEL_WORKLOADS]
-        if args.workload and other:
-            print(
-                f"--model runs in the {' and '.join(MODEL_WORKLOADS)} workloads only, not in "
-                f"{', '.join(other)}: drop those --workload options",
-                file=sys.stderr,
-            )
-            return 2
-        names = [n for n in names if n in MODEL_WORKLOADS]
-        options["model"] = load_user_model(args.model, shape)
-        options["input_shape"] = shape
+        names = _with_model(args, names, options)
     if cuda:
         import torch
 
         if not torch.cuda.is_available():
-            print(f"--device {args.device}: CUDA is not available here", file=sys.stderr)
-            return 2
-    loops = _loops(args.loop)
-    repeats = args.repeats or 3
-    env = environment(",".join(loops), args.device)
-    print(
-        f"asyncnn bench · Python {env['python']} · torch {env['torch']} "
-        f"({env['torch_threads']} threads) · loop {env['loop']} · {env['cpus']} CPUs · "
-        f"GPU {env['gpu'] or 'none'} · device {env['device']}",
-        flush=True,
-    )
+            raise _Usage(f"--device {args.device}: CUDA is not available here")
+    return names, options
+
+
+def _with_model(args: argparse.Namespace, names: list[str], options: dict[str, Any]) -> list[str]:
+    """Load ``--model`` into ``options``; the workloads that run it."""
+    if not args.input_shape:
+        raise _Usage("--model needs --input-shape (one row, without the batch dim)")
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        raise _Usage(f"--input-shape {args.input_shape!r}: use numbers like 3,224,224") from None
+    other = [n for n in names if n not in MODEL_WORKLOADS]
+    if args.workload and other:
+        raise _Usage(
+            f"--model runs in the {' and '.join(MODEL_WORKLOADS)} workloads only, not in "
+            f"{', '.join(other)}: drop those --workload options"
+        )
+    options["model"] = load_user_model(args.model, shape)
+    options["input_shape"] = shape
+    return [n for n in names if n in MODEL_WORKLOADS]
+
+
+def _run(
+    args: argparse.Namespace, names: list[str], options: dict[str, Any], loops: list[str]
+) -> tuple[list[Row], bool]:
+    """Every workload on every loop; the rows, and whether a correctness check failed."""
     rows: list[Row] = []
-    t0 = time.perf_counter()
     failed = False
     with _Progress() as progress:
         for loop in loops:
             for name in names:
-                w = WORKLOADS[name]
                 ctx = Context(
                     args.quick,
-                    repeats,
+                    args.repeats or 3,
                     loop,
                     args.device,
                     progress.workload(f"{name} ({loop})"),
                     options,  # shared: workloads leave figures here for --json and --plot
                 )
                 try:
-                    rows.extend(w.run(ctx))
+                    rows.extend(WORKLOADS[name].run(ctx))
                 except AssertionError as exc:
                     print(f"{name}: correctness check FAILED: {exc}", file=sys.stderr)
                     failed = True
+    return rows, failed
+
+
+def _report(
+    args: argparse.Namespace, rows: list[Row], env: dict[str, Any], options: dict[str, Any]
+) -> None:
     print(format_table(rows))
     if options.get("stage_stats"):
         print("\nPer-stage utilisation (last timed run of each):")
         print(format_stages(options["stage_stats"]))
-    print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
     if args.json:
         with open(args.json, "w") as f:
             doc = {
@@ -338,4 +330,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         write_plot(args.plot, rows, options.get("sweep"))
         print(f"plot written to {args.plot}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for w in WORKLOADS.values():
+            print(f"{w.name:<10} {w.summary}{'  [cuda]' if w.needs_cuda else ''}")
+        return 0
+    try:
+        names, options = _plan(args)
+    except _Usage as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    loops = _loops(args.loop)
+    env = environment(",".join(loops), args.device)
+    print(
+        f"asyncnn bench · Python {env['python']} · torch {env['torch']} "
+        f"({env['torch_threads']} threads) · loop {env['loop']} · {env['cpus']} CPUs · "
+        f"GPU {env['gpu'] or 'none'} · device {env['device']}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    rows, failed = _run(args, names, options, loops)
+    _report(args, rows, env, options)
+    print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
     return 1 if failed else 0

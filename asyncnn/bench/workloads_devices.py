@@ -50,45 +50,42 @@ def _compute_time(model: Any, x: torch.Tensor, n: int = 20) -> float:
 # -- overlap -------------------------------------------------------------------------------------
 
 
-def overlap(ctx: Context) -> list[Row]:
-    model = ctx.options.get("model") or bench_mlp()
-    shape = ctx.options.get("input_shape") or (512,)
-    n = 60 if ctx.quick else 200
-    batches = [torch.randn(OVERLAP_BATCH, *shape) for _ in range(8)]
-    with torch.inference_mode():
-        expected = [model(b) for b in batches]
+class _Overlap:
+    """The overlap workload's three systems over one model: read (async I/O) -> model (a
+    thread) -> write (async I/O), sequential, hand-written with queues, and with asyncnn."""
 
-    def check(outs: dict[int, torch.Tensor], who: str) -> None:
-        for i, y in outs.items():
-            if not torch.allclose(y, expected[i % len(batches)], rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"overlap: {who} returned a wrong result for batch {i}")
+    def __init__(self, ctx: Context, model: Any, batches: list[torch.Tensor]) -> None:
+        self.ctx = ctx
+        self.model = model
+        self.batches = batches
 
-    async def read(i: int) -> tuple[int, torch.Tensor]:
+    async def read(self, i: int) -> tuple[int, torch.Tensor]:
         await anyio.sleep(READ_S)  # stands for a socket or file read
-        return i, batches[i % len(batches)]
+        return i, self.batches[i % len(self.batches)]
 
-    def infer(item: tuple[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+    def infer(self, item: tuple[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
         with torch.inference_mode():
-            return item[0], model(item[1])
+            return item[0], self.model(item[1])
 
-    def make_writer(outs: dict[int, torch.Tensor]) -> Any:
+    @staticmethod
+    def writer(outs: dict[int, torch.Tensor]) -> Any:
         async def write(item: tuple[int, torch.Tensor]) -> None:
             await anyio.sleep(WRITE_S)
             outs[item[0]] = item[1]
 
         return write
 
-    async def sequential(count: int) -> dict[int, torch.Tensor]:
+    async def sequential(self, count: int) -> dict[int, torch.Tensor]:
         outs: dict[int, torch.Tensor] = {}
-        write = make_writer(outs)
+        write = self.writer(outs)
         for i in range(count):
-            await write(infer(await read(i)))
+            await write(self.infer(await self.read(i)))
         return outs
 
-    async def hand_written(count: int) -> dict[int, torch.Tensor]:
+    async def hand_written(self, count: int) -> dict[int, torch.Tensor]:
         """Queues between three tasks and one dedicated compute thread."""
         outs: dict[int, torch.Tensor] = {}
-        write = make_writer(outs)
+        write = self.writer(outs)
         loop = asyncio.get_running_loop()
         q1: asyncio.Queue[Any] = asyncio.Queue(4)
         q2: asyncio.Queue[Any] = asyncio.Queue(4)
@@ -96,12 +93,12 @@ def overlap(ctx: Context) -> list[Row]:
 
             async def reader() -> None:
                 for i in range(count):
-                    await q1.put(await read(i))
+                    await q1.put(await self.read(i))
                 await q1.put(None)
 
             async def computer() -> None:
                 while (item := await q1.get()) is not None:
-                    await q2.put(await loop.run_in_executor(pool, infer, item))
+                    await q2.put(await loop.run_in_executor(pool, self.infer, item))
                 await q2.put(None)
 
             async def writer() -> None:
@@ -111,34 +108,48 @@ def overlap(ctx: Context) -> list[Row]:
             await asyncio.gather(reader(), computer(), writer())
         return outs
 
-    async def with_asyncnn(count: int) -> dict[int, torch.Tensor]:
+    async def with_asyncnn(self, count: int) -> dict[int, torch.Tensor]:
         outs: dict[int, torch.Tensor] = {}
-        pipe = Pipeline(
-            [Stage(read), Stage(infer, name="model"), Stage(make_writer(outs), name="write")],
-            queue_size=4,
-        )
+        stages = [
+            Stage(self.read, name="read"),
+            Stage(self.infer, name="model"),
+            Stage(self.writer(outs), name="write"),
+        ]
+        pipe = Pipeline(stages, queue_size=4)
         async with pipe:
             async for _ in pipe.stream(range(count)):
                 pass
-        record_stages(ctx, "overlap", pipe.stats())
+        record_stages(self.ctx, "overlap", pipe.stats())
         return outs
 
-    systems = {
-        "sequential loop": sequential,
-        "hand-written overlapped": hand_written,
-        "asyncnn Pipeline": with_asyncnn,
-    }
-    for name, fn in systems.items():
-        check(run_on_loop(ctx.loop, lambda fn=fn: fn(10)), name)  # type: ignore[misc]
+    def systems(self) -> dict[str, Any]:
+        return {
+            "sequential loop": self.sequential,
+            "hand-written overlapped": self.hand_written,
+            "asyncnn Pipeline": self.with_asyncnn,
+        }
 
+
+def overlap(ctx: Context) -> list[Row]:
+    model = ctx.options.get("model") or bench_mlp()
+    shape = ctx.options.get("input_shape") or (512,)
+    n = 60 if ctx.quick else 200
+    batches = [torch.randn(OVERLAP_BATCH, *shape) for _ in range(8)]
+    with torch.inference_mode():
+        expected = [model(b) for b in batches]
+    systems = _Overlap(ctx, model, batches).systems()
+    for name, fn in systems.items():
+        outs = run_on_loop(ctx.loop, lambda fn=fn: fn(10))  # type: ignore[misc]
+        for i, y in outs.items():
+            if not torch.allclose(y, expected[i % len(batches)], rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"overlap: {name} returned a wrong result for batch {i}")
     compute_times: list[float] = []
 
     def timed(fn: Any) -> Measure:
         compute_times.append(_compute_time(model, batches[0]))  # re-measured between runs
         t0 = time.perf_counter()
         outs = run_on_loop(ctx.loop, lambda: fn(n))
-        m = Measure(len(outs), time.perf_counter() - t0)
-        return m
+        return Measure(len(outs), time.perf_counter() - t0)
 
     runners: dict[str, Any] = {k: functools.partial(timed, fn) for k, fn in systems.items()}
     runs = interleave(ctx.repeats, runners, ctx.progress)
@@ -160,6 +171,65 @@ def overlap(ctx: Context) -> list[Row]:
 # -- gpu -----------------------------------------------------------------------------------------
 
 
+class _Gpu:
+    """The gpu workload's systems over one model on one CUDA device and pinned host batches."""
+
+    def __init__(self, dev: torch.device, model: Any, host: list[torch.Tensor]) -> None:
+        self.dev = dev
+        self.model = model
+        self.host = host
+        with torch.inference_mode():
+            self.expected = [model(h.to(dev)).cpu() for h in host]
+        torch.cuda.synchronize(dev)
+
+    def measure_parts(self) -> tuple[float, float, float]:
+        """GPU seconds per batch: upload, compute, download (CUDA events, many batches)."""
+        src = self.host[0]
+        out = torch.empty(src.shape, pin_memory=True)
+        x = src.to(self.dev)
+        with torch.inference_mode():
+            y = self.model(x)
+            res = []
+            for op in ("h2d", "compute", "d2h"):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(10):
+                    if op == "h2d":
+                        x.copy_(src, non_blocking=True)
+                    elif op == "compute":
+                        y = self.model(x)
+                    else:
+                        out.copy_(y, non_blocking=True)
+                b.record()
+                b.synchronize()
+                res.append(a.elapsed_time(b) / 1e3 / 10)
+        return res[0], res[1], res[2]
+
+    def sequential(self, count: int, outs: list[torch.Tensor]) -> None:
+        with torch.inference_mode():
+            for i in range(count):
+                x = self.host[i % len(self.host)].to(self.dev, non_blocking=True)
+                y = self.model(x)
+                o = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                o.copy_(y, non_blocking=True)
+                torch.cuda.current_stream(self.dev).synchronize()
+                outs.append(o)
+
+    async def with_asyncnn(self, count: int, outs: list[torch.Tensor]) -> None:
+        pipe = Pipeline([Stage(self.model, device=self.dev, max_inflight=2)], queue_size=4)
+        async with pipe:
+            async for y in pipe.stream(self.host[i % len(self.host)] for i in range(count)):
+                outs.append(y)
+
+    def check(self, outs: list[torch.Tensor], who: str) -> None:
+        for i, y in enumerate(outs):
+            if y.device.type != "cpu" or not torch.allclose(
+                y, self.expected[i % len(self.host)], rtol=1e-3, atol=1e-3
+            ):
+                raise AssertionError(f"gpu: {who} returned a wrong result for batch {i}")
+
+
 def gpu(ctx: Context) -> list[Row]:
     if not torch.cuda.is_available():
         raise SystemExit("the gpu workload needs CUDA; run it where torch.cuda.is_available()")
@@ -170,79 +240,26 @@ def gpu(ctx: Context) -> list[Row]:
     # One 4096x4096 layer on 4096 rows: its compute takes about as long as moving the batch in
     # and out, the case where overlapping copies with compute matters most.
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU()).eval().to(dev)
-    host = [torch.randn(rows_per_batch, width).pin_memory() for _ in range(4)]
-    with torch.inference_mode():
-        expected = [model(h.to(dev)).cpu() for h in host]
-    torch.cuda.synchronize(dev)
-
-    def ev() -> Any:
-        return torch.cuda.Event(enable_timing=True)
-
-    def measure_parts() -> tuple[float, float, float]:
-        """GPU seconds per batch: upload, compute, download (CUDA events, many batches)."""
-        out = torch.empty(rows_per_batch, width, pin_memory=True)
-        x = host[0].to(dev)
-        with torch.inference_mode():
-            y = model(x)
-            res = []
-            for op in ("h2d", "compute", "d2h"):
-                a, b = ev(), ev()
-                a.record()
-                for _ in range(10):
-                    if op == "h2d":
-                        x.copy_(host[0], non_blocking=True)
-                    elif op == "compute":
-                        y = model(x)
-                    else:
-                        out.copy_(y, non_blocking=True)
-                b.record()
-                b.synchronize()
-                res.append(a.elapsed_time(b) / 1e3 / 10)
-        return res[0], res[1], res[2]
-
-    def sequential(count: int, outs: list[torch.Tensor]) -> None:
-        with torch.inference_mode():
-            for i in range(count):
-                x = host[i % len(host)].to(dev, non_blocking=True)
-                y = model(x)
-                o = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-                o.copy_(y, non_blocking=True)
-                torch.cuda.current_stream(dev).synchronize()
-                outs.append(o)
-
-    async def with_asyncnn(count: int, outs: list[torch.Tensor]) -> None:
-        pipe = Pipeline([Stage(model, device=dev, max_inflight=2)], queue_size=4)
-        async with pipe:
-            async for y in pipe.stream(host[i % len(host)] for i in range(count)):
-                outs.append(y)
-
-    def check(outs: list[torch.Tensor], who: str) -> None:
-        for i, y in enumerate(outs):
-            if y.device.type != "cpu" or not torch.allclose(
-                y, expected[i % len(host)], rtol=1e-3, atol=1e-3
-            ):
-                raise AssertionError(f"gpu: {who} returned a wrong result for batch {i}")
-
+    g = _Gpu(dev, model, [torch.randn(rows_per_batch, width).pin_memory() for _ in range(4)])
     o1: list[torch.Tensor] = []
-    sequential(4, o1)
-    check(o1, "sequential loop")
+    g.sequential(4, o1)
+    g.check(o1, "sequential loop")
     o2: list[torch.Tensor] = []
-    run_on_loop(ctx.loop, lambda: with_asyncnn(4, o2))
-    check(o2, "asyncnn")
-
+    run_on_loop(ctx.loop, lambda: g.with_asyncnn(4, o2))
+    g.check(o2, "asyncnn")
     parts: list[tuple[float, float, float]] = []
 
     def seq_run() -> Measure:
-        parts.append(measure_parts())
+        parts.append(g.measure_parts())
         outs: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        sequential(n, outs)
+        g.sequential(n, outs)
         return Measure(len(outs), time.perf_counter() - t0)
 
     def ours_run() -> Measure:
         outs: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        run_on_loop(ctx.loop, lambda: with_asyncnn(n, outs))
+        run_on_loop(ctx.loop, lambda: g.with_asyncnn(n, outs))
         return Measure(len(outs), time.perf_counter() - t0)
 
     runs = interleave(
@@ -250,9 +267,7 @@ def gpu(ctx: Context) -> list[Row]:
         {"sequential pinned non_blocking": seq_run, "asyncnn CUDA stage": ours_run},
         ctx.progress,
     )
-    h2d = statistics.median(p[0] for p in parts)
-    comp = statistics.median(p[1] for p in parts)
-    d2h = statistics.median(p[2] for p in parts)
+    h2d, comp, d2h = (statistics.median(p[k] for p in parts) for k in range(3))
     # The bound, max(copy, compute), with copy = upload + download of one batch.
     bound = 1.0 / max(h2d + d2h, comp)
     seq, ours = (summarize("gpu", name, ctx.loop, m, unit="batches/s") for name, m in runs.items())

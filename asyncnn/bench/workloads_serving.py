@@ -29,6 +29,64 @@ from .models import bench_mlp
 __all__ = ["serving"]
 
 
+class _Serving:
+    """The serving workload's systems over one model: asyncnn batching, and to_thread per
+    request (the naive way), driven by the same clients."""
+
+    def __init__(self, ctx: Context, model: Any, rows: list[torch.Tensor]) -> None:
+        self.ctx = ctx
+        self.model = model
+        self.rows = rows
+        self.spec = Batching(max_size=MAX_SIZE, max_delay=MAX_DELAY)
+        with torch.inference_mode():
+            self.expected = [model(r) for r in rows]
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x)
+
+    async def naive(self, n: int) -> Measure:
+        async def send(x: torch.Tensor) -> torch.Tensor:
+            return await asyncio.to_thread(self.infer, x)
+
+        return await drive(send, self.rows, CLIENTS, n)
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline([Stage(self.model, name="model", batch=self.spec)], queue_size=CLIENTS)
+
+    async def ours(self, n: int) -> Measure:
+        async with self.pipeline() as pipe:
+            m = await drive(pipe.send, self.rows, CLIENTS, n)
+            stats = pipe.stats()
+        record_stages(self.ctx, "serving", stats)
+        m.extra["mean_batch"] = stats["model"].mean_batch_size
+        return m
+
+    async def check(self) -> None:
+        async with self.pipeline() as pipe:
+            got = await asyncio.gather(*(pipe.send(r) for r in self.rows))
+        self._compare(got, "asyncnn")
+        got = await asyncio.gather(*(asyncio.to_thread(self.infer, r) for r in self.rows[:8]))
+        self._compare(got, "naive")
+
+    def _compare(self, got: list[torch.Tensor], who: str) -> None:
+        for i, (g, e) in enumerate(zip(got, self.expected, strict=False)):
+            if not torch.allclose(g, e, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"serving: {who} answered request {i} wrongly")
+
+    def ceiling(self, batch: int) -> float:
+        """Rows/s of the model alone at this batch size, in a tight loop (offline ceiling)."""
+        x = torch.randn(batch, *self.rows[0].shape[1:])
+        times = []
+        with torch.inference_mode():
+            self.model(x)
+            for _ in range(10):
+                t0 = time.perf_counter()
+                self.model(x)
+                times.append(time.perf_counter() - t0)
+        return batch / statistics.median(times)
+
+
 def serving(ctx: Context) -> list[Row]:
     model = ctx.options.get("model") or bench_mlp()
     shape = ctx.options.get("input_shape") or (512,)
@@ -36,69 +94,21 @@ def serving(ctx: Context) -> list[Row]:
     naive_total = 2_048 if ctx.quick else 4_096
     torch.manual_seed(1)
     rows = [torch.randn(1, *shape) for _ in range(64)]
-    with torch.inference_mode():
-        expected = [model(r) for r in rows]
-    spec = Batching(max_size=MAX_SIZE, max_delay=MAX_DELAY)
-
-    def infer(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
-
-    async def naive(n: int) -> Measure:
-        async def send(x: torch.Tensor) -> torch.Tensor:
-            return await asyncio.to_thread(infer, x)
-
-        return await drive(send, rows, CLIENTS, n)
-
-    async def ours(n: int) -> Measure:
-        pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
-        async with pipe:
-            m = await drive(pipe.send, rows, CLIENTS, n)
-            stats = pipe.stats()
-            st = stats["model"]
-        record_stages(ctx, "serving", stats)
-        m.extra["mean_batch"] = st.mean_batch_size
-        return m
-
-    async def check() -> None:
-        pipe = Pipeline([Stage(model, name="model", batch=spec)], queue_size=CLIENTS)
-        async with pipe:
-            got = await asyncio.gather(*(pipe.send(r) for r in rows))
-        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            if not torch.allclose(g, e, rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"serving: asyncnn answered request {i} wrongly")
-        got = await asyncio.gather(*(asyncio.to_thread(infer, r) for r in rows[:8]))
-        for i, (g, e) in enumerate(zip(got, expected[:8], strict=True)):
-            if not torch.allclose(g, e, rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"serving: naive answered request {i} wrongly")
-
-    run_on_loop(ctx.loop, check)
-
+    sv = _Serving(ctx, model, rows)
+    run_on_loop(ctx.loop, sv.check)
     ceiling_rates: list[float] = []
 
-    def ceiling(batch: int) -> float:
-        """Rows/s of the model alone at this batch size, in a tight loop (offline ceiling)."""
-        x = torch.randn(batch, *shape)
-        times = []
-        with torch.inference_mode():
-            model(x)
-            for _ in range(10):
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
-        return batch / statistics.median(times)
-
     def ours_run() -> Measure:
-        m: Measure = run_on_loop(ctx.loop, lambda: ours(total))
+        m: Measure = run_on_loop(ctx.loop, lambda: sv.ours(total))
         # The ceiling at the batch size actually achieved, measured right after the run.
-        ceiling_rates.append(ceiling(max(1, round(m.extra["mean_batch"]))))
+        ceiling_rates.append(sv.ceiling(max(1, round(m.extra["mean_batch"]))))
         return m
 
     runs = interleave(
         ctx.repeats,
         {
             "naive to_thread per request": lambda: run_on_loop(
-                ctx.loop, lambda: naive(naive_total)
+                ctx.loop, lambda: sv.naive(naive_total)
             ),
             "asyncnn Batching": ours_run,
         },
@@ -122,7 +132,7 @@ def serving(ctx: Context) -> list[Row]:
     if ctx.options.get("peers"):
         out.extend(_peers(ctx, rows, total, ours_row.rate))
     if ctx.options.get("plot"):
-        ctx.options["sweep"] = _sweep(ctx, rows, spec, model)
+        ctx.options["sweep"] = _sweep(ctx, rows, sv.spec, model)
     return out
 
 

@@ -255,9 +255,19 @@ class Runtime:
             "calls_running": self._running_calls(holder),
         }
 
-    def find(self, future: Any) -> Request | None:
-        """The request in flight whose outcome is ``future`` (a scan: for diagnostics)."""
-        return next((r for r in self.ledger.inflight.values() if r.future is future), None)
+    def where(self, future: Any) -> str:
+        """Where the request whose outcome is ``future`` is, in words (a scan: for the message
+        of a timed-out request)."""
+        if future is None:
+            return "it was still waiting for admission (the pipeline was full)"
+        req = next((r for r in self.ledger.inflight.values() if r.future is future), None)
+        if req is None:
+            return "it had just finished"
+        at = self.locate(req)
+        if at["stage"] is None:
+            return "it was between stages"
+        state = "queued for" if at["where"].startswith("waiting") else "in"
+        return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
 
     @staticmethod
     def _running_calls(ctx: StageContext) -> int:
