@@ -11,9 +11,13 @@ request; merged batches carry several and are split back before the first unbatc
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .errors import check_whole
 
 __all__ = ["Batch", "Batcher", "Batching", "Envelope", "Item", "Request"]
 
@@ -82,53 +86,145 @@ class Batching:
         max_delay: the longest the oldest waiting request is held for more to arrive (>= 0 s).
         preferred_sizes: on a delay, release the largest of these sizes that is available and
             keep the rest waiting (for compiled models and CUDA graphs).
-        pad: pad requests along dim 1 to the longest in the batch with this value, so that
-            sequences of different lengths share a batch; outputs whose dim 1 has the padded
-            length are trimmed back per request. Without it, requests whose trailing shapes or
-            dtypes differ are never merged (they form separate batches).
+        pad: pad variable-length requests to the longest in the batch, so that sequences of
+            different lengths share a batch: one value for every tensor of the request
+            (``pad=0``), a mapping of key -> value for mapping requests (a tokenizer's output:
+            ``pad={"input_ids": tok.pad_token_id, "attention_mask": 0}``; keys not listed are
+            not padded and must agree in shape), or one value (or ``None``) per position for
+            tuple requests. Without it, requests whose trailing shapes differ are never merged.
+        pad_dim: the dim that padding extends (default 1, the sequence dim after the rows).
+        pad_side: ``"right"`` (default) or ``"left"``.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        trim: cut outputs back to each request's length along ``pad_dim``: ``True`` for every
+            output tensor, or the keys (positions) of the outputs to cut. Off by default:
+            nothing is ever trimmed by guessing from shapes. An output named here whose
+            ``pad_dim`` is not the padded length is an error naming the stage.
+        length_buckets: with ``pad``, requests are batched only with others in the same
+            length bucket (the smallest bucket length >= theirs; longer ones share the last),
+            so short requests do not pay for a long one's padding.
+        max_tokens: with ``pad``, the most rows x padded length in one call, beside
+            ``max_size``.
+        collate: ``collate(payloads) -> input`` for payloads that are not tensors (strings,
+            images, records): the stage is called with what it returns. Needs ``split``.
+        split: ``split(output, n) -> list of n results``, one per request in order. With the
+            hooks each request counts as one row toward ``max_size``.
         isolate_failures: when a merged batch raises, rerun it in halves until the failing
             request is alone, so only it fails (default on).
 
     Example::
 
         Stage(model, batch=Batching(max_size=64, max_delay=0.005))
+        Stage(encode, batch=Batching(max_size=32, pad={"input_ids": 0, "attention_mask": 0},
+                                     length_buckets=(16, 32, 64, 128), max_tokens=4096))
     """
 
     max_size: int = 64
     max_delay: float = 0.005
     preferred_sizes: tuple[int, ...] | None = None
-    pad: float | int | bool | None = None
+    pad: float | int | Mapping[Any, float | int | None] | Sequence[float | int | None] | None = None
+    pad_dim: int = 1
+    pad_side: Literal["right", "left"] = "right"
+    pad_to_multiple_of: int | None = None
+    trim: bool | tuple[Any, ...] = False
+    length_buckets: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    collate: Callable[[list[Any]], Any] | None = None
+    split: Callable[[Any, int], Sequence[Any]] | None = None
     isolate_failures: bool = True
 
     def __post_init__(self) -> None:
-        m = self.max_size
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"Batching: max_size={m!r} must be a whole number >= 1")
+        m = check_whole(self.max_size, "Batching: max_size")
         d = self.max_delay
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
             raise ValueError(f"Batching: max_delay={d!r} must be a number of seconds >= 0")
         if self.preferred_sizes is not None:
-            sizes = tuple(sorted(set(self.preferred_sizes)))
-            bad = [v for v in sizes if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-            if not sizes or bad:
-                raise ValueError(
-                    f"Batching: preferred_sizes={self.preferred_sizes!r} must be whole numbers >= 1"
-                )
+            sizes = _whole_numbers(self.preferred_sizes, "preferred_sizes")
             if sizes[-1] > m:
                 raise ValueError(
                     f"Batching: preferred size {sizes[-1]} is larger than max_size={m}: "
                     "raise max_size or drop that size"
                 )
             object.__setattr__(self, "preferred_sizes", sizes)
+        self._check_padding()
+        if (self.collate is None) != (self.split is None):
+            raise ValueError(
+                "Batching: collate= and split= go together: collate builds the stage's input "
+                "from the requests, split cuts its output back into one result per request"
+            )
+        if self.collate is not None and self.pad is not None:
+            raise ValueError("Batching: collate=/split= hooks do their own padding: drop pad=")
+
+    def _check_padding(self) -> None:
+        pad = self.pad
+        if pad is None:
+            unused = [n for n in ("length_buckets", "max_tokens") if getattr(self, n) is not None]
+            if self.trim:
+                unused.append("trim")
+            if unused:
+                raise ValueError(f"Batching: {', '.join(unused)} need pad=")
+            return
+        if isinstance(pad, Mapping):
+            values: list[Any] = list(pad.values())
+            object.__setattr__(self, "pad", dict(pad))
+        elif isinstance(pad, (tuple, list)):
+            values = list(pad)
+            object.__setattr__(self, "pad", tuple(pad))
+        else:
+            values = [pad]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float, type(None))) for v in values):
+            raise ValueError(
+                f"Batching: pad={pad!r}: use a number, a mapping of key -> number, or a tuple of "
+                "numbers (None: not padded)"
+            )
+        check_whole(self.pad_dim, "Batching: pad_dim")
+        if self.pad_side not in ("right", "left"):
+            raise ValueError(f"Batching: pad_side={self.pad_side!r}: use 'right' or 'left'")
+        if self.pad_to_multiple_of is not None:
+            check_whole(self.pad_to_multiple_of, "Batching: pad_to_multiple_of")
+        if self.max_tokens is not None:
+            check_whole(self.max_tokens, "Batching: max_tokens")
+        if self.length_buckets is not None:
+            buckets = _whole_numbers(self.length_buckets, "length_buckets")
+            object.__setattr__(self, "length_buckets", buckets)
+        if not isinstance(self.trim, bool):
+            if isinstance(self.trim, (str, int)):
+                object.__setattr__(self, "trim", (self.trim,))
+            else:
+                object.__setattr__(self, "trim", tuple(self.trim))
+
+    def bucket(self, length: int | None) -> int | None:
+        """The length bucket of a request of this length (None without buckets)."""
+        buckets = self.length_buckets
+        if buckets is None or length is None:
+            return None
+        return bisect.bisect_left(buckets, length)
+
+    def padded(self, length: int) -> int:
+        """A length rounded up to ``pad_to_multiple_of``."""
+        m = self.pad_to_multiple_of
+        return length if not m else -(-length // m) * m
+
+
+def _whole_numbers(values: Any, name: str) -> tuple[int, ...]:
+    sizes = tuple(sorted(set(values)))
+    if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"Batching: {name}={values!r} must be whole numbers >= 1")
+    return sizes
 
 
 class Item:
     """One request's rows waiting in (or forming) a batch: rows [start, stop) of ``source``."""
 
-    __slots__ = ("arrived", "request", "rows", "source", "start", "stop")
+    __slots__ = ("arrived", "length", "request", "rows", "source", "start", "stop")
 
     def __init__(
-        self, request: Request, source: Any, start: int, stop: int, arrived: float
+        self,
+        request: Request,
+        source: Any,
+        start: int,
+        stop: int,
+        arrived: float,
+        length: int | None = None,
     ) -> None:
         self.request = request
         self.source = source
@@ -136,6 +232,7 @@ class Item:
         self.stop = stop
         self.rows = stop - start
         self.arrived = arrived
+        self.length = length  # along pad_dim, for padded batches
 
 
 Reason = Literal["full", "delay", "drain"]
@@ -156,9 +253,11 @@ class Batch:
 class Batcher:
     """Forms batches from arriving requests. Sync and clock-free: callers pass ``now``.
 
-    ``add`` files an item into the bucket of its signature; ``pop`` returns the next batch that
-    is due (a bucket with ``max_size`` rows, or whose oldest item has waited ``max_delay``, or
-    anything when draining); ``next_deadline`` says when to look again.
+    ``add`` files an item into the bucket of its key (its signature and length bucket);
+    ``pop`` returns the next batch that is due (a bucket with ``max_size`` rows or ``max_tokens``
+    padded tokens, or whose oldest item has waited ``max_delay``, or anything when draining);
+    ``next_deadline`` says when to look again. A batch never takes more than ``max_size`` rows or
+    ``max_tokens`` rows x padded length (a single request larger than that goes alone).
     """
 
     def __init__(self, spec: Batching) -> None:
@@ -187,7 +286,7 @@ class Batcher:
         best: tuple[int, float, Any, Reason] | None = None
         for key, bucket in self._buckets.items():
             oldest = bucket[0].arrived
-            if self._rows[key] >= spec.max_size:
+            if self._rows[key] >= spec.max_size or self._over_budget(bucket):
                 reason: Reason = "full"
             elif now - oldest >= spec.max_delay:
                 reason = "delay"
@@ -207,14 +306,29 @@ class Batcher:
             limit = fitting[-1] if fitting else spec.max_size
         return Batch(self._take(key, limit), reason)
 
+    def _over_budget(self, bucket: deque[Item]) -> bool:
+        budget = self.spec.max_tokens
+        if budget is None:
+            return False
+        rows = sum(i.rows for i in bucket)
+        return rows * self.spec.padded(max(i.length or 0 for i in bucket)) >= budget
+
     def _take(self, key: Any, limit: int) -> list[Item]:
         bucket = self._buckets[key]
+        budget, padded = self.spec.max_tokens, self.spec.padded
         items: list[Item] = []
-        rows = 0
-        while bucket and (not items or rows + bucket[0].rows <= limit):
-            item = bucket.popleft()
-            items.append(item)
-            rows += item.rows
+        rows = longest = 0
+        while bucket:
+            nxt = bucket[0]
+            grown = max(longest, nxt.length or 0)
+            fits = rows + nxt.rows <= limit and (
+                budget is None or (rows + nxt.rows) * padded(grown) <= budget
+            )
+            if items and not fits:
+                break
+            items.append(bucket.popleft())
+            rows += nxt.rows
+            longest = grown
         self._rows[key] -= rows
         self.pending_rows -= rows
         self._prune()

@@ -20,8 +20,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .batchrun import call_batch, collate
 from .errors import AsyncnnError
-from .payload import collate, concat_rows, split_rows
 
 __all__ = ["RayPool", "ReplicaDied", "ensure_ray"]
 
@@ -77,11 +77,10 @@ class _Replica:
     def run(self, args: tuple[Any, ...]) -> Any:
         return self._call(*args)
 
-    def run_batch(self, items: list[tuple[Any, int, int]], max_size: int, pad: float | None) -> Any:
-        payload, rows, _ = collate(items, pad)
-        if sum(rows) <= max_size:
-            return self._call(payload)
-        return concat_rows([self._call(p) for p in split_rows(payload, max_size)])
+    def run_batch(self, items: list[tuple[Any, int, int]], spec: Any) -> Any:
+        """Collate and call one batch here; the caller checks rows and splits it."""
+        payload, rows, _, _ = collate(items, spec)
+        return call_batch(self._call, payload, rows, spec)
 
     def stats(self) -> dict[str, int]:
         return {"calls": self.calls, "pid": os.getpid()}

@@ -1,12 +1,12 @@
-"""Payloads as the runtime sees them: tensors, or tuples/lists/dicts of tensors, with rows on
-dim 0. Counting, splitting, concatenating, padding, and one batch's collate/call/split. Sync,
-and nothing here knows about requests or queues.
+"""Payloads as the runtime sees them: tensors, or tuples/lists/mappings of tensors (a
+tokenizer's ``BatchEncoding`` included), with rows on dim 0. Counting, slicing, splitting and
+concatenating rows. Sync, and nothing here knows about requests or queues.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,12 +15,11 @@ __all__ = [
     "MAX_DEPTH",
     "PayloadTooDeep",
     "RowMismatch",
-    "collate",
     "concat_rows",
     "count_rows",
-    "finish",
-    "run_batch",
     "signature",
+    "slice_rows",
+    "split_by",
     "split_rows",
 ]
 
@@ -42,11 +41,11 @@ def _too_deep() -> TypeError:
 def _tensors(payload: Any, depth: int = 0) -> list[torch.Tensor]:
     if isinstance(payload, torch.Tensor):
         return [payload]
-    if depth >= MAX_DEPTH and isinstance(payload, (tuple, list, dict)):
+    if depth >= MAX_DEPTH and isinstance(payload, (tuple, list, Mapping)):
         raise _too_deep()
     if isinstance(payload, (tuple, list)):
         return [t for p in payload for t in _tensors(p, depth + 1)]
-    if isinstance(payload, dict):
+    if isinstance(payload, Mapping):
         return [t for p in payload.values() for t in _tensors(p, depth + 1)]
     return []
 
@@ -80,7 +79,7 @@ def _map_split(payload: Any, size: int, n: int) -> list[Any]:
     if isinstance(payload, (tuple, list)):
         cols = [_map_split(p, size, n) for p in payload]
         return [type(payload)(c[i] for c in cols) for i in range(n)]
-    if isinstance(payload, dict):
+    if isinstance(payload, Mapping):
         cols_d = {k: _map_split(v, size, n) for k, v in payload.items()}
         return [{k: v[i] for k, v in cols_d.items()} for i in range(n)]
     return [payload] * n
@@ -101,149 +100,52 @@ def concat_rows(parts: list[Any]) -> Any:
         return torch.cat(parts)
     if isinstance(first, (tuple, list)):
         return type(first)(concat_rows([p[i] for p in parts]) for i in range(len(first)))
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         return {k: concat_rows([p[k] for p in parts]) for k in first}
     raise TypeError(f"cannot concatenate outputs of type {type(first).__name__} along dim 0")
 
 
-def signature(payload: Any, pad: bool = False, depth: int = 0) -> Any:
+def signature(payload: Any, depth: int = 0) -> Any:
     """What must match for two requests to share a batch: trailing shapes, dtypes, devices (and
-    dict keys / tuple lengths). With ``pad``, dim 1 of a tensor may differ."""
+    mapping keys / tuple lengths)."""
     if depth >= MAX_DEPTH:
         raise _too_deep()
     if isinstance(payload, torch.Tensor):
         if payload.dim() == 0:
             raise TypeError("a 0-d tensor has no rows: give the request a batch dim 0")
-        if pad:
-            if payload.dim() < 2:
-                raise TypeError(
-                    f"Batching(pad=...) pads dim 1, but this tensor has shape "
-                    f"{tuple(payload.shape)}: give it a sequence dim 1"
-                )
-            return (tuple(payload.shape[2:]), payload.dtype, payload.device)
         return (tuple(payload.shape[1:]), payload.dtype, payload.device)
-    if pad:
-        raise TypeError(
-            f"Batching(pad=...) takes a tensor per request, got {type(payload).__name__}"
-        )
     if isinstance(payload, (tuple, list)) and payload:
-        return (type(payload), *(signature(p, False, depth + 1) for p in payload))
-    if isinstance(payload, dict) and payload:
-        return (dict, *((k, signature(v, False, depth + 1)) for k, v in payload.items()))
+        return (type(payload), *(signature(p, depth + 1) for p in payload))
+    if isinstance(payload, Mapping) and payload:
+        return (dict, *((k, signature(v, depth + 1)) for k, v in payload.items()))
     raise TypeError(
-        "a batching stage takes a tensor, or a tuple/list/dict of tensors, whose dim 0 is rows; "
-        f"got {type(payload).__name__}"
+        "a batching stage takes a tensor, or a tuple/list/mapping of tensors, whose dim 0 is "
+        f"rows; got {type(payload).__name__} (for other payloads give Batching collate= and "
+        "split= hooks)"
     )
 
 
-def _slice_rows(payload: Any, start: int, stop: int) -> Any:
+def slice_rows(payload: Any, start: int, stop: int) -> Any:
     if isinstance(payload, torch.Tensor):
         return payload[start:stop]
     if isinstance(payload, (tuple, list)):
-        return type(payload)(_slice_rows(p, start, stop) for p in payload)
-    if isinstance(payload, dict):
-        return {k: _slice_rows(v, start, stop) for k, v in payload.items()}
+        return type(payload)(slice_rows(p, start, stop) for p in payload)
+    if isinstance(payload, Mapping):
+        return {k: slice_rows(v, start, stop) for k, v in payload.items()}
     return payload
 
 
-def _pad_dim1(tensors: list[torch.Tensor], value: float) -> tuple[torch.Tensor, int]:
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        if t.shape[1] < longest:
-            fill = t.new_full((t.shape[0], longest - t.shape[1], *t.shape[2:]), value)
-            t = torch.cat([t, fill], dim=1)
-        padded.append(t)
-    return torch.cat(padded), longest
-
-
-def _split_by(payload: Any, rows: list[int]) -> list[Any]:
+def split_by(payload: Any, rows: list[int]) -> list[Any]:
     if isinstance(payload, torch.Tensor):
         return list(torch.split(payload, rows))
     if isinstance(payload, (tuple, list)):
-        cols = [_split_by(p, rows) for p in payload]
+        cols = [split_by(p, rows) for p in payload]
         return [type(payload)(c[i] for c in cols) for i in range(len(rows))]
-    if isinstance(payload, dict):
-        cols_d = {k: _split_by(v, rows) for k, v in payload.items()}
+    if isinstance(payload, Mapping):
+        cols_d = {k: split_by(v, rows) for k, v in payload.items()}
         return [{k: v[i] for k, v in cols_d.items()} for i in range(len(rows))]
     raise TypeError(f"cannot split an output of type {type(payload).__name__} by rows")
 
 
 class RowMismatch(ValueError):
     """A batched stage changed the number of rows (dim 0) of its batch."""
-
-
-def run_batch(
-    stage: str,
-    call: Callable[[Any], Any],
-    items: Sequence[tuple[Any, int, int]],
-    max_size: int,
-    pad: float | None,
-    launch: Callable[[Callable[..., Any], tuple[Any, ...]], tuple[Any, Any]] | None = None,
-) -> tuple[Any, list[int], list[Any], Any]:
-    """Collate, call, check and split one batch; runs on the stage's thread.
-
-    ``items`` are (source, start, stop) row ranges. A batch over ``max_size`` rows (one oversized
-    request) runs in chunks of ``max_size`` and is reassembled. ``launch(call, args)``, when given,
-    runs the call on a device and returns (output, completion). Returns the merged output, each
-    item's row count, each item's slice of the output, and the completion (None when done).
-    """
-    payload, rows, lengths = collate(items, pad)
-    fn = call if sum(rows) <= max_size else _chunked(call, max_size)
-    if launch is None:
-        out, done = fn(payload), None
-    else:
-        out, done = launch(fn, (payload,))
-    out, rows, parts = finish(stage, out, rows, lengths)
-    return out, rows, parts, done
-
-
-def _chunked(call: Callable[[Any], Any], size: int) -> Callable[[Any], Any]:
-    def run(payload: Any) -> Any:
-        return concat_rows([call(part) for part in split_rows(payload, size)])
-
-    return run
-
-
-def collate(
-    items: Sequence[tuple[Any, int, int]], pad: float | None
-) -> tuple[Any, list[int], list[int] | None]:
-    rows = [stop - start for _, start, stop in items]
-    parts = [
-        src if start == 0 and stop == count_rows(src) else _slice_rows(src, start, stop)
-        for src, start, stop in items
-    ]
-    if pad is not None:
-        lengths = [p.shape[1] for p in parts]
-        payload, _ = _pad_dim1(parts, float(pad))
-        return payload, rows, lengths
-    return concat_rows(parts), rows, None
-
-
-def finish(
-    stage: str, out: Any, rows: list[int], lengths: list[int] | None
-) -> tuple[Any, list[int], list[Any]]:
-    total = sum(rows)
-    try:
-        got = count_rows(out)
-    except (TypeError, ValueError) as exc:
-        raise RowMismatch(
-            f"stage {stage!r} returned {type(out).__name__} for a batch of {total} rows: a "
-            f"batched stage must return a tensor (or tuple/list/dict of tensors) with dim 0 "
-            f"= rows ({exc})"
-        ) from None
-    if got != total:
-        raise RowMismatch(
-            f"stage {stage!r} returned {got} rows for a batch of {total}: a batched stage must "
-            "keep dim 0 (one output row per input row)"
-        )
-    parts = _split_by(out, rows) if len(rows) > 1 else [out]
-    if lengths is not None:
-        longest = max(lengths)
-        parts = [
-            p[:, :n]
-            if isinstance(p, torch.Tensor) and p.dim() >= 2 and p.shape[1] == longest
-            else p
-            for p, n in zip(parts, lengths, strict=True)
-        ]
-    return out, rows, parts

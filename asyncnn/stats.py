@@ -31,7 +31,9 @@ class StageStats:
     ``busy_fraction``: the share of its workers' time spent inside calls since the pipeline
     started (on a GPU stage, overlapping batches can push it above 1); ``blocked_seconds``: time
     its workers waited for room downstream (backpressure); ``latency_p50/p90/p99``: seconds per
-    call, from a compact histogram; ``running``: calls in progress now.
+    call, from a compact histogram; ``running``: calls in progress now. A padded batching stage
+    also counts ``real_tokens`` (rows x each request's length) and ``padded_tokens`` (rows x the
+    padded length of its batch); ``padding_waste`` is the share of padding in what it computed.
     """
 
     name: str
@@ -54,6 +56,15 @@ class StageStats:
     latency_p90: float = 0.0
     latency_p99: float = 0.0
     running: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """A padded stage: the share of the tokens it computed that were padding (0: none)."""
+        if not self.padded_tokens:
+            return 0.0
+        return 1.0 - self.real_tokens / self.padded_tokens
 
     @property
     def mean_batch_size(self) -> float:
@@ -135,6 +146,8 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             latency_p90=s.latency[1],
             latency_p99=s.latency[2],
             running=s.running,
+            real_tokens=s.real_tokens,
+            padded_tokens=s.padded_tokens,
         )
     return PipelineStats(
         stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight, run

@@ -9,7 +9,9 @@ from anyio import wait_all_tasks_blocked
 
 from asyncnn import Batching, Pipeline, PipelineFull, Stage, StageError
 from asyncnn.batching import Batcher, Item, Request
-from asyncnn.payload import collate, finish, run_batch, signature
+from asyncnn.batchrun import collate, finish, run_batch
+from asyncnn.padding import request_length
+from asyncnn.payload import signature
 
 
 def req(i):
@@ -119,7 +121,7 @@ def test_signature_of_structures_and_bad_payloads():
     with pytest.raises(TypeError, match="0-d"):
         signature(torch.tensor(1.0))
     with pytest.raises(TypeError, match="pads dim 1"):
-        signature(torch.zeros(3), pad=True)
+        request_length(Batching(pad=0), torch.zeros(3))
 
 
 @pytest.mark.parametrize(
@@ -139,7 +141,7 @@ def test_bad_batching_config(kwargs, match):
 def test_run_batch_splits_each_callers_rows_exactly():
     sources = [torch.arange(3.0).reshape(3, 1), torch.arange(10.0, 12.0).reshape(2, 1)]
     ranges = [(sources[0], 0, 3), (sources[1], 0, 2), (sources[0], 1, 2)]
-    _, rows, parts, done = run_batch("double", lambda x: x * 2, ranges, 64, None)
+    _, rows, parts, done = run_batch("double", lambda x: x * 2, ranges, Batching(max_size=64))
     assert rows == [3, 2, 1] and done is None
     assert [p.flatten().tolist() for p in parts] == [[0, 2, 4], [20, 22], [2]]
 
@@ -152,7 +154,7 @@ def test_run_batch_chunks_an_oversized_request():
         return x + 1
 
     src = torch.arange(10.0).reshape(10, 1)
-    out, _, _, _ = run_batch("m", model, [(src, 0, 10)], 4, None)
+    out, _, _, _ = run_batch("m", model, [(src, 0, 10)], Batching(max_size=4))
     assert calls == [4, 4, 2] and torch.equal(out, src + 1)
 
 
@@ -160,17 +162,18 @@ def test_row_mismatch_names_the_stage_and_both_numbers():
     from asyncnn.payload import RowMismatch
 
     with pytest.raises(RowMismatch, match=r"stage 'embed' returned 31 rows for a batch of 32"):
-        finish("embed", torch.zeros(31, 2), [16, 16], None)
+        finish("embed", torch.zeros(31, 2), [16, 16], Batching())
     with pytest.raises(RowMismatch, match="returned NoneType"):
-        finish("embed", None, [1], None)
+        finish("embed", None, [1], Batching())
 
 
 def test_padding_round_trip():
+    spec = Batching(pad=0, trim=True)
     a = torch.ones(1, 3, dtype=torch.long)
     b = torch.full((2, 5), 7, dtype=torch.long)
-    payload, rows, lengths = collate([(a, 0, 1), (b, 0, 2)], pad=0.0)
+    payload, rows, lengths, target = collate([(a, 0, 1), (b, 0, 2)], spec)
     assert payload.shape == (3, 5) and payload[0].tolist() == [1, 1, 1, 0, 0]
-    _, rows, parts = finish("seq", payload * 2, rows, lengths)
+    _, rows, parts = finish("seq", payload * 2, rows, spec, lengths, target)
     assert parts[0].tolist() == [[2, 2, 2]] and parts[1].shape == (2, 5)
 
 
@@ -260,7 +263,7 @@ async def test_padding_end_to_end():
     def embed(x):
         return x.unsqueeze(-1).float() * 2
 
-    pipe = Pipeline([Stage(embed, batch=Batching(max_size=8, max_delay=0.05, pad=0))])
+    pipe = Pipeline([Stage(embed, batch=Batching(max_size=8, max_delay=0.05, pad=0, trim=True))])
     async with pipe:
         xs = [torch.ones(1, n, dtype=torch.long) for n in (2, 5, 3)]
         ys = await asyncio.gather(*(pipe.send(x) for x in xs))

@@ -9,7 +9,8 @@ costs more than such a call), unless an event subscriber wants every ``batch_don
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]
 
@@ -65,6 +66,8 @@ class StageProbe:
         "latency",
         "name",
         "observe",
+        "padded_tokens",
+        "real_tokens",
         "released",
         "retries",
         "rows",
@@ -85,6 +88,8 @@ class StageProbe:
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
         self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
+        self.real_tokens = 0  # padded stages: rows x each request's own length
+        self.padded_tokens = 0  # rows x the batch's padded length
 
     def timed_call(self, seconds: float, size: int) -> None:
         """A call of ``size`` requests took ``seconds``."""
@@ -113,6 +118,14 @@ class StageProbe:
         obs = self.observe
         if obs is not None:
             obs("batch_formed", self.name, size=rows, reason=reason)
+
+    def count_tokens(self, items: Sequence[Any], spec: Any) -> None:
+        """A padded batch of these items (``rows``, ``length``): real and padded tokens."""
+        lengths = [i.length or 0 for i in items]
+        target = spec.padded(max(lengths))
+        for item, n in zip(items, lengths, strict=True):
+            self.real_tokens += item.rows * n
+            self.padded_tokens += item.rows * target
 
     def progress(self) -> int:
         """Grows whenever the stage finishes or fails a call (for the stall watchdog)."""

@@ -218,6 +218,8 @@ class Runtime:
             blocked=p.blocked,
             running=p.active,
             latency=(p.latency.quantile(0.5), p.latency.quantile(0.9), p.latency.quantile(0.99)),
+            real_tokens=p.real_tokens,
+            padded_tokens=p.padded_tokens,
         )
 
     def in_flight(self) -> int:

@@ -27,6 +27,8 @@ class StageView:
     blocked: float
     running: int
     latency: tuple[float, float, float]  # p50, p90, p99 seconds
+    real_tokens: int = 0
+    padded_tokens: int = 0
 
 
 @dataclass(frozen=True)

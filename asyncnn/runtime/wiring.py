@@ -50,7 +50,8 @@ def wire(
 ) -> Wiring:
     outs: dict[int, list[Target]] = {i: [] for i in range(-1, len(plan.nodes))}
     for j, node in enumerate(plan.nodes):
-        takes_merged = node.stage.batch is not None and len(node.inputs) == 1
+        spec = node.stage.batch
+        takes_merged = spec is not None and spec.collate is None and len(node.inputs) == 1
         for port, src in enumerate(node.inputs):
             outs[src].append(Target(j, port, takes_merged and not _padded(plan, src)))
     for port, src in enumerate(plan.outputs):
@@ -75,11 +76,12 @@ def wire(
 
 
 def _padded(plan: Plan, src: int) -> bool:
-    # A padded batch is split (and trimmed) per request before anyone else sees it.
+    # A padded batch is split (and trimmed) per request before anyone else sees it; so is the
+    # output of collate/split hooks, which has no rows to slice.
     if src < 0:
         return False
     spec = plan.nodes[src].stage.batch
-    return spec is not None and spec.pad is not None
+    return spec is not None and (spec.pad is not None or spec.split is not None)
 
 
 def _to_host(plan: Plan, index: int, output_device: Any) -> bool:

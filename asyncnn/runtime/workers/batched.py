@@ -17,20 +17,13 @@ from typing import Any
 
 import anyio
 
-from ...batching import Batch, Batcher, Envelope, Item
+from ...batching import Batch, Batcher, Batching, Envelope, Item
+from ...batchrun import collate, finish, run_batch
 from ...channels import EMPTY, END, Channel
 from ...devices import Completion, Device, open_device
 from ...executors import ThreadWorker
-from ...payload import (
-    RowMismatch,
-    collate,
-    concat_rows,
-    count_rows,
-    finish,
-    run_batch,
-    signature,
-    split_rows,
-)
+from ...padding import pad_signature, padded_length, request_length
+from ...payload import RowMismatch, concat_rows, count_rows, signature, split_rows
 from ..context import StageContext
 from .placed import Launched
 
@@ -40,13 +33,23 @@ __all__ = ["batch_call", "file_request", "run_former", "run_runner"]
 BatchCall = Callable[[list[Item]], Awaitable[tuple[Any, list[int], list[Any], Any]]]
 
 
+def _key(spec: Batching, payload: Any) -> tuple[Any, int, int | None]:
+    """(what must match to share a batch, rows, length along pad_dim) of one request."""
+    if spec.collate is not None:
+        return None, 1, None  # hooks: any payload, one row per request
+    if spec.pad is None:
+        key = signature(payload)  # first: its message says what a batching stage takes
+        return key, count_rows(payload), None
+    length = request_length(spec, payload)
+    return (pad_signature(spec, payload), spec.bucket(length)), count_rows(payload), length
+
+
 def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float) -> None:
     """Put an arriving envelope's requests into the batcher (or fail the unbatchable)."""
     spec = ctx.stage.batch
     assert spec is not None
     try:
-        key = signature(env.payload, spec.pad is not None)
-        total = count_rows(env.payload)
+        key, total, length = _key(spec, env.payload)
     except (TypeError, ValueError) as exc:
         ctx.fail(env.requests, exc, f"cannot batch this request: {exc}")
         return
@@ -56,12 +59,12 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
     alive = ctx.ledger.alive
     if env.rows is None:
         if alive(env.requests[0]):
-            batcher.add(Item(env.requests[0], env.payload, 0, total, now), key)
+            batcher.add(Item(env.requests[0], env.payload, 0, total, now, length), key)
         return
     start = 0
     for req, n in zip(env.requests, env.rows, strict=True):
         if alive(req):
-            batcher.add(Item(req, env.payload, start, start + n, now), key)
+            batcher.add(Item(req, env.payload, start, start + n, now, length), key)
         start += n
 
 
@@ -110,8 +113,7 @@ def batch_call(ctx: StageContext, worker: ThreadWorker | None, device: Device | 
     """How this stage runs one batch, chosen once per worker."""
     spec = ctx.stage.batch
     assert spec is not None
-    name, call, max_size = ctx.name, ctx.call, spec.max_size
-    pad = None if spec.pad is None else float(spec.pad)
+    name, call = ctx.name, ctx.call
     if ctx.join is not None:  # a batching join gets its merged parts as one tuple
         joined = call
         call = lambda parts: joined(*parts)  # noqa: E731
@@ -122,24 +124,26 @@ def batch_call(ctx: StageContext, worker: ThreadWorker | None, device: Device | 
 
     if worker is not None:
         run = worker.run
-        return lambda items: run(run_batch, (name, call, ranges(items), max_size, pad, launch))
+        return lambda items: run(run_batch, (name, call, ranges(items), spec, launch))
 
     async def remote(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
-        # One remote call per batch; collated on the replica.
-        result = await ctx.pool.call("run_batch", ranges(items), max_size, pad)
-        lengths = [i.source.shape[1] for i in items] if pad is not None else None
-        return (*finish(name, result, [i.rows for i in items], lengths), None)
+        # One remote call per batch; collated on the replica, split here.
+        result = await ctx.pool.call("run_batch", ranges(items), spec)
+        rows = [i.rows for i in items]
+        lengths = None if spec.pad is None else [i.length or 0 for i in items]
+        target = 0 if lengths is None else padded_length(spec, lengths)
+        return (*finish(name, result, rows, spec, lengths, target), None)
 
     async def on_loop(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
-        payload, rows, lengths = collate(ranges(items), pad)
-        if sum(rows) <= max_size:
+        payload, rows, lengths, target = collate(ranges(items), spec)
+        if spec.collate is not None or sum(rows) <= spec.max_size:
             result = await call(payload)
         else:
-            result = concat_rows([await call(p) for p in split_rows(payload, max_size)])
-        return (*finish(name, result, rows, lengths), None)
+            result = concat_rows([await call(p) for p in split_rows(payload, spec.max_size)])
+        return (*finish(name, result, rows, spec, lengths, target), None)
 
     async def inline(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
-        return run_batch(name, call, ranges(items), max_size, pad)
+        return run_batch(name, call, ranges(items), spec)
 
     runs_on = ctx.stage.runs_on
     return remote if runs_on == "ray" else on_loop if runs_on == "loop" else inline
@@ -158,7 +162,8 @@ async def run_runner(
     launched: Channel[Launched],
 ) -> None:
     """Run formed batches on the stage's executor; hand each output to the completer."""
-    probe, alive = ctx.probe, ctx.ledger.alive
+    probe, alive, spec = ctx.probe, ctx.ledger.alive, ctx.stage.batch
+    assert spec is not None
     try:
         device = None
         if ctx.device is not None:
@@ -171,6 +176,8 @@ async def run_runner(
             if items:
                 probe.batches += 1
                 probe.rows += sum(i.rows for i in items)
+                if spec.pad is not None:
+                    probe.count_tokens(items, spec)
                 await _run_items(ctx, call, items, launched)
     finally:
         launched.close()
