@@ -20,6 +20,7 @@ from .errors import (
     PipelineClosed,
     PipelineFull,
     StageError,
+    WorkerLost,
 )
 from .graph import Graph, Node
 from .loader import AsyncLoader, LoaderStats
@@ -45,5 +46,6 @@ __all__ = [
     "Stage",
     "StageError",
     "StageStats",
+    "WorkerLost",
     "__version__",
 ]

@@ -7,6 +7,7 @@ Everything asyncnn raises on purpose derives from :class:`AsyncnnError`::
     ├── StageError      a user stage raised; ``.stage`` names it, the cause is chained
     ├── PipelineClosed  the pipeline is not running (never started, closing, closed)
     ├── PipelineFull    ``submit_nowait`` found the admission queue full
+    ├── WorkerLost      the worker holding a call was lost (a dead Ray replica): never re-run
     └── LoaderError     an ``AsyncLoader`` could not fetch a sample; the cause is chained
 
 Bad arguments to constructors raise the built-ins (``TypeError``/``ValueError``) with a message that
@@ -27,6 +28,7 @@ __all__ = [
     "PipelineClosed",
     "PipelineFull",
     "StageError",
+    "WorkerLost",
     "check_whole",
     "first_of",
 ]
@@ -73,6 +75,13 @@ class LoaderError(AsyncnnError):
 
     def __reduce__(self) -> tuple[type[LoaderError], tuple[str, int | None]]:
         return (type(self), (str(self), self.index))
+
+
+class WorkerLost(AsyncnnError):
+    """The worker that held a call was lost (a Ray replica died) after the call may have run.
+
+    Such a call is never run again, by a retry or by bisecting its batch: it may have had
+    effects. Its requests fail; the caller may resend."""
 
 
 def check_whole(value: object, label: str, low: int = 1) -> int:

@@ -8,7 +8,8 @@ tensors without a copy where Ray supports it); asyncnn itself never unpickles re
 
 What is retried and what is not: a replica that dies (crash, ``ray.kill``, node lost) fails the
 calls it held with ``ReplicaDied``; it is replaced by a new actor and the pipeline keeps
-serving. Those calls are not retried (they may have had effects); callers can resend.
+serving. Those calls are not retried, and a batch that held them is not bisected either (its
+calls may have had effects); callers can resend.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from .batchrun import call_batch, collate
-from .errors import AsyncnnError
+from .errors import AsyncnnError, WorkerLost
 
 __all__ = ["RayPool", "ReplicaDied", "ensure_ray"]
 
 log = logging.getLogger("asyncnn")
 
 
-class ReplicaDied(AsyncnnError):
-    """A Ray replica died while it held this call; the replica has been replaced."""
+class ReplicaDied(WorkerLost):
+    """A Ray replica died while it held this call; the replica has been replaced. The call is
+    not run again (not even by bisecting its batch): it may have had effects."""
 
 
 def _is_factory(fn: Any) -> bool:

@@ -7,13 +7,17 @@ Then: curl -s -X POST localhost:8000/predict -H 'content-type: application/json'
 - The pipeline starts and drains with the app (lifespan), so in-flight requests finish on exit.
 - A full pipeline answers 503 with Retry-After instead of queueing without bound (load shedding).
 - It binds 127.0.0.1 by default: put a reverse proxy in front to expose it.
+- Bodies over 64 KiB are refused with 413 before they are parsed; rows must have exactly 8
+  features and there are at most 64 of them (422 otherwise), before any tensor is made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, HTTPException
@@ -22,8 +26,60 @@ from pydantic import BaseModel, Field
 
 import asyncnn
 
+log = logging.getLogger("serve_fastapi")
+
 FEATURES = 8
 MAX_ROWS = 64
+MAX_BODY = 64 * 1024  # bytes: MAX_ROWS rows of FEATURES floats fit with room to spare
+
+
+class BodyLimit:
+    """Answer 413 to a request body over ``limit`` bytes before anything parses it: at once by
+    its Content-Length, else while it streams in (read here, at most ``limit`` bytes, then
+    handed to the app)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await self._refuse(send)
+        chunks: list[bytes] = []
+        seen, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        body: dict[str, Any] | None = {
+            "type": "http.request",
+            "body": b"".join(chunks),
+            "more_body": False,
+        }
+
+        async def replay() -> Any:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Any) -> None:
+        body = b'{"detail":"request body too large"}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def make_model() -> torch.nn.Module:
@@ -33,8 +89,11 @@ def make_model() -> torch.nn.Module:
     ).eval()
 
 
+Row = Annotated[list[float], Field(min_length=FEATURES, max_length=FEATURES)]
+
+
 class PredictIn(BaseModel):
-    features: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS)
+    features: list[Row] = Field(min_length=1, max_length=MAX_ROWS)
 
 
 class PredictOut(BaseModel):
@@ -56,6 +115,7 @@ def create_app(model: torch.nn.Module | None = None, *, queue_size: int = 256) -
 
     app = FastAPI(lifespan=lifespan)
     app.state.pipeline = pipeline
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     @app.exception_handler(asyncnn.PipelineFull)
     async def full(request: object, exc: asyncnn.PipelineFull) -> JSONResponse:
@@ -73,7 +133,8 @@ def create_app(model: torch.nn.Module | None = None, *, queue_size: int = 256) -
         try:
             y = await fut
         except asyncnn.StageError as exc:
-            raise HTTPException(500, f"model failed: {exc}") from exc
+            log.exception("model failed on a request")  # the details stay in the server's log
+            raise HTTPException(500, "model failed") from exc
         return PredictOut(scores=y.tolist())
 
     @app.get("/stats")

@@ -16,6 +16,7 @@ PUBLIC = {
     "Stage",
     "StageError",
     "StageStats",
+    "WorkerLost",
     "__version__",
 }
 

@@ -2,12 +2,10 @@
 
 import asyncio
 import sys
-import time
 
 import anyio
 import pytest
 import torch
-from anyio import wait_all_tasks_blocked
 
 from asyncnn import Batching, Pipeline, Stage, StageError
 
@@ -35,11 +33,6 @@ def make_linear():
 
 
 def double(x):
-    return x * 2
-
-
-def slow_double(x):
-    time.sleep(0.3)
     return x * 2
 
 
@@ -90,23 +83,24 @@ async def test_remote_exception_is_a_stage_error_with_the_remote_cause():
     assert [r.item() for i, r in enumerate(results) if i != 2] == [1.0, 2.0, 4.0]
 
 
-async def test_a_killed_replica_fails_only_its_calls_and_is_replaced():
+async def test_a_killed_replica_fails_only_its_calls_and_is_replaced(tmp_path):
+    import functools
+
     from asyncnn.executors_ray import ReplicaDied
 
-    pipe = Pipeline(
-        [
-            Stage(
-                slow_double, executor="ray", replicas=2, resources={"num_cpus": 0.5}, max_inflight=1
-            )
-        ]
+    runs = tmp_path / "runs.txt"
+    held = functools.partial(gated_record, root=str(tmp_path))  # each call waits for "go"
+    stage = Stage(
+        held, name="double", executor="ray", replicas=2, resources={"num_cpus": 0.5}, max_inflight=1
     )
-    async with pipe:
+    async with Pipeline([stage]) as pipe:
         pool = ray_pool(pipe)
         first = [asyncio.ensure_future(pipe.send(torch.full((1,), float(i)))) for i in range(2)]
-        await wait_all_tasks_blocked()
+        await started(runs, 2)  # both calls are running on their replicas
         assert pool._load == [1, 1]  # each replica holds one call
         victim = pool.actors[0]
         ray.kill(victim, no_restart=True)
+        (tmp_path / "go").touch()
         results = await asyncio.gather(*first, return_exceptions=True)
         died = [r for r in results if isinstance(r, StageError)]
         assert len(died) == 1 and isinstance(died[0].__cause__, ReplicaDied)
@@ -169,3 +163,57 @@ def test_scale_out_example_matches_the_local_model():
     xs = [torch.randn(1, 64) for _ in range(64)]
     with torch.inference_mode():
         assert labels == [int(model(x).argmax()) for x in xs]
+
+
+async def started(runs, n):
+    """Wait until the replicas have recorded ``n`` rows (another process writes the file, so
+    there is no event to wait on here)."""
+    with anyio.fail_after(30):
+        while not runs.exists() or len(runs.read_text().split()) < n:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def gated_record(x, root):
+    """Record each row it runs (a side effect, in a file), then wait for the test's gate."""
+    import os
+    import time as _time
+
+    with open(os.path.join(root, "runs.txt"), "a") as f:
+        for v in x.flatten().tolist():
+            f.write(f"{int(v)}\n")
+    deadline = _time.monotonic() + 20
+    while not os.path.exists(os.path.join(root, "go")) and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    return x * 2
+
+
+async def test_a_batch_whose_replica_dies_is_not_run_again(tmp_path):
+    import functools
+
+    from asyncnn.executors_ray import ReplicaDied
+
+    runs = tmp_path / "runs.txt"
+    stage = Stage(
+        functools.partial(gated_record, root=str(tmp_path)),
+        name="record",
+        executor="ray",
+        replicas=2,
+        resources={"num_cpus": 0.5},
+        max_inflight=1,
+        batch=Batching(max_size=8, max_delay=0.05),
+    )
+    pipe = Pipeline([stage])
+    async with pipe:
+        pool = ray_pool(pipe)
+        sent = [asyncio.ensure_future(pipe.send(torch.full((1,), float(i)))) for i in range(4)]
+        await started(runs, 4)  # the batch of four has reached a replica and run
+        holder = pool._load.index(1)
+        ray.kill(pool.actors[holder], no_restart=True)
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        (tmp_path / "go").touch()
+    assert all(isinstance(r, StageError) for r in results)
+    assert all(isinstance(r.__cause__, ReplicaDied) for r in results)
+    counts = {}
+    for v in runs.read_text().split():
+        counts[v] = counts.get(v, 0) + 1
+    assert counts == {"0": 1, "1": 1, "2": 1, "3": 1}  # each request's work ran exactly once

@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ async def test_hostile_http_payloads_are_refused_before_allocation():
         "serve_fastapi", ROOT / "examples" / "serve_fastapi.py"
     )
     ex = importlib.util.module_from_spec(spec)
+    sys.modules["serve_fastapi"] = ex  # pydantic resolves the models' annotations there
     spec.loader.exec_module(ex)
     app = ex.create_app()
     huge = {"features": [[0.0] * ex.FEATURES] * 10_000}  # claims 10k rows: over MAX_ROWS
@@ -66,4 +68,39 @@ async def test_hostile_http_payloads_are_refused_before_allocation():
                 client.post("/predict", json={"features": "DROP TABLE"}),
             )
         assert app.state.pipeline.stats().admitted == 0  # none reached the model
-    assert (r_huge.status_code, r_nested.status_code, r_type.status_code) == (422, 422, 422)
+    assert (r_huge.status_code, r_nested.status_code, r_type.status_code) == (413, 422, 422)
+
+
+async def test_oversized_bodies_are_refused_before_they_are_parsed(monkeypatch):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "serve_fastapi", ROOT / "examples" / "serve_fastapi.py"
+    )
+    ex = importlib.util.module_from_spec(spec)
+    sys.modules["serve_fastapi"] = ex  # pydantic resolves the models' annotations there
+    spec.loader.exec_module(ex)
+    app = ex.create_app()
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
+    one_long_row = json.dumps({"features": [[0.0] * 100_000]}).encode()  # 500 kB, one row
+
+    async def chunked():
+        for _ in range(100):
+            yield b" " * 1024  # no Content-Length: counted as it streams in
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r_long = await client.post(
+                "/predict", content=one_long_row, headers={"content-type": "application/json"}
+            )
+            r_chunked = await client.post("/predict", content=chunked())
+            assert parsed == []  # neither body was parsed
+            r_wide = await client.post("/predict", json={"features": [[0.0] * 9]})
+    assert (r_long.status_code, r_chunked.status_code) == (413, 413)
+    assert r_wide.status_code == 422  # a row of 9 features: refused by the schema

@@ -45,7 +45,9 @@ class Epoch:
         cfg = self.cfg
         threads = (cfg.threads if cfg.kind == "map" else 0) if cfg.map_style else 1
         async with self._helpers(threads) as (collator, waiter, pool):
-            producer = asyncio.ensure_future(self._produce(collator, pool))
+            producer = asyncio.create_task(
+                self._produce(collator, pool), name="asyncnn:loader-produce"
+            )
             try:
                 while True:
                     self.room.release()  # the consumer asks for the next batch
@@ -186,7 +188,8 @@ class Epoch:
                     changed.set()  # wake the producer only when a batch is complete
 
         fetchers = [
-            asyncio.ensure_future(fetcher()) for _ in range(min(cfg.concurrency, parts.total))
+            asyncio.create_task(fetcher(), name="asyncnn:loader-fetch")
+            for _ in range(min(cfg.concurrency, parts.total))
         ]
         fetching = asyncio.gather(*fetchers)
         try:

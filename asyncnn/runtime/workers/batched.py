@@ -21,6 +21,7 @@ from ...batching import Batch, Batcher, Batching, Envelope, Item
 from ...batchrun import collate, finish, run_batch
 from ...channels import EMPTY, END, Channel
 from ...devices import Completion, Device, open_device
+from ...errors import WorkerLost
 from ...executors import ThreadWorker
 from ...padding import pad_signature, padded_length, request_length
 from ...payload import RowMismatch, concat_rows, count_rows, signature, split_rows
@@ -28,6 +29,8 @@ from ..context import StageContext
 from .placed import Launched
 
 __all__ = ["batch_call", "file_request", "run_former", "run_runner"]
+
+_NEVER_RERUN = (RowMismatch, WorkerLost)
 
 # items -> (merged output, rows per item, each item's part, completion or None)
 BatchCall = Callable[[list[Item]], Awaitable[tuple[Any, list[int], list[Any], Any]]]
@@ -194,9 +197,10 @@ async def _run_items(
         out, rows, parts, done = await call(items)
     except Exception as exc:
         probe.active -= 1
-        if len(items) > 1 and spec.isolate_failures and not isinstance(exc, RowMismatch):
+        if len(items) > 1 and spec.isolate_failures and not isinstance(exc, _NEVER_RERUN):
             # Bisect: rerun each half until the failing request is alone. A RowMismatch is the
-            # stage itself being wrong: no retry helps.
+            # stage itself being wrong: no retry helps. A lost worker's call may have run: it
+            # must not run twice.
             mid = len(items) // 2
             for half in (items[:mid], items[mid:]):
                 live = [i for i in half if ctx.ledger.alive(i.request)]
