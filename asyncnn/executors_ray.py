@@ -96,7 +96,11 @@ def ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     cpus = os.cpu_count() or 1
-    log.info("Ray is not initialised; starting a local Ray with num_cpus=%d", cpus)
+    log.warning(
+        "Ray is not initialised: starting a local Ray with num_cpus=%d (call ray.init() "
+        "yourself to choose the cluster and its resources)",
+        cpus,
+    )
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
     return True
 

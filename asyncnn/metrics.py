@@ -6,6 +6,7 @@ runtime and below nothing: ``Pipeline`` does not import it.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -65,17 +66,32 @@ _STAGE_METRICS = {
 
 
 class _Collector:
-    """Reads ``pipe.stats()`` at every scrape."""
+    """Reads ``pipe.stats()`` at every scrape, on the pipeline's event loop: the exporter's
+    HTTP thread never reads state that the loop is changing."""
 
     def __init__(self, pipe: HasStats) -> None:
         self._pipe = pipe
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # made outside a loop: read directly
+
+    def _stats(self) -> PipelineStats:
+        loop = self._loop
+        if loop is None or not loop.is_running() or _on_loop(loop):
+            return self._pipe.stats()
+
+        async def snapshot() -> PipelineStats:
+            return self._pipe.stats()
+
+        return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=5)
 
     def describe(self) -> list[Any]:
         return []  # metrics are only known at collect time; no duplicate check on register
 
     def collect(self) -> Iterator[Any]:
         core = _prometheus()
-        st = self._pipe.stats()
+        st = self._stats()
         kinds = {"counter": core.CounterMetricFamily, "gauge": core.GaugeMetricFamily}
         for attr, (kind, name, doc) in _STAGE_METRICS.items():
             fam = kinds[kind](f"asyncnn_stage_{name}", doc, labels=["stage"])
@@ -92,6 +108,13 @@ class _Collector:
         yield core.GaugeMetricFamily(
             "asyncnn_requests_in_flight", "Requests admitted and not ended", value=st.in_flight
         )
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _latency(core: Any, st: PipelineStats) -> Any:

@@ -8,15 +8,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! $PY -c "import pytest_asyncio" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/asyncnn-site .whl/*.whl
-    export PYTHONPATH=/tmp/asyncnn-site${PYTHONPATH:+:$PYTHONPATH}
+    site=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "gpu-check: pytest-asyncio is missing; pip install pytest-asyncio (or carry its wheel in .whl/)"
     exit 2
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-out=${OUT:-/tmp}
+out=${OUT:-$(mktemp -d)}
+echo "gpu-check: logs in $out"
 $PY - <<'PY'
 import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device: "

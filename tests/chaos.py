@@ -169,6 +169,12 @@ async def run_case(case: Case) -> float:
             assert rid in case.cancel
     assert stats.in_flight == 0, stats
     assert stats.admitted == stats.completed + stats.failed + stats.cancelled, stats
+    # Every outcome a caller saw is one the counters hold (a caller cancelled just as its
+    # result arrived sees a cancellation of a completed request, hence <=).
+    kinds = [kind for kind, _ in outcomes.values()]
+    assert kinds.count("ok") <= stats.completed, (kinds.count("ok"), stats)
+    assert kinds.count("error") <= stats.failed, (kinds.count("error"), stats)
+    assert stats.admitted <= case.n_requests, stats
     return time.perf_counter() - t0
 
 

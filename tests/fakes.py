@@ -55,3 +55,36 @@ def request(rid: int) -> Request:
 
 def envelope(payload: Any, *reqs: Request, **kw: Any) -> Envelope:
     return Envelope(payload, list(reqs), **kw)
+
+
+def break_worker_after_one_call(monkeypatch: Any, stage: str) -> None:
+    """Simulate a bug in the runtime itself: ``stage``'s plain worker dies (TypeError "runtime
+    bug") after its first call returns."""
+    import asyncnn.runtime.kinds as kinds
+
+    real = kinds.run_plain
+
+    async def broken(ctx: Any, invoke: Any, sample: int, sync: bool) -> None:
+        if ctx.name != stage:
+            return await real(ctx, invoke, sample, sync)
+        env = await ctx.inbox.next()
+        await invoke(env.payload)
+        raise TypeError("runtime bug")
+
+    monkeypatch.setattr(kinds, "run_plain", broken)
+
+
+def load_example(name: str) -> Any:
+    """Import ``examples/<name>.py`` as module ``name`` (pydantic resolves its annotations
+    through ``sys.modules``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,28 +1,18 @@
 """The sentence-embedding example over HTTP, with a real tokenizer class and a small random BERT."""
 
 import asyncio
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.fakes import load_example
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve_embeddings.py"
 WORDS = "the a cat dog sat on mat runs fast slow big small red blue green house tree".split()
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("serve_embeddings", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["serve_embeddings"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_model():
@@ -49,7 +39,7 @@ def sentences(n, seed=0):
 
 
 async def test_concurrent_sentences_of_different_lengths_each_get_their_own_embedding():
-    ex = load_example()
+    ex = load_example("serve_embeddings")
     tok, enc = tiny_model()
     app = ex.create_app(tok, enc)
     texts = sentences(48)

@@ -16,7 +16,7 @@ def test_quickstart_runs_as_written(capsys, monkeypatch):
     assert lines[-1] == "6"
 
 
-def test_bench_cli_lists_and_runs_quick(capsys):
+def test_bench_cli_lists_workloads_and_refuses_bad_arguments(capsys):
     from asyncnn.bench.cli import main
 
     assert main(["--list"]) == 0

@@ -1,8 +1,6 @@
 """The FastAPI example, driven in-process over ASGI with concurrent httpx clients."""
 
 import asyncio
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 
@@ -10,22 +8,16 @@ import pytest
 import torch
 from anyio import wait_all_tasks_blocked
 
+from tests.fakes import load_example
+
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve_fastapi.py"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("serve_fastapi", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["serve_fastapi"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 async def test_concurrent_requests_match_the_model():
-    ex = load_example()
+    ex = load_example("serve_fastapi")
     model = ex.make_model()
     app = ex.create_app(model)
     torch.manual_seed(3)
@@ -51,7 +43,7 @@ async def test_concurrent_requests_match_the_model():
 async def test_full_pipeline_answers_503_with_retry_after():
     import asyncnn
 
-    ex = load_example()
+    ex = load_example("serve_fastapi")
     release = threading.Event()
 
     class Held(torch.nn.Module):
@@ -88,7 +80,7 @@ def test_one_module_level_app_serves_two_test_clients_in_turn():
     # FastAPI's usual test pattern: one app, a TestClient per test, each running the lifespan.
     from fastapi.testclient import TestClient
 
-    ex = load_example()
+    ex = load_example("serve_fastapi")
     app = ex.create_app()
     x = [[0.5] * ex.FEATURES]
     for _ in range(2):

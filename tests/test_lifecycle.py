@@ -94,23 +94,15 @@ async def test_cancelling_start_itself_leaves_nothing_running():
 async def test_a_runtime_failure_outside_async_with_reaches_every_request_and_aclose(
     monkeypatch, caplog
 ):
-    import asyncnn.runtime.kinds as kinds
+    from tests.fakes import break_worker_after_one_call
 
-    real = kinds.run_plain
+    break_worker_after_one_call(monkeypatch, "held")
     gate = asyncio.Event()
-
-    async def broken(ctx, invoke, sample, sync):
-        if ctx.name != "held":
-            return await real(ctx, invoke, sample, sync)
-        env = await ctx.inbox.next()
-        await invoke(env.payload)
-        raise TypeError("runtime bug")
 
     async def held(x):
         await gate.wait()
         return x
 
-    monkeypatch.setattr(kinds, "run_plain", broken)
     pipe = Pipeline([held, inc])
     await pipe.start()
     futs = [pipe.submit_nowait(i) for i in range(3)]

@@ -7,6 +7,7 @@ import threading
 import anyio
 import pytest
 import torch
+from anyio import wait_all_tasks_blocked
 from torch.utils.data import DataLoader
 
 from asyncnn import AsyncLoader, LoaderError, Pipeline, Stage
@@ -301,10 +302,13 @@ async def test_fewer_fetches_than_a_batch_and_no_prefetch_still_fill_batches(ord
 @pytest.mark.parametrize("source", ["map", "async-map", "iterable", "async-iterable"])
 async def test_prefetch_batches_are_prepared_ahead_and_no_more(prefetch, source):
     collated = 0
+    ahead = threading.Event()  # set on the collate thread once 1 + prefetch batches exist
 
     def collate(samples):
         nonlocal collated
         collated += 1
+        if collated == 1 + prefetch:
+            ahead.set()
         return torch.stack(samples)
 
     async def fetch(i):
@@ -324,8 +328,8 @@ async def test_prefetch_batches_are_prepared_ahead_and_no_more(prefetch, source)
     async with contextlib.aclosing(aiter(loader)) as batches:
         first = await anext(batches)
         assert first.flatten().tolist() == [0, 1, 2, 3, 4]
-        for _ in range(50):  # a slow consumer: the producer gets every chance to run ahead
-            await asyncio.sleep(0.001)
+        assert await anyio.to_thread.run_sync(ahead.wait, 10)  # it ran ahead this far...
+        await wait_all_tasks_blocked()  # ...and, with every task now waiting, no further
         assert collated == 1 + prefetch
         second = await anext(batches)
         assert second.flatten().tolist() == [5, 6, 7, 8, 9]

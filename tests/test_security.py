@@ -2,13 +2,13 @@
 
 import asyncio
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from asyncnn import Pipeline
+from tests.fakes import load_example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,14 +46,7 @@ async def test_size_cap_is_checked_before_admission():
 async def test_hostile_http_payloads_are_refused_before_allocation():
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "serve_fastapi", ROOT / "examples" / "serve_fastapi.py"
-    )
-    ex = importlib.util.module_from_spec(spec)
-    sys.modules["serve_fastapi"] = ex  # pydantic resolves the models' annotations there
-    spec.loader.exec_module(ex)
+    ex = load_example("serve_fastapi")
     app = ex.create_app()
     huge = {"features": [[0.0] * ex.FEATURES] * 10_000}  # claims 10k rows: over MAX_ROWS
     nested: object = [0.0]
@@ -74,15 +67,9 @@ async def test_hostile_http_payloads_are_refused_before_allocation():
 async def test_oversized_bodies_are_refused_before_they_are_parsed(monkeypatch):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "serve_fastapi", ROOT / "examples" / "serve_fastapi.py"
-    )
-    ex = importlib.util.module_from_spec(spec)
-    sys.modules["serve_fastapi"] = ex  # pydantic resolves the models' annotations there
-    spec.loader.exec_module(ex)
+    ex = load_example("serve_fastapi")
     app = ex.create_app()
     parsed = []
     real_loads = json.loads
