@@ -31,6 +31,7 @@ LAYERS = [
     {"stats"},
     {"loader.plan", "loader.reorder", "loader.config"},
     {"loader.flow"},
+    {"loader.batches"},
     {"loader.epoch"},
     {"loader"},
     {"events"},

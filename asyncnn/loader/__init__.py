@@ -55,7 +55,11 @@ class AsyncLoader:
         fetch: ``async def fetch(index)`` used instead of ``source[index]``.
         on_error: ``"raise"`` (default: a ``LoaderError`` naming the index, cause chained) or
             ``"skip"`` (leave the sample out and count it in ``stats().skipped``; map-style).
-        threads: threads for a sync ``__getitem__`` (default ``min(concurrency, 8)``).
+        threads: fetch threads for a sync ``__getitem__``. Each fetches and collates a whole
+            batch per call (through the dataset's ``__getitems__`` when it has one). Default
+            ``None``: one thread while the first batch is measured; if fetching it mostly
+            waited (I/O: network or slow disks) rather than computed (decoding, which holds
+            the GIL), up to ``min(concurrency, 8)`` batches are fetched at once. An int fixes it.
 
     Leaving an ``async for`` early cancels the fetches in flight once the abandoned epoch is
     closed; ``async with contextlib.aclosing(aiter(loader)) as batches:`` closes it at once.
@@ -126,7 +130,9 @@ class AsyncLoader:
         self.generator = generator
         self.fetch = fetch
         self.on_error = on_error
-        self.threads = threads if threads is not None else min(concurrency, 8)
+        if threads is not None:
+            check_whole(threads, "AsyncLoader: threads")
+        self.threads = threads
         self._counters = loader_counters()
 
     def _config(self) -> LoaderConfig:

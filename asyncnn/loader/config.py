@@ -50,11 +50,16 @@ class LoaderConfig:
     generator: torch.Generator | None
     fetch: Callable[[int], Any] | None
     on_error: str
-    threads: int
+    threads: int | None  # fetch threads for a sync map-style source; None: decided by measuring
 
     @property
     def map_style(self) -> bool:
         return self.kind in ("map", "async-map")
+
+    @property
+    def fetch_threads(self) -> int:
+        """Threads to start for a sync map-style source (the most that ``threads=None`` uses)."""
+        return self.threads if self.threads is not None else min(self.concurrency, 8)
 
     @property
     def buffer_bound(self) -> int:

@@ -20,6 +20,7 @@ import torch
 from ..devices import map_tensors
 from ..errors import LoaderError
 from ..executors import ThreadWorker
+from .batches import produce_sync_batches
 from .config import LoaderConfig
 from .flow import Slots, async_chunks, sync_chunks
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
@@ -43,7 +44,7 @@ class Epoch:
     async def batches(self) -> AsyncIterator[Any]:
         """The consumer's side: take prepared batches, release their slots, wait for copies."""
         cfg = self.cfg
-        threads = (cfg.threads if cfg.kind == "map" else 0) if cfg.map_style else 1
+        threads = (cfg.fetch_threads if cfg.kind == "map" else 0) if cfg.map_style else 1
         async with self._helpers(threads) as (collator, waiter, pool):
             producer = asyncio.create_task(
                 self._produce(collator, pool), name="asyncnn:loader-produce"
@@ -71,7 +72,9 @@ class Epoch:
 
     async def _produce(self, collator: ThreadWorker, pool: ThreadWorker | None) -> None:
         try:
-            if self.cfg.map_style:
+            if self.cfg.kind == "map" and pool is not None:
+                await produce_sync_batches(self, pool)
+            elif self.cfg.map_style:
                 await self._produce_map(collator, pool)
             else:
                 assert pool is not None
@@ -153,11 +156,9 @@ class Epoch:
 
     # -- map-style sources -----------------------------------------------------------------------
 
-    async def _fetch(self, pool: ThreadWorker | None, index: int) -> Any:
+    async def _fetch(self, index: int) -> Any:
         cfg = self.cfg
         try:
-            if pool is not None:
-                return await pool.run(cfg.source.__getitem__, (index,))
             if cfg.fetch is not None:
                 return await cfg.fetch(index)
             return await cfg.source[index]
@@ -167,6 +168,8 @@ class Epoch:
             return Failed(index, exc)
 
     async def _produce_map(self, collator: ThreadWorker, pool: ThreadWorker | None) -> None:
+        """Async map-style sources: up to ``concurrency`` fetches on the loop, samples put back
+        into batches as they arrive."""
         cfg, slots = self.cfg, self.slots
         indices = epoch_indices(len(cfg.source), cfg.sampler, cfg.shuffle, cfg.generator)
         plan = batch_plan(indices, cfg.batch_size, cfg.drop_last)
@@ -180,7 +183,7 @@ class Epoch:
             for b, pos, index in work:
                 if not slots.take_nowait():
                     await slots.take()  # FIFO: earlier samples get their slot first
-                value = await self._fetch(pool, index)
+                value = await self._fetch(index)
                 self.buffered += 1
                 if self.buffered > self.counters["peak_buffered"]:
                     self.counters["peak_buffered"] = self.buffered

@@ -10,8 +10,9 @@ from typing import Any
 
 from ..executors import ThreadWorker
 from .plan import next_chunk
+from .reorder import Failed
 
-__all__ = ["Slots", "async_chunks", "sync_chunks"]
+__all__ = ["Slots", "async_chunks", "fetch_many", "sync_chunks"]
 
 
 class Slots:
@@ -77,3 +78,25 @@ async def sync_chunks(
         if not chunk:
             return
         yield chunk
+
+
+def fetch_many(source: Any, indices: list[int]) -> list[Any]:
+    """``source[i]`` for each index, in one call on a fetch thread: the dataset's own
+    ``__getitems__`` when it has one (as DataLoader uses it), else a loop. A failing index
+    becomes a ``Failed`` naming it (a failing ``__getitems__`` is retried index by index to
+    find which one failed)."""
+    getitems = getattr(source, "__getitems__", None)
+    if getitems is not None:
+        try:
+            values = list(getitems(indices))
+        except Exception:
+            values = []
+        if len(values) == len(indices):
+            return values
+    out: list[Any] = []
+    for i in indices:
+        try:
+            out.append(source[i])
+        except Exception as exc:
+            out.append(Failed(i, exc))
+    return out

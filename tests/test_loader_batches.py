@@ -1,0 +1,85 @@
+"""Sync map-style datasets: a whole batch per thread call, through __getitems__ or a loop."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from asyncnn import AsyncLoader, LoaderError
+
+
+class Counting:
+    """Counts thread calls into the dataset, per thread."""
+
+    def __init__(self, n=64, fail=None, getitems=False, delay=0.0, work=0):
+        self.n, self.fail, self.delay, self.work = n, fail, delay, work
+        self.calls = 0
+        self.batched_calls = 0
+        self.threads: set[str] = set()
+        self.running = self.most_at_once = 0
+        self.lock = threading.Lock()
+        if getitems:
+            self.__getitems__ = self._getitems
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        with self.lock:
+            self.calls += 1
+            self.threads.add(threading.current_thread().name)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        if self.delay:
+            time.sleep(self.delay)
+        sum(range(self.work))  # decoding: this thread computes, holding the GIL
+        with self.lock:
+            self.running -= 1
+        if i == self.fail:
+            raise ValueError(f"bad sample {i}")
+        return torch.tensor([float(i)])
+
+    def _getitems(self, idxs):
+        self.batched_calls += 1
+        return [self[i] for i in idxs]
+
+
+async def collect(loader):
+    return [b.flatten().tolist() async for b in loader]
+
+
+async def test_getitems_is_called_once_per_batch_and_order_is_kept():
+    ds = Counting(40, getitems=True)
+    got = await collect(AsyncLoader(ds, batch_size=8, shuffle=False))
+    assert got == [[float(i) for i in range(s, s + 8)] for s in range(0, 40, 8)]
+    assert ds.batched_calls == 5 + 1  # one per batch; the first batch's first samples go alone
+
+
+async def test_without_getitems_a_batch_is_one_thread_call_in_a_loop():
+    ds = Counting(32)
+    got = await collect(AsyncLoader(ds, batch_size=8, threads=1))
+    assert [x for b in got for x in b] == [float(i) for i in range(32)]
+    assert ds.calls == 32 and len(ds.threads) == 1
+
+
+@pytest.mark.parametrize("getitems", [False, True])
+async def test_a_failing_index_is_still_named(getitems):
+    ds = Counting(32, fail=13, getitems=getitems)
+    with pytest.raises(LoaderError, match="fetching sample 13 failed with ValueError"):
+        await collect(AsyncLoader(ds, batch_size=8))
+    skipped = AsyncLoader(Counting(32, fail=13, getitems=getitems), batch_size=8, on_error="skip")
+    got = await collect(skipped)
+    assert 13.0 not in [x for b in got for x in b] and skipped.stats().skipped == 1
+
+
+async def test_a_waiting_source_is_spread_over_threads_and_one_thread_stays_one():
+    # Sleeping fetches compute nothing, on any machine load: the probe sees I/O and widens.
+    # (Whether a decoding source stays on one thread depends on CPU time measured under load,
+    # so it is measured in the bench, not asserted here.)
+    waiting = Counting(64, delay=0.002)
+    await collect(AsyncLoader(waiting, batch_size=16))
+    assert waiting.most_at_once > 1
+    pinned = Counting(64, delay=0.002)
+    await collect(AsyncLoader(pinned, batch_size=16, threads=1))
+    assert pinned.most_at_once == 1
