@@ -19,7 +19,7 @@ from ..executors import ThreadWorker
 from .config import LoaderConfig
 from .flow import fetch_many
 from .plan import batch_plan, epoch_indices
-from .reorder import Failed
+from .reorder import Failed, collate_failed
 
 __all__ = ["IO_BOUND", "produce_sync_batches"]
 
@@ -56,12 +56,7 @@ def _collate(samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]
     try:
         return finish(good)
     except Exception as exc:
-        err = LoaderError(
-            f"AsyncLoader: collating batch {k} ({len(good)} samples) failed with "
-            f"{type(exc).__name__}: {exc} (check collate= against what the source returns)"
-        )
-        err.__cause__ = exc
-        return Failed(-1, err)
+        return collate_failed(k, len(good), exc)
 
 
 def _fetch_and_collate(

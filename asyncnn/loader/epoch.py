@@ -24,7 +24,7 @@ from .batches import produce_sync_batches
 from .config import LoaderConfig
 from .flow import Slots, async_chunks, sync_chunks
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
-from .reorder import Failed, Reassembler
+from .reorder import Failed, Reassembler, collate_failed
 
 __all__ = ["Epoch"]
 
@@ -129,12 +129,7 @@ class Epoch:
         try:
             batch, pending = await collator.run(self._finish_batch, (samples,))
         except Exception as exc:
-            err = LoaderError(
-                f"AsyncLoader: collating batch {k} ({len(samples)} samples) failed with "
-                f"{type(exc).__name__}: {exc} (check collate= against what the source returns)"
-            )
-            err.__cause__ = exc
-            return Failed(-1, err)
+            return collate_failed(k, len(samples), exc)
         return batch, len(samples), held, pending
 
     def _check(self, samples: list[Any]) -> list[Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-__all__ = ["Failed", "Reassembler"]
+from ..errors import LoaderError
+
+__all__ = ["Failed", "Reassembler", "collate_failed"]
 
 _MISSING = object()
 
@@ -18,6 +20,16 @@ class Failed:
     def __init__(self, index: int, error: BaseException) -> None:
         self.index = index
         self.error = error
+
+
+def collate_failed(k: int, n: int, exc: Exception) -> Failed:
+    """Batch ``k`` of ``n`` samples could not be collated: a ``LoaderError`` naming it."""
+    err = LoaderError(
+        f"AsyncLoader: collating batch {k} ({n} samples) failed with "
+        f"{type(exc).__name__}: {exc} (check collate= against what the source returns)"
+    )
+    err.__cause__ = exc
+    return Failed(-1, err)
 
 
 class Reassembler:
