@@ -109,7 +109,11 @@ class Batching:
         split: ``split(output, n) -> list of n results``, one per request in order. With the
             hooks each request counts as one row toward ``max_size``.
         isolate_failures: when a merged batch raises, rerun it in halves until the failing
-            request is alone, so only it fails (default on).
+            request is alone, so only it fails (default on). One failing request among n costs
+            about 2·log2(n) re-runs of parts of the batch.
+        max_retries: the most re-runs one batch may cost while isolating failures (default
+            ``None``: as many as bisection needs); when they run out, the parts still failing
+            fail whole. ``stats()`` counts ``retries`` and ``retries_exhausted``.
 
     Example::
 
@@ -131,6 +135,7 @@ class Batching:
     collate: Callable[[list[Any]], Any] | None = None
     split: Callable[[Any, int], Sequence[Any]] | None = None
     isolate_failures: bool = True
+    max_retries: int | None = None
 
     def __post_init__(self) -> None:
         m = check_whole(self.max_size, "Batching: max_size")
@@ -145,6 +150,8 @@ class Batching:
                     "raise max_size or drop that size"
                 )
             object.__setattr__(self, "preferred_sizes", sizes)
+        if self.max_retries is not None:
+            check_whole(self.max_retries, "Batching: max_retries", 0)
         self._check_padding()
         if (self.collate is None) != (self.split is None):
             raise ValueError(

@@ -31,9 +31,11 @@ class StageStats:
     ``busy_fraction``: the share of its workers' time spent inside calls since the pipeline
     started (on a GPU stage, overlapping batches can push it above 1); ``blocked_seconds``: time
     its workers waited for room downstream (backpressure); ``latency_p50/p90/p99``: seconds per
-    call, from a compact histogram; ``running``: calls in progress now. A padded batching stage
-    also counts ``real_tokens`` (rows x each request's length) and ``padded_tokens`` (rows x the
-    padded length of its batch); ``padding_waste`` is the share of padding in what it computed.
+    call, from a compact histogram; ``running``: calls in progress now; ``retries_exhausted``:
+    parts of failed batches that failed whole because ``Batching(max_retries=...)`` ran out. A
+    padded batching stage also counts ``real_tokens`` (rows x each request's length) and
+    ``padded_tokens`` (rows x the padded length of its batch); ``padding_waste`` is the share of
+    padding in what it computed.
     """
 
     name: str
@@ -56,6 +58,7 @@ class StageStats:
     latency_p90: float = 0.0
     latency_p99: float = 0.0
     running: int = 0
+    retries_exhausted: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
 
@@ -146,6 +149,7 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             latency_p90=s.latency[1],
             latency_p99=s.latency[2],
             running=s.running,
+            retries_exhausted=s.retries_exhausted,
             real_tokens=s.real_tokens,
             padded_tokens=s.padded_tokens,
         )

@@ -455,3 +455,23 @@ def test_microbatch_and_batching_do_not_mix():
 
     with pytest.raises(GraphError, match="microbatch does not mix"):
         Pipeline([Stage(abs, batch=Batching())], microbatch=2)
+
+
+@pytest.mark.parametrize(("max_retries", "failed", "retries"), [(None, 1, 6), (3, 4, 3), (0, 8, 0)])
+async def test_max_retries_bounds_what_isolating_one_poisoned_request_costs(
+    max_retries, failed, retries
+):
+    def picky(x):
+        if (x < 0).any():
+            raise ValueError("negative")
+        return x
+
+    spec = Batching(max_size=8, max_delay=0.05, max_retries=max_retries)
+    async with Pipeline([Stage(picky, batch=spec)]) as pipe:
+        xs = [torch.full((1, 1), -1.0 if i == 5 else float(i)) for i in range(8)]
+        got = await asyncio.gather(*(pipe.send(x) for x in xs), return_exceptions=True)
+        st = pipe.stats()["picky"]
+    assert sum(isinstance(g, StageError) for g in got) == failed
+    assert isinstance(got[5], StageError)  # the guilty one always fails
+    assert st.retries == retries and st.batches == 1
+    assert (st.retries_exhausted > 0) == (max_retries is not None)

@@ -70,6 +70,7 @@ class StageProbe:
         "real_tokens",
         "released",
         "retries",
+        "retries_exhausted",
         "rows",
         "timed",
     )
@@ -87,6 +88,7 @@ class StageProbe:
         self.latency = LatencyHistogram()
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
+        self.retries_exhausted = 0  # parts failed whole because max_retries ran out
         self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
         self.real_tokens = 0  # padded stages: rows x each request's own length
         self.padded_tokens = 0  # rows x the batch's padded length

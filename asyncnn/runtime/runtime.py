@@ -218,6 +218,7 @@ class Runtime:
             blocked=p.blocked,
             running=p.active,
             latency=(p.latency.quantile(0.5), p.latency.quantile(0.9), p.latency.quantile(0.99)),
+            retries_exhausted=p.retries_exhausted,
             real_tokens=p.real_tokens,
             padded_tokens=p.padded_tokens,
         )

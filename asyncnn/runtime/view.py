@@ -27,6 +27,7 @@ class StageView:
     blocked: float
     running: int
     latency: tuple[float, float, float]  # p50, p90, p99 seconds
+    retries_exhausted: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
 

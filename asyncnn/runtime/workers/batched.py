@@ -187,10 +187,18 @@ async def run_runner(
 
 
 async def _run_items(
-    ctx: StageContext, call: BatchCall, items: list[Item], launched: Channel[Launched]
+    ctx: StageContext,
+    call: BatchCall,
+    items: list[Item],
+    launched: Channel[Launched],
+    budget: list[int] | None = None,
 ) -> None:
+    """Run ``items`` as one call; when it raises, bisect (within ``budget``: re-runs left for
+    this batch, from ``max_retries``) so that only the failing requests fail."""
     spec, probe = ctx.stage.batch, ctx.probe
     assert spec is not None
+    if budget is None:
+        budget = [spec.max_retries if spec.max_retries is not None else -1]
     t0 = time.perf_counter()
     probe.active += 1
     try:
@@ -201,13 +209,20 @@ async def _run_items(
             # Bisect: rerun each half until the failing request is alone. A RowMismatch is the
             # stage itself being wrong: no retry helps. A lost worker's call may have run: it
             # must not run twice.
-            mid = len(items) // 2
-            for half in (items[:mid], items[mid:]):
-                live = [i for i in half if ctx.ledger.alive(i.request)]
-                if live:
-                    probe.retries += 1
-                    await _run_items(ctx, call, live, launched)
-            return
+            if budget[0] == 0:
+                probe.retries_exhausted += 1  # the rest of this part fails as a whole
+            else:
+                mid = len(items) // 2
+                for half in (items[:mid], items[mid:]):
+                    live = [i for i in half if ctx.ledger.alive(i.request)]
+                    if live and budget[0] != 0:
+                        budget[0] -= 1
+                        probe.retries += 1
+                        await _run_items(ctx, call, live, launched, budget)
+                    elif live:
+                        probe.retries_exhausted += 1
+                        ctx.fail([i.request for i in live], exc)
+                return
         ctx.fail([i.request for i in items], exc)
         return
     probe.items += len(items)
