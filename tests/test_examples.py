@@ -41,3 +41,21 @@ async def test_async_loader_example_reads_decodes_and_predicts():
     x = torch.stack([torch.full((mod.FEATURES,), i / 100.0) for i in range(130)])
     with torch.inference_mode():
         torch.testing.assert_close(torch.cat(outputs), model(x))
+
+
+async def test_remote_loader_example_fetches_over_http_in_order_and_names_a_failed_read():
+    pytest.importorskip("httpx")
+    import torch
+
+    from asyncnn import LoaderError
+    from tests.fakes import load_example
+
+    mod = load_example("remote_loader")
+    batches = await mod.main(100, latency_ms=5)
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    assert torch.equal(torch.cat(batches), torch.stack([mod.sample(i) for i in range(100)]))
+    with mod.sample_server(40, 0.001) as base:
+        with pytest.raises(LoaderError, match="fetching sample 40 failed"):
+            await mod.load(base, 41)  # index 40 is missing: its read fails, named
+        kept = await mod.load(base, 41, on_error="skip")
+    assert sum(len(b) for b in kept) == 40
