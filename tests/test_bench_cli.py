@@ -162,7 +162,8 @@ def _corrupt(value):
 
 @pytest.mark.hang_guard(120)
 @pytest.mark.parametrize(
-    "workload", ["overhead", "reqresp", "serving", "overlap", "loader", "memory", "transformer"]
+    "workload",
+    ["overhead", "reqresp", "serving", "overlap", "loader", "memory", "transformer", "files"],
 )
 def test_a_wrong_asyncnn_result_is_caught_in_every_workload(workload, monkeypatch, capsys):
     """Every stage of every asyncnn pipeline returns a wrong value: each workload's check must

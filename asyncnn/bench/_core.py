@@ -88,6 +88,7 @@ class Workload:
     summary: str
     run: Callable[[Context], list[Row]]
     needs_cuda: bool = False
+    default: bool = True  # run without --workload
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -13,6 +13,7 @@ from ._core import Context, Row, Workload, environment, format_stages
 from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
+from .workloads_files import files
 from .workloads_loader import loader
 from .workloads_memory import memory
 from .workloads_serving import serving
@@ -53,6 +54,12 @@ WORKLOADS: dict[str, Workload] = {
             "transformer",
             "64 callers x 1 sentence -> tokenizer -> batched MiniLM encoder, vs offline batches",
             transformer,
+        ),
+        Workload(
+            "files",
+            "local .npy files, sync __getitem__, batches of 64, +/- the MLP, vs DataLoader 0-4",
+            files,
+            default=False,  # opt-in while the loader's local-file work (issue 16) is open
         ),
         Workload(
             "memory",
@@ -248,7 +255,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if args.repeats is not None and args.repeats < 1:
         raise _Usage(f"--repeats {args.repeats}: must be >= 1")
     cuda = args.device.startswith("cuda")
-    names = args.workload or [w.name for w in WORKLOADS.values() if not w.needs_cuda or cuda]
+    names = args.workload or [
+        w.name for w in WORKLOADS.values() if w.default and (not w.needs_cuda or cuda)
+    ]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         raise _Usage(f"unknown workload(s) {unknown}; --list shows {list(WORKLOADS)}")
@@ -342,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
         for w in WORKLOADS.values():
-            print(f"{w.name:<10} {w.summary}{'  [cuda]' if w.needs_cuda else ''}")
+            extra = "  [cuda]" if w.needs_cuda else "" if w.default else "  [opt-in]"
+            print(f"{w.name:<10} {w.summary}{extra}")
         return 0
     try:
         names, options = _plan(args)
