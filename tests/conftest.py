@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import multiprocessing
 import threading
 
 import anyio
@@ -36,7 +37,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def no_thread_leak():
-    """No asyncnn worker thread outlives the test that started it."""
+    """No asyncnn worker thread, and no child process, outlives the test that started it."""
     yield
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("asyncnn:")]
     assert not leaked, f"threads left running: {leaked}"
+    children = [p.name for p in multiprocessing.active_children()]
+    assert not children, f"processes left running: {children}"

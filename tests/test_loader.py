@@ -273,7 +273,9 @@ async def test_prefetch_is_bounded():
             started += 1  # counted when a fetch starts: in-flight fetches count as held
             return super().__getitem__(i)
 
-    loader = AsyncLoader(Counting(500), batch_size=10, concurrency=8, prefetch=2)
+    loader = AsyncLoader(
+        Counting(500), batch_size=10, concurrency=8, prefetch=2, worker_kind="thread"
+    )
     consumed = 0
     async for batch in loader:
         consumed += len(batch)

@@ -13,15 +13,22 @@ from tests.fakes import load_example
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The one exception: the loader's worker processes are forks of this process, and their
+# results come back over a pipe only this process and its own worker hold (as in a DataLoader).
+TRUSTED = "# unpickles: from our own worker, on our pipe"
+
+
 def test_no_unpickling_in_our_code():
     pattern = re.compile(r"\b(pickle|cPickle|dill|marshal)\.loads?\(|torch\.load\(")
-    offenders = [
-        f"{p.relative_to(ROOT)}:{n}"
-        for p in sorted((ROOT / "asyncnn").rglob("*.py"))
-        for n, line in enumerate(p.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
+    offenders, trusted = [], []
+    for p in sorted((ROOT / "asyncnn").rglob("*.py")):
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if pattern.search(line):
+                where = f"{p.relative_to(ROOT)}:{n}"
+                ok = line.rstrip().endswith(TRUSTED) and p.name == "processes.py"
+                (trusted if ok else offenders).append(where)
     assert offenders == []
+    assert len(trusted) == 2  # the receiver, and a worker checking its own error round-trips
 
 
 def test_servers_bind_loopback_by_default():

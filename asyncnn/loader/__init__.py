@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import multiprocessing
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal
@@ -55,11 +56,28 @@ class AsyncLoader:
         fetch: ``async def fetch(index)`` used instead of ``source[index]``.
         on_error: ``"raise"`` (default: a ``LoaderError`` naming the index, cause chained) or
             ``"skip"`` (leave the sample out and count it in ``stats().skipped``; map-style).
-        threads: fetch threads for a sync ``__getitem__``. Each fetches and collates a whole
-            batch per call (through the dataset's ``__getitems__`` when it has one). Default
-            ``None``: one thread while the first batch is measured; if fetching it mostly
-            waited (I/O: network or slow disks) rather than computed (decoding, which holds
-            the GIL), up to ``min(concurrency, 8)`` batches are fetched at once. An int fixes it.
+        workers: fetch workers for a sync ``__getitem__``: threads or processes (below). Each
+            fetches and collates a whole batch per call (through the dataset's
+            ``__getitems__`` when it has one). Default ``None``: threads start as one while
+            the first samples are measured, and up to ``min(concurrency, 8)`` fetch batches at
+            once if fetching mostly waited (I/O: network, slow disks); processes: one per core.
+        worker_kind: where a sync ``__getitem__`` runs. ``"process"``: in worker processes, as
+            in a ``DataLoader`` with ``num_workers``, for decoding that computes in Python
+            (``np.load``, ``torch.load``, image decoding): each process has its own GIL.
+            Batch ``k`` goes to worker ``k % workers`` (seeded per worker, so augmentations
+            repeat); tensors come back through shared memory; ``get_worker_info()`` works in
+            the dataset; every worker is stopped when the epoch ends, however it ends. The
+            batches must pickle, and the dataset and ``worker_init_fn`` too unless workers
+            are forked. ``"thread"``: fetch threads only. ``"auto"`` (default): threads, and
+            if the first samples computed rather than waited, forked worker processes for the
+            rest of the epoch — only where that is safe and pays (see ``loader/choice.py``:
+            two cores or more, a long enough epoch, CUDA not initialised, a dataset that
+            pickles, so holds no open file or connection). ``stats().process_epochs`` counts
+            the epochs that used them.
+        threads: the same as ``workers`` with ``worker_kind="thread"`` (kept for older code).
+        multiprocessing_context: the start method of worker processes (``"fork"``,
+            ``"spawn"``, ``"forkserver"``); default: Python's, as in a ``DataLoader``.
+        worker_init_fn: called with the worker's number in each worker process, first.
 
     Leaving an ``async for`` early cancels the fetches in flight once the abandoned epoch is
     closed; ``async with contextlib.aclosing(aiter(loader)) as batches:`` closes it at once.
@@ -91,6 +109,10 @@ class AsyncLoader:
         fetch: Callable[[int], Any] | None = None,
         on_error: Literal["raise", "skip"] = "raise",
         threads: int | None = None,
+        workers: int | None = None,
+        worker_kind: Literal["auto", "thread", "process"] = "auto",
+        multiprocessing_context: str | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
     ) -> None:
         check_whole(batch_size, "AsyncLoader: batch_size")
         check_whole(concurrency, "AsyncLoader: concurrency")
@@ -130,9 +152,22 @@ class AsyncLoader:
         self.generator = generator
         self.fetch = fetch
         self.on_error = on_error
-        if threads is not None:
-            check_whole(threads, "AsyncLoader: threads")
-        self.threads = threads
+        self.workers = _resolve_workers(kind, workers, threads, worker_kind)
+        self.worker_kind = worker_kind
+        if multiprocessing_context is not None and multiprocessing_context not in (
+            starts := multiprocessing.get_all_start_methods()
+        ):
+            raise ValueError(
+                f"AsyncLoader: multiprocessing_context={multiprocessing_context!r} is not a start "
+                f"method here; use one of {starts}"
+            )
+        if worker_init_fn is not None and worker_kind == "thread":
+            raise ValueError(
+                "AsyncLoader: worker_init_fn runs in worker processes, and "
+                "worker_kind='thread' starts none; use 'process' or 'auto'"
+            )
+        self.multiprocessing_context = multiprocessing_context
+        self.worker_init_fn = worker_init_fn
         self._counters = loader_counters()
 
     def _config(self) -> LoaderConfig:
@@ -142,7 +177,7 @@ class AsyncLoader:
     @property
     def buffer_bound(self) -> int:
         """The most samples fetched (or being fetched) and not yet handed to the consumer."""
-        return max(self.concurrency, self.batch_size) + self.prefetch * self.batch_size
+        return self._config().buffer_bound
 
     def __len__(self) -> int:
         """Batches per epoch, where the source has a length."""
@@ -167,7 +202,37 @@ class AsyncLoader:
             f"concurrency={self.concurrency} prefetch={self.prefetch}>"
         )
 
+    @property
+    def threads(self) -> int | None:
+        """Fetch threads (``workers`` of the thread kind)."""
+        return self.workers if self.worker_kind == "thread" else None
+
     def __aiter__(self) -> AsyncIterator[Any]:
         """One epoch; each ``async for`` starts a new one (reshuffled when ``shuffle``)."""
         self._counters["epochs"] += 1
         return Epoch(self._config(), self._counters).batches()
+
+
+def _resolve_workers(
+    kind: str, workers: int | None, threads: int | None, worker_kind: str
+) -> int | None:
+    """``workers``, checked against the source and the other settings."""
+    if worker_kind not in ("auto", "thread", "process"):
+        raise ValueError(
+            f"AsyncLoader: worker_kind={worker_kind!r}: use 'auto', 'thread' or 'process'"
+        )
+    if threads is not None:
+        if workers is not None or worker_kind == "process":
+            raise ValueError(
+                "AsyncLoader: threads= is workers= for worker_kind='thread'; pass workers= only"
+            )
+        workers = threads
+    if workers is not None:
+        check_whole(workers, "AsyncLoader: workers")
+    if worker_kind == "process" and kind != "map":
+        raise ValueError(
+            f"AsyncLoader(worker_kind='process') decodes a sync map-style dataset (__len__ + a "
+            f"sync __getitem__) in worker processes; this source is {kind}: use the default "
+            "worker_kind='thread' (async sources run on the loop, iterables on a reader thread)"
+        )
+    return workers

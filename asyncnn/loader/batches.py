@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
+
+import torch
 
 from ..errors import LoaderError
 from ..executors import ThreadWorker
-from .config import LoaderConfig
-from .flow import fetch_many
+from .choice import processes_unsuitable
+from .config import LoaderConfig, usable_cores
+from .flow import fetch_many, finish
 from .plan import batch_plan, epoch_indices
+from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
-__all__ = ["IO_BOUND", "produce_sync_batches"]
+__all__ = ["IO_BOUND", "produce_map_batches"]
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
 PROBE = 4  # samples fetched alone first, to measure that
@@ -36,15 +40,19 @@ class _Epoch(Protocol):
 
     def _finish_batch(self, samples: list[Any]) -> Any: ...
 
+    def _place(self, batch: Any) -> Any: ...
+
     def _check(self, samples: list[Any]) -> list[Any]: ...
 
 
-def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float]:
-    """On a fetch thread: the samples, and the share of the fetch's wall time this thread
-    spent computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O)."""
+def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float, float]:
+    """On a fetch thread: the samples, the share of the fetch's wall time this thread spent
+    computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O), and the wall
+    time."""
     wall, cpu = time.perf_counter(), time.thread_time()
     samples = fetch_many(source, idxs)
-    return samples, (time.thread_time() - cpu) / max(1e-9, time.perf_counter() - wall)
+    took = max(1e-9, time.perf_counter() - wall)
+    return samples, (time.thread_time() - cpu) / took, took
 
 
 def _collate(samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]], Any]) -> Any:
@@ -68,27 +76,135 @@ def _fetch_and_collate(
     head: list[Any],
 ) -> tuple[list[Any], Any, float]:
     """Decoding work: fetch (after ``head``, already fetched) and collate on one thread."""
-    samples, busy = _timed_fetch(source, idxs)
+    samples, busy, _ = _timed_fetch(source, idxs)
     samples = head + samples
     return samples, _collate(samples, k, skip, finish), busy
 
 
-async def produce_sync_batches(ep: _Epoch, pool: ThreadWorker) -> None:
+Entry = tuple[list[Failed], int, Any]  # a batch's failed samples, its sample count, the batch
+
+
+class _Feeds:
+    """What fills ``done``: the fetch-thread tasks, and worker processes once chosen."""
+
+    def __init__(self, ep: _Epoch, collator: ThreadWorker) -> None:
+        self.ep = ep
+        self.collator = collator
+        self.done: dict[int, Entry] = {}
+        self.raw: set[int] = set()  # batches from processes: not yet checked nor placed
+        self.changed = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.lost: list[BaseException] = []
+        self.pool: ProcessPool | None = None
+
+    def put(self, k: int, entry: Entry) -> None:
+        self.done[k] = entry
+        self.changed.set()
+
+    def failed(self) -> BaseException | None:
+        if self.lost:
+            return self.lost[0]
+        for t in self.tasks:  # a feed only stops early on a bug of ours: surface it
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                return t.exception()
+        return None
+
+    async def start_processes(self, todo: Iterator[tuple[int, list[int]]]) -> None:
+        """Fetch the batches left in ``todo`` in worker processes from now on."""
+        cfg = self.ep.cfg
+
+        def arrived(item: Fetched) -> None:
+            worker, k, failures, n, batch = item
+            if k < 0:
+                self.lost.append(_worker_failed(worker, batch))
+                self.changed.set()
+            else:
+                self.raw.add(k)
+                self.put(k, (failures, n, batch))
+
+        self.pool = ProcessPool(
+            cfg.source,
+            cfg.collate,
+            cfg.process_workers,
+            skip=cfg.on_error == "skip",
+            seed=int(torch.empty((), dtype=torch.int64).random_(generator=cfg.generator).item()),
+            context=cfg.start_method,
+            init=cfg.worker_init_fn,
+            loop=asyncio.get_running_loop(),
+            deliver=arrived,
+        )
+        await self.collator.run(self.pool.start, ())
+        self.ep.counters["process_epochs"] += 1
+        for _ in range(cfg.prefetch_batches - cfg.prefetch):  # prefetch per worker from now on
+            self.ep.room.release()
+        self.tasks.append(asyncio.create_task(self._dispatch(todo), name="asyncnn:loader-dispatch"))
+
+    async def _dispatch(self, todo: Iterator[tuple[int, list[int]]]) -> None:
+        assert self.pool is not None
+        for k, idxs in todo:
+            await self.ep.room.acquire()  # a batch may be prepared: hand it to its worker
+            _count(self.ep, len(idxs))
+            self.pool.submit(k, idxs)
+
+    async def settle(self, k: int) -> Entry:
+        """Batch ``k`` as the consumer gets it: collate errors named, placed on the device."""
+        failures, n, batch = self.done.pop(k)
+        if k not in self.raw:
+            return failures, n, batch
+        self.raw.discard(k)
+        if isinstance(batch, CollateError):
+            return failures, n, collate_failed(k, n - len(failures), batch.error)
+        if batch is not None:
+            ep = self.ep
+            placing = ep.cfg.pin_memory or ep.cfg.device is not None
+            batch = await self.collator.run(ep._place, (batch,)) if placing else (batch, None)
+        return failures, n, batch
+
+    async def close(self) -> None:
+        """Stop the feeds; no worker process outlives its epoch, even when cancelled."""
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.collator.run(self.pool.close, ())
+
+
+async def produce_map_batches(
+    ep: _Epoch, pool: ThreadWorker | None, collator: ThreadWorker
+) -> None:
+    """Batches of a sync map-style source: fetched and collated on fetch threads, or in worker
+    processes (chosen, or measured with ``worker_kind="auto"``), handed over in plan order."""
     cfg = ep.cfg
     indices = epoch_indices(len(cfg.source), cfg.sampler, cfg.shuffle, cfg.generator)
     plan = list(enumerate(batch_plan(indices, cfg.batch_size, cfg.drop_last)))
     todo = iter(plan)
-    done: dict[int, Any] = {}
-    changed = asyncio.Event()
+    feeds = _Feeds(ep, collator)
+    try:
+        if cfg.processes:
+            await feeds.start_processes(todo)
+        else:
+            assert pool is not None
+            _start_threads(feeds, pool, todo, len(plan))
+        await _deliver(ep, feeds, len(plan))
+    finally:
+        await finish(feeds.close())
+
+
+def _start_threads(
+    feeds: _Feeds, pool: ThreadWorker, todo: Iterator[tuple[int, list[int]]], batches: int
+) -> None:
+    ep = feeds.ep
+    cfg = ep.cfg
     skip = cfg.on_error == "skip"
-    # threads=None: one fetcher until the first batch shows whether fetching waits (I/O) or
-    # computes (decoding holds the GIL: more threads only contend for it).
+    # Unless the user chose: one fetcher until the first samples show whether fetching waits
+    # (I/O: spread batches over the threads) or computes (decoding holds the GIL: more threads
+    # only contend for it; with worker_kind="auto", worker processes take over).
     widen = asyncio.Event()
     waiting: list[bool] = []  # non-empty: batches are spread over the threads (I/O-bound)
     probed: list[bool] = []  # non-empty once the first samples were measured
-    if cfg.threads is not None:  # the user chose: several threads share each batch
+    if cfg.workers is not None and cfg.worker_kind == "thread":
         probed.append(True)
-        if cfg.threads > 1:
+        if cfg.workers > 1:
             waiting.append(True)
         widen.set()
 
@@ -102,16 +218,20 @@ async def produce_sync_batches(ep: _Epoch, pool: ThreadWorker) -> None:
                 ep.room.release()
                 return
             k, idxs = job
-            ep.buffered += len(idxs)
-            ep.counters["peak_buffered"] = max(ep.counters["peak_buffered"], ep.buffered)
+            _count(ep, len(idxs))
             head: list[Any] = []
+            handing_off = False
             if not probed:  # the first batch: a few samples show what fetching is
                 probed.append(True)
-                head, busy = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+                head, busy, took = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+                per_batch = took / max(1, len(head)) * cfg.batch_size
                 idxs = idxs[PROBE:]
                 if busy < IO_BOUND:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
                     widen.set()
+                elif await _use_processes(feeds, batches, per_batch):
+                    await feeds.start_processes(todo)  # the rest of the epoch, in processes
+                    handing_off = True
             if waiting:
                 samples = head + await _spread(pool, cfg.source, idxs, cfg.fetch_threads)
                 batch = await pool.run(_collate, (samples, k, skip, ep._finish_batch))
@@ -119,29 +239,56 @@ async def produce_sync_batches(ep: _Epoch, pool: ThreadWorker) -> None:
                 samples, batch, _ = await pool.run(
                     _fetch_and_collate, (cfg.source, idxs, k, skip, ep._finish_batch, head)
                 )
-            done[k] = samples, batch
-            changed.set()
-
-    tasks = [
-        asyncio.create_task(fetcher(i), name="asyncnn:loader-fetch")
-        for i in range(min(cfg.fetch_threads, len(plan)) or 1)
-    ]
-    try:
-        for n in range(len(plan)):
-            k = n if cfg.ordered else None
-            while (k not in done) if k is not None else not done:
-                for t in tasks:  # a fetcher only stops early on a bug of ours: surface it
-                    if t.done() and not t.cancelled() and t.exception() is not None:
-                        raise t.exception()  # type: ignore[misc]
-                await changed.wait()
-                changed.clear()
-            samples, batch = done.pop(k if k is not None else next(iter(done)))
-            if not _hand_over(ep, samples, batch):
+            feeds.put(k, ([s for s in samples if isinstance(s, Failed)], len(samples), batch))
+            if handing_off:
                 return
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+
+    feeds.tasks += [
+        asyncio.create_task(fetcher(i), name="asyncnn:loader-fetch")
+        for i in range(min(cfg.fetch_threads, batches) or 1)
+    ]
+
+
+async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
+    """``worker_kind="auto"``: should worker processes decode the rest of this epoch?"""
+    cfg = feeds.ep.cfg
+    if cfg.worker_kind != "auto":
+        return False
+    why_not = await feeds.collator.run(
+        processes_unsuitable, (cfg, batches, usable_cores(), per_batch)
+    )
+    return why_not is None
+
+
+def _worker_failed(worker: int, error: BaseException) -> LoaderError:
+    if isinstance(error, WorkerDied):
+        return LoaderError(str(error))
+    err = LoaderError(
+        f"AsyncLoader: worker_init_fn({worker}) raised {type(error).__name__}: {error}"
+    )
+    err.__cause__ = error
+    return err
+
+
+def _count(ep: _Epoch, n: int) -> None:
+    ep.buffered += n
+    ep.counters["peak_buffered"] = max(ep.counters["peak_buffered"], ep.buffered)
+
+
+async def _deliver(ep: _Epoch, feeds: _Feeds, count: int) -> None:
+    """Hand the ``count`` batches over as they are done: in plan order, or as they finish
+    with ``ordered=False``; raise what ``failed`` reports."""
+    done = feeds.done
+    for n in range(count):
+        k = n if ep.cfg.ordered else None
+        while (k not in done) if k is not None else not done:
+            err = feeds.failed()
+            if err is not None:
+                raise err
+            await feeds.changed.wait()
+            feeds.changed.clear()
+        if not _hand_over(ep, *await feeds.settle(k if k is not None else next(iter(done)))):
+            return
 
 
 async def _spread(pool: ThreadWorker, source: Any, idxs: list[int], threads: int) -> list[Any]:
@@ -151,13 +298,14 @@ async def _spread(pool: ThreadWorker, source: Any, idxs: list[int], threads: int
     size = -(-len(idxs) // threads)
     parts = [idxs[i : i + size] for i in range(0, len(idxs), size)]
     got = await asyncio.gather(*(pool.run(_timed_fetch, (source, p)) for p in parts))
-    return [s for samples, _ in got for s in samples]
+    return [s for samples, _, _ in got for s in samples]
 
 
-def _hand_over(ep: _Epoch, samples: list[Any], batch: Any) -> bool:
-    """Queue a fetched batch for the consumer; False when the epoch must end (an error)."""
+def _hand_over(ep: _Epoch, failures: list[Failed], n: int, batch: Any) -> bool:
+    """Queue a fetched batch of ``n`` samples for the consumer; False when the epoch must end
+    (an error)."""
     try:
-        good = ep._check(samples)  # raises for a failed sample unless errors are skipped
+        ep._check(failures)  # raises for a failed sample unless errors are skipped
     except LoaderError as exc:
         ep.ready.put_nowait(Failed(exc.index or 0, exc))
         return False
@@ -165,9 +313,9 @@ def _hand_over(ep: _Epoch, samples: list[Any], batch: Any) -> bool:
         ep.ready.put_nowait(batch)
         return False
     if batch is None:  # every sample skipped: nothing to hand over, the slot is free again
-        ep.buffered -= len(samples)
+        ep.buffered -= n
         ep.room.release()
         return True
     moved, pending = batch
-    ep.ready.put_nowait((moved, len(good), len(samples), pending))
+    ep.ready.put_nowait((moved, n - len(failures), n, pending))
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -9,7 +10,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoaderConfig", "LoaderStats", "loader_counters"]
+__all__ = ["LoaderConfig", "LoaderStats", "loader_counters", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS says; else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -24,11 +33,16 @@ class LoaderStats:
     skipped: int
     peak_buffered: int
     buffer_bound: int
+    process_epochs: int = 0  # epochs whose batches (after the first) worker processes fetched
 
 
 def loader_counters() -> Counter[str]:
     """What a loader's epochs add to: ``LoaderStats``'s counted fields, by name."""
-    return Counter(dict.fromkeys(("epochs", "batches", "samples", "skipped", "peak_buffered"), 0))
+    return Counter(
+        dict.fromkeys(
+            ("epochs", "batches", "samples", "skipped", "peak_buffered", "process_epochs"), 0
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -50,18 +64,43 @@ class LoaderConfig:
     generator: torch.Generator | None
     fetch: Callable[[int], Any] | None
     on_error: str
-    threads: int | None  # fetch threads for a sync map-style source; None: decided by measuring
+    workers: int | None  # fetch threads or processes for a sync map-style source
+    worker_kind: str  # "auto", "thread" or "process"
+    multiprocessing_context: str | None
+    worker_init_fn: Callable[[int], None] | None
 
     @property
     def map_style(self) -> bool:
         return self.kind in ("map", "async-map")
 
     @property
+    def processes(self) -> bool:
+        """Are batches fetched in worker processes?"""
+        return self.kind == "map" and self.worker_kind == "process"
+
+    @property
+    def start_method(self) -> str | None:
+        """How worker processes start: as asked; ``"auto"`` only ever forks."""
+        return "fork" if self.worker_kind == "auto" else self.multiprocessing_context
+
+    @property
     def fetch_threads(self) -> int:
-        """Threads to start for a sync map-style source (the most that ``threads=None`` uses)."""
-        return self.threads if self.threads is not None else min(self.concurrency, 8)
+        """Threads to start for a sync map-style source (the most that ``workers=None`` uses)."""
+        return self.workers if self.workers is not None else min(self.concurrency, 8)
+
+    @property
+    def process_workers(self) -> int:
+        """Worker processes to start: ``workers``, or one per core this process may use."""
+        return self.workers if self.workers is not None else usable_cores()
+
+    @property
+    def prefetch_batches(self) -> int:
+        """Batches prepared ahead of the consumer at most: ``prefetch``, or ``prefetch`` per
+        worker process (as a DataLoader's ``prefetch_factor``) where processes may be used."""
+        may_fork = self.kind == "map" and self.worker_kind != "thread"
+        return self.prefetch * (self.process_workers if may_fork else 1)
 
     @property
     def buffer_bound(self) -> int:
         """The most samples fetched (or being fetched) and not yet handed to the consumer."""
-        return max(self.concurrency, self.batch_size) + self.prefetch * self.batch_size
+        return max(self.concurrency, self.batch_size) + self.prefetch_batches * self.batch_size

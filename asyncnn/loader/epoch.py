@@ -20,7 +20,7 @@ import torch
 from ..devices import map_tensors
 from ..errors import LoaderError
 from ..executors import ThreadWorker
-from .batches import produce_sync_batches
+from .batches import produce_map_batches
 from .config import LoaderConfig
 from .flow import Slots, async_chunks, sync_chunks
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
@@ -45,6 +45,8 @@ class Epoch:
         """The consumer's side: take prepared batches, release their slots, wait for copies."""
         cfg = self.cfg
         threads = (cfg.fetch_threads if cfg.kind == "map" else 0) if cfg.map_style else 1
+        if cfg.processes:
+            threads = 0
         async with self._helpers(threads) as (collator, waiter, pool):
             producer = asyncio.create_task(
                 self._produce(collator, pool), name="asyncnn:loader-produce"
@@ -72,8 +74,8 @@ class Epoch:
 
     async def _produce(self, collator: ThreadWorker, pool: ThreadWorker | None) -> None:
         try:
-            if self.cfg.kind == "map" and pool is not None:
-                await produce_sync_batches(self, pool)
+            if self.cfg.kind == "map":
+                await produce_map_batches(self, pool, collator)
             elif self.cfg.map_style:
                 await self._produce_map(collator)
             else:
@@ -108,8 +110,11 @@ class Epoch:
 
     def _finish_batch(self, samples: list[Any]) -> Any:
         """Collate, pin and start the copy to the device: runs on the collate thread."""
+        return self._place(self.cfg.collate(samples))
+
+    def _place(self, batch: Any) -> Any:
+        """Pin a collated batch and start its copy to the device: ``(batch, pending copy)``."""
         cfg = self.cfg
-        batch = cfg.collate(samples)
         if cfg.pin_memory:
             batch = map_tensors(batch, lambda t: t if t.is_pinned() else t.pin_memory())
         device = cfg.device

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Iterator
 from typing import Any
 
 from ..executors import ThreadWorker
 from .plan import next_chunk
 from .reorder import Failed
 
-__all__ = ["Slots", "async_chunks", "fetch_many", "sync_chunks"]
+__all__ = ["Slots", "async_chunks", "fetch_many", "finish", "sync_chunks"]
 
 
 class Slots:
@@ -100,3 +100,18 @@ def fetch_many(source: Any, indices: list[int]) -> list[Any]:
         except Exception as exc:
             out.append(Failed(i, exc))
     return out
+
+
+async def finish(clean_up: Coroutine[Any, Any, None]) -> None:
+    """Run ``clean_up`` to its end even when the task awaiting it is cancelled (then cancelled
+    again, after): stopping threads and processes must not be cut short."""
+    task = asyncio.ensure_future(clean_up)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError

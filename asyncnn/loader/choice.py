@@ -1,0 +1,74 @@
+"""``worker_kind="auto"``: whether worker processes should decode the rest of an epoch. Sync:
+tests drive it directly.
+
+Processes are chosen only where they are safe and pay: the first samples showed that fetching
+computes (decoding holds the GIL, so threads cannot run it in parallel) and is costly enough
+(an in-memory dataset is cheaper to index than to send between processes), the process may use
+two cores or more, the epoch is long enough to pay for starting them, workers can be forked
+(spawning one costs seconds), CUDA is not initialised here (a forked child could not use it),
+and the dataset pickles — a dataset that does not holds a handle (an open file, an HDF5 or LMDB
+handle, a connection) that forked processes must not share. Anything else keeps the threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from typing import Any
+
+import torch
+
+from .config import LoaderConfig
+
+__all__ = ["MIN_BATCHES_PER_CORE", "MIN_BATCH_SECONDS", "pickles", "processes_unsuitable"]
+
+MIN_BATCHES_PER_CORE = 4  # fewer batches left than this per core: starting workers does not pay
+MIN_BATCH_SECONDS = 0.002  # cheaper batches cost less to fetch than to send between processes
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _ShapeOnly(pickle.Pickler):
+    """Pickles everything but arrays' bytes (tensors and arrays always pickle)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) or type(obj).__name__ == "ndarray":
+            return 0
+        return None
+
+
+def pickles(obj: Any) -> bool:
+    """Does ``obj`` pickle? Nothing is kept: the bytes are discarded as they are written."""
+    try:
+        _ShapeOnly(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:
+        return False
+    return True
+
+
+def processes_unsuitable(
+    cfg: LoaderConfig, batches: int, cores: int, per_batch: float
+) -> str | None:
+    """Why worker processes should not take over an epoch of ``batches`` batches whose first
+    samples computed, ``per_batch`` seconds a batch at that rate; None when they should."""
+    if per_batch < MIN_BATCH_SECONDS:
+        return (
+            f"a batch takes {per_batch * 1e3:.2f} ms to fetch, too little to pay for sending "
+            "it between processes"
+        )
+    if cores < 2:
+        return "this process may use one core"
+    if batches - 1 < MIN_BATCHES_PER_CORE * cores:
+        return f"the epoch has {batches} batches, too few to pay for starting workers"
+    if cfg.multiprocessing_context not in (None, "fork") or (
+        "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        return "workers cannot be forked here"
+    if torch.cuda.is_initialized():
+        return "CUDA is initialised in this process, and a forked worker could not use it"
+    if not pickles(cfg.source):
+        return "the dataset does not pickle (it holds a handle forked workers must not share)"
+    return None

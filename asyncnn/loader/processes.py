@@ -1,0 +1,302 @@
+"""Worker processes for a sync map-style dataset whose decoding computes (and so holds the GIL).
+
+Each worker process fetches whole batches (``__getitems__`` or a loop, as on a fetch thread) and
+collates them; torch's multiprocessing reductions send the batch's tensors back through shared
+memory, so only handles are pickled. As in a ``DataLoader``, batch ``k`` goes to worker
+``k % workers`` (with per-worker seeds, augmentations are reproducible), ``get_worker_info()``
+works inside the dataset, and ``default_collate`` writes straight into shared memory.
+
+The parent never blocks its event loop: a job (a batch's indices) is put on its worker's queue
+(a feeder thread writes it), and one receiver thread waits on every worker's result pipe and
+process at once, unpickles results and hands them to the loop with ``call_soon_threadsafe``. A
+worker pickles its batch itself, so a batch that does not pickle is reported, not lost; a worker
+that dies (killed, segfault) is reported with its pid and how it ended. ``close()`` asks every
+worker to stop, then terminates and kills what is left, so no process outlives its epoch;
+workers also exit on their own when their parent is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import queue
+import random
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from .flow import fetch_many
+from .reorder import Failed
+
+__all__ = ["CollateError", "Fetched", "ProcessPool", "WorkerDied"]
+
+_WATCH = 0.5  # seconds between a worker's checks that its parent lives, and the receiver's
+_JOIN = 5.0  # seconds a closing worker is given to finish its batch before it is terminated
+
+Fetched = tuple[int, int, list[Failed], int, Any]  # worker, batch k, failures, samples, batch
+
+
+class CollateError:
+    """In place of a batch: collating it raised ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class WorkerDied(RuntimeError):
+    """A loader worker process ended while the epoch still needed it."""
+
+
+def _portable(exc: BaseException) -> Exception:
+    """``exc`` as it can cross to the parent: its own type when it pickles, else a
+    ``RuntimeError`` with its text; either way noting the traceback in the worker."""
+    note = f"in AsyncLoader worker process {os.getpid()}:\n" + "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)
+    )
+    out: Exception = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+    _note(out, note)
+    try:
+        pickle.loads(pickle.dumps(out))  # unpickles: from our own worker, on our pipe
+        return out
+    except Exception:
+        plain = RuntimeError(f"{type(exc).__name__}: {exc}")
+        _note(plain, note)
+        return plain
+
+
+def _note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` where Python has it (3.11+)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def fetch_batch(
+    source: Any, collate: Callable[[list[Any]], Any], idxs: list[int], skip: bool
+) -> tuple[list[Failed], Any]:
+    """A worker's job: the failed samples (their errors made portable) and the collated batch
+    of the good ones (None when none is left, or a sample failed and errors raise)."""
+    samples = fetch_many(source, idxs)
+    failures = [Failed(s.index, _portable(s.error)) for s in samples if isinstance(s, Failed)]
+    if failures:
+        samples = [s for s in samples if not isinstance(s, Failed)]
+        if not samples or not skip:
+            return failures, None
+    try:
+        return failures, collate(samples)
+    except Exception as exc:
+        return failures, CollateError(_portable(exc))
+
+
+def _seed(seed: int, worker: int, workers: int, source: Any) -> None:
+    """Seed the worker's generators and make ``torch.utils.data.get_worker_info()`` answer, as
+    in a DataLoader worker (``default_collate`` then collates into shared memory)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+    with contextlib.suppress(Exception):  # a private hook of torch's; only an optimisation
+        from torch.utils.data._utils import worker as torch_worker
+
+        torch_worker._worker_info = torch_worker.WorkerInfo(
+            id=worker, num_workers=workers, seed=seed, dataset=source
+        )
+
+
+def _serve(
+    worker: int,
+    workers: int,
+    source: Any,
+    collate: Callable[[list[Any]], Any],
+    skip: bool,
+    seed: int,
+    init: Callable[[int], None] | None,
+    jobs: Any,
+    results: Connection,
+    parent: int,
+) -> None:
+    """A worker process: batches until told to stop, or until its parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)
+    _seed(seed, worker, workers, source)
+    if init is not None:
+        try:
+            init(worker)
+        except Exception as exc:
+            _send(results, (worker, -1, [], 0, _portable(exc)))
+            return
+    while True:
+        try:
+            job = jobs.get(timeout=_WATCH)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if job is None:
+            return
+        k, idxs = job
+        failures, batch = fetch_batch(source, collate, idxs, skip)
+        if not _send(results, (worker, k, failures, len(idxs), batch)):
+            unsent = RuntimeError(
+                f"batch {k} cannot be sent from a worker process: {type(batch).__name__} does "
+                "not pickle; return tensors, numbers, strings or containers of them from "
+                "collate, or use worker_kind='thread'"
+            )
+            _send(results, (worker, k, failures, len(idxs), CollateError(unsent)))
+
+
+def _send(conn: Connection, item: Fetched) -> bool:
+    """Pickle here (torch's reductions move tensors to shared memory), so that a value that
+    does not pickle is reported instead of lost; False for such a value."""
+    try:
+        data = ForkingPickler.dumps(item)
+    except Exception:
+        return False
+    conn.send_bytes(data)
+    return True
+
+
+def _describe(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class ProcessPool:
+    """``workers`` processes fetching and collating batches of ``source``.
+
+    ``deliver`` (called on the loop) receives each ``Fetched`` result; ``(worker, -1, [], 0,
+    error)`` says the epoch cannot go on: a ``WorkerDied``, or what ``init`` raised. ``start``
+    and ``close`` block (forking, joining): call them off the loop.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        collate: Callable[[list[Any]], Any],
+        workers: int,
+        *,
+        skip: bool,
+        seed: int,
+        context: str | None,
+        init: Callable[[int], None] | None,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[Fetched], None],
+    ) -> None:
+        self._ctx: Any = mp.get_context(context)
+        self._args = (workers, source, collate, skip, seed, init)
+        self._loop = loop
+        self._deliver = deliver
+        self._jobs: list[Any] = []  # queues: a feeder thread writes, so sending never blocks
+        self._results: list[Connection] = []
+        self._procs: list[Any] = []
+        self._closing = False
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._receiver = threading.Thread(
+            target=self._receive, name="asyncnn:loader-receive", daemon=True
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    def start(self) -> None:
+        workers, source, collate, skip, seed, init = self._args
+        for i in range(workers):
+            jobs = self._ctx.Queue()
+            results_r, results_w = self._ctx.Pipe(duplex=False)
+            p = self._ctx.Process(
+                target=_serve,
+                args=(i, workers, source, collate, skip, seed + i, init, jobs, results_w),
+                kwargs={"parent": os.getpid()},
+                name=f"asyncnn:loader-worker:{i}",
+                daemon=True,
+            )
+            p.start()
+            results_w.close()  # the child's end: the parent keeps only its own
+            self._procs.append(p)
+            self._jobs.append(jobs)
+            self._results.append(results_r)
+        self._receiver.start()
+
+    def submit(self, k: int, idxs: list[int]) -> None:
+        """Queue batch ``k`` for its worker (without blocking: a feeder thread writes it)."""
+        self._jobs[k % len(self._jobs)].put((k, idxs))
+
+    def _receive(self) -> None:
+        """The receiver thread: results to the loop (unpickled here, off the loop); a worker
+        that ends unasked is reported once, after what it sent."""
+        conns = {c: i for i, c in enumerate(self._results)}
+        sentinels = {p.sentinel: i for i, p in enumerate(self._procs)}
+        while not self._closing and sentinels:
+            for r in mp_wait([self._wake_r, *conns, *sentinels]):
+                if r in conns:
+                    self._take(conns, r)
+                elif r in sentinels:
+                    i = sentinels.pop(r)
+                    conn = self._results[i]
+                    while conn in conns and conn.poll(0):  # what it sent before it ended
+                        self._take(conns, conn)
+                    conns.pop(conn, None)
+                    self._lost(i, _describe(self._procs[i].exitcode))
+
+    def _take(self, conns: dict[Connection, int], conn: Connection) -> None:
+        try:
+            data = conn.recv_bytes()
+            self._post(pickle.loads(data))  # unpickles: from our own worker, on our pipe
+        except Exception as exc:
+            i = conns.pop(conn)
+            proc = self._procs[i]
+            proc.join(_WATCH)  # a worker that died mid-send: its sentinel will say how
+            if proc.exitcode is None:  # alive, yet its batch was lost in transit
+                self._lost(i, f"could not send a batch ({exc!r})")
+
+    def _lost(self, i: int, how: str) -> None:
+        if not self._closing:
+            p = self._procs[i]
+            err = WorkerDied(
+                f"AsyncLoader: worker process {i} (pid {p.pid}) {how} while the epoch needed it"
+            )
+            self._post((i, -1, [], 0, err))
+
+    def _post(self, item: Fetched) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._deliver, item)
+
+    def close(self) -> None:
+        """Stop every worker (asked, then terminated, then killed) and the receiver."""
+        self._closing = True
+        self._wake_w.send(None)
+        for q in self._jobs:
+            q.put(None)
+        for p in self._procs:
+            p.join(_JOIN)
+        for p in self._procs:
+            if p.exitcode is None:
+                p.terminate()
+                p.join(_JOIN)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        if self._receiver.is_alive():
+            self._receiver.join()
+        for q in self._jobs:
+            q.cancel_join_thread()  # a stopped worker reads no more: do not wait to flush
+            q.close()
+        for c in (*self._results, self._wake_r, self._wake_w):
+            c.close()
+        for p in self._procs:
+            p.close()

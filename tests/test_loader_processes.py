@@ -1,0 +1,335 @@
+"""Worker processes for sync map-style datasets: the same batches, errors and skips as the
+thread path, shared-memory tensors intact, and no process left behind however an epoch ends."""
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from asyncnn import AsyncLoader, LoaderError
+from asyncnn.loader import batches as loader_batches
+from asyncnn.loader.choice import pickles, processes_unsuitable
+from asyncnn.loader.config import LoaderConfig
+
+pytestmark = pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="worker tests fork"
+)
+
+
+class Samples:
+    """Sample ``i`` is a dict of tensors of several dtypes, and the pid that made it."""
+
+    def __init__(self, n=40, fail=(), spin=0.0, kill_at=None):
+        self.n, self.fail, self.spin, self.kill_at = n, set(fail), spin, kill_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.spin:  # decoding: computes, holding the GIL
+            end = time.perf_counter() + self.spin
+            while time.perf_counter() < end:
+                pass
+        if i in self.fail:
+            raise ValueError(f"bad sample {i}")
+        if i == self.kill_at and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        info = torch.utils.data.get_worker_info()
+        return {
+            "x": torch.full((3, 5), float(i)),
+            "i": torch.tensor(i, dtype=torch.int64),
+            "half": torch.full((2,), float(i), dtype=torch.float16),
+            "pid": os.getpid(),
+            "worker": -1 if info is None else info.id,
+        }
+
+
+async def batches(loader):
+    return [b async for b in loader]
+
+
+def gone(pid: int) -> bool:
+    """Ended and reaped (or at least ended: a zombie whose parent is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state
+
+
+async def test_processes_give_the_thread_path_batches_in_order():
+    ds = Samples(50)
+    threads = await batches(AsyncLoader(ds, batch_size=8, worker_kind="thread"))
+    procs = await batches(AsyncLoader(ds, batch_size=8, worker_kind="process", workers=2))
+    assert len(procs) == len(threads) == 7
+    for t, p in zip(threads, procs, strict=True):
+        for key in ("x", "i", "half"):
+            assert p[key].dtype == t[key].dtype and torch.equal(p[key], t[key])
+    parent = os.getpid()
+    assert {int(pid) for b in procs for pid in b["pid"]}.isdisjoint({parent})
+    # Batch k is worker k % 2's, and get_worker_info() answers in the dataset.
+    assert [set(b["worker"].tolist()) for b in procs] == [{k % 2} for k in range(7)]
+
+
+async def test_processes_follow_shuffle_sampler_drop_last_and_unordered():
+    ds = Samples(30)
+    kw = dict(batch_size=4, shuffle=True, drop_last=True)
+    one = await batches(AsyncLoader(ds, generator=torch.Generator().manual_seed(3), **kw))
+    two = await batches(
+        AsyncLoader(ds, generator=torch.Generator().manual_seed(3), worker_kind="process", **kw)
+    )
+    assert [b["i"].tolist() for b in one] == [b["i"].tolist() for b in two]
+    assert len(two) == 7  # 30 // 4: the last short batch dropped
+    loose = await batches(
+        AsyncLoader(ds, batch_size=4, ordered=False, worker_kind="process", workers=3)
+    )
+    assert sorted(i for b in loose for i in b["i"].tolist()) == list(range(30))
+
+
+async def test_large_shared_memory_tensors_arrive_intact():
+    class Big:
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return torch.randn(256, 1024, generator=g)  # 1 MiB a sample
+
+    got = await batches(AsyncLoader(Big(), batch_size=3, worker_kind="process", workers=2))
+    want = [torch.stack([Big()[i] for i in range(s, s + 3)]) for s in (0, 3)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+async def test_a_failing_sample_is_named_with_its_cause_and_worker_traceback():
+    loader = AsyncLoader(Samples(40, fail={13}), batch_size=8, worker_kind="process")
+    with pytest.raises(LoaderError) as err:
+        await batches(loader)
+    assert err.value.index == 13 and "sample 13" in str(err.value)
+    cause = err.value.__cause__
+    assert isinstance(cause, ValueError) and str(cause) == "bad sample 13"
+    assert any("in AsyncLoader worker process" in n for n in getattr(cause, "__notes__", []))
+
+
+async def test_skip_leaves_failing_samples_out_and_counts_them():
+    loader = AsyncLoader(
+        Samples(24, fail={2, 9, 10}), batch_size=8, worker_kind="process", on_error="skip"
+    )
+    got = await batches(loader)
+    assert [i for b in got for i in b["i"].tolist()] == [
+        i for i in range(24) if i not in (2, 9, 10)
+    ]
+    assert loader.stats().skipped == 3 and loader.stats().samples == 21
+
+
+class Unsendable:
+    pass
+
+
+def unsendable_collate(samples):
+    return {"rows": len(samples), "thing": Unsendable, "lock": __import__("threading").Lock()}
+
+
+async def test_a_batch_that_does_not_pickle_is_named_not_lost():
+    loader = AsyncLoader(
+        Samples(16), batch_size=8, worker_kind="process", collate=unsendable_collate
+    )
+    with pytest.raises(LoaderError, match="batch 0") as err:
+        await batches(loader)
+    assert "does not pickle" in str(err.value.__cause__)
+
+
+def failing_init(worker):
+    raise OSError(f"no shard for worker {worker}")
+
+
+async def test_a_failing_worker_init_fn_is_named():
+    loader = AsyncLoader(
+        Samples(16), batch_size=4, worker_kind="process", worker_init_fn=failing_init
+    )
+    with pytest.raises(LoaderError, match=r"worker_init_fn\(\d\) raised OSError"):
+        await batches(loader)
+
+
+async def test_a_killed_worker_is_reported_with_its_signal():
+    loader = AsyncLoader(Samples(64, kill_at=20), batch_size=4, worker_kind="process", workers=2)
+    with pytest.raises(LoaderError, match=r"worker process \d \(pid \d+\) was killed by SIGKILL"):
+        await batches(loader)
+    assert not multiprocessing.active_children()
+
+
+async def worker_pids(loader, stop_after: int) -> set[int]:
+    pids: set[int] = set()
+    async for b in loader:
+        pids |= {int(p) for p in b["pid"]}
+        if len(pids) >= stop_after:
+            break
+    return pids
+
+
+async def test_no_worker_outlives_an_early_exit():
+    loader = AsyncLoader(Samples(400), batch_size=4, worker_kind="process", workers=2)
+    async with contextlib.aclosing(aiter(loader)) as it:
+        pids: set[int] = set()
+        async for b in it:
+            pids |= {int(p) for p in b["pid"]}
+            if len(pids) == 2:
+                break
+    assert len(pids) == 2 and all(gone(p) for p in pids)
+    assert not multiprocessing.active_children()
+
+
+async def all_gone(pids: set[int]) -> None:
+    """An abandoned ``async for`` closes its epoch (and so its workers) on the loop's next
+    turns, not at once: give it a few."""
+    with anyio.fail_after(10):
+        # No event says that a process ended: poll.
+        while not all(gone(p) for p in pids) or multiprocessing.active_children():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_no_worker_outlives_a_cancelled_or_failing_consumer():
+    seen: set[int] = set()
+
+    async def consume():
+        async for b in AsyncLoader(Samples(400), batch_size=4, worker_kind="process"):
+            seen.update(int(p) for p in b["pid"])
+            await asyncio.sleep(0.01)
+
+    with anyio.move_on_after(0.5):
+        await consume()
+    assert seen
+    await all_gone(seen)
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async for b in AsyncLoader(Samples(400), batch_size=4, worker_kind="process"):
+            seen.update(int(p) for p in b["pid"])
+            raise Boom
+    await all_gone(seen)
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.hang_guard(60)
+async def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, sys
+            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+            from tests.test_loader_processes import Samples
+            from asyncnn import AsyncLoader
+
+            async def main():
+                async for b in AsyncLoader(Samples(10_000, spin=0.001), batch_size=4,
+                                           worker_kind="process", workers=2):
+                    print(*sorted(set(int(p) for p in b["pid"])), flush=True)
+                    await asyncio.sleep(0.05)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    parent = subprocess.Popen(  # noqa: ASYNC220 (starting it does not wait)
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
+    )
+    pids: set[int] = set()
+    assert parent.stdout is not None
+    while len(pids) < 2:
+        line = await anyio.to_thread.run_sync(parent.stdout.readline)
+        assert line, "the parent script ended early"
+        pids |= {int(p) for p in line.split()}
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    await all_gone(pids)
+
+
+def test_bad_settings_say_what_to_do_instead():
+    async def fetch(i):
+        return i
+
+    with pytest.raises(ValueError, match="sync map-style dataset"):
+        AsyncLoader(Samples(4), fetch=fetch, worker_kind="process")
+    with pytest.raises(ValueError, match="pass workers= only"):
+        AsyncLoader(Samples(4), threads=2, workers=2)
+    with pytest.raises(ValueError, match="not a start method"):
+        AsyncLoader(Samples(4), worker_kind="process", multiprocessing_context="teleport")
+    with pytest.raises(ValueError, match="worker_init_fn runs in worker processes"):
+        AsyncLoader(Samples(4), worker_kind="thread", worker_init_fn=failing_init)
+    with pytest.raises(ValueError, match="worker_kind='fiber'"):
+        AsyncLoader(Samples(4), worker_kind="fiber")  # type: ignore[arg-type]
+
+
+# -- worker_kind="auto" ---------------------------------------------------------------------
+
+
+def config(source, **kw) -> LoaderConfig:
+    return AsyncLoader(source, batch_size=8, **kw)._config()
+
+
+class Handle:
+    def __init__(self):
+        self.lock = __import__("threading").Lock()  # stands for an open file, a connection
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return torch.tensor(i)
+
+
+def test_auto_says_why_it_keeps_threads():
+    ds, ms = Samples(100), 0.005
+    assert processes_unsuitable(config(ds), 100, 2, ms) is None
+    assert "too little" in processes_unsuitable(config(ds), 100, 2, 0.0001)
+    assert "one core" in processes_unsuitable(config(ds), 100, 1, ms)
+    assert "too few" in processes_unsuitable(config(ds), 5, 2, ms)
+    assert "cannot be forked" in processes_unsuitable(
+        config(ds, multiprocessing_context="spawn"), 100, 2, ms
+    )
+    assert "does not pickle" in processes_unsuitable(config(Handle()), 100, 2, ms)
+    assert pickles(torch.zeros(1000)) and not pickles(Handle())
+
+
+async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
+    monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    loader = AsyncLoader(Samples(160, spin=0.0005), batch_size=8)  # 4 ms a batch: decoding
+    got = await batches(loader)
+    assert [i for b in got for i in b["i"].tolist()] == list(range(160))
+    pids = {int(p) for b in got[1:] for p in b["pid"]}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert {int(p) for p in got[0]["pid"]} == {os.getpid()}  # the measured batch: a thread's
+    assert loader.stats().process_epochs == 1
+
+
+async def test_auto_keeps_cheap_or_unpicklable_datasets_on_threads(monkeypatch):
+    monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    cheap = AsyncLoader(Samples(160), batch_size=8)
+    got = await batches(cheap)
+    assert {int(p) for b in got for p in b["pid"]} == {os.getpid()}
+    assert cheap.stats().process_epochs == 0
+
+    class SlowHandle(Handle):
+        def __getitem__(self, i):
+            time.sleep(0)
+            end = time.perf_counter() + 0.0005
+            while time.perf_counter() < end:
+                pass
+            return torch.tensor(i)
+
+    held = AsyncLoader(SlowHandle(), batch_size=8)
+    assert len(await batches(held)) == 13
+    assert held.stats().process_epochs == 0
