@@ -132,12 +132,17 @@ def interleave(
     repeats: int,
     systems: dict[str, Callable[[], Measure]],
     progress: Callable[..., None],
+    *,
+    warm_up: bool = True,
 ) -> dict[str, list[Measure]]:
-    """Warm every system up once, then run them in turn ``repeats`` times."""
+    """Warm every system up once (unless the caller did), then run them in turn ``repeats``
+    times."""
     out: dict[str, list[Measure]] = {name: [] for name in systems}
-    steps = len(systems) * (repeats + 1)
+    steps = len(systems) * (repeats + int(warm_up))
     done = 0
     for name, fn in systems.items():
+        if not warm_up:
+            break
         progress(f"warm-up {name}", done / steps)
         fn()
         done += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -31,11 +32,15 @@ class _Discard:
         return len(data)
 
 
+_ALWAYS = (str, bytes, int, float, bool, PurePath, torch.Tensor)  # pickle, and are common
+
+
 class _ShapeOnly(pickle.Pickler):
-    """Pickles everything but arrays' bytes (tensors and arrays always pickle)."""
+    """Pickles everything but what always pickles (paths, strings, numbers, tensors, arrays):
+    a dataset's list of 100,000 paths is checked in milliseconds."""
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor) or type(obj).__name__ == "ndarray":
+        if isinstance(obj, _ALWAYS) or type(obj).__name__ == "ndarray":
             return 0
         return None
 

@@ -1,8 +1,8 @@
 """Worker processes for a sync map-style dataset whose decoding computes (and so holds the GIL).
 
 Each worker process fetches whole batches (``__getitems__`` or a loop, as on a fetch thread) and
-collates them; torch's multiprocessing reductions send the batch's tensors back through shared
-memory, so only handles are pickled. As in a ``DataLoader``, batch ``k`` goes to worker
+collates them; the batch goes back through its pipe, small tensors inline and large ones
+through shared memory (``transport``). As in a ``DataLoader``, batch ``k`` goes to worker
 ``k % workers`` (with per-worker seeds, augmentations are reproducible), ``get_worker_info()``
 works inside the dataset, and ``default_collate`` writes straight into shared memory.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import pickle
 import queue
@@ -30,7 +31,6 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ import torch.multiprocessing as mp
 
 from .flow import fetch_many
 from .reorder import Failed
+from .transport import receive, send
 
 __all__ = ["CollateError", "Fetched", "ProcessPool", "WorkerDied"]
 
@@ -128,6 +129,9 @@ def _serve(
     parent: int,
 ) -> None:
     """A worker process: batches until told to stop, or until its parent is gone."""
+    # What the parent held is never collected here: no parent object's finalizer runs in a
+    # worker, and its pages stay shared (copy-on-write) rather than touched by the collector.
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     _seed(seed, worker, workers, source)
@@ -135,7 +139,7 @@ def _serve(
         try:
             init(worker)
         except Exception as exc:
-            _send(results, (worker, -1, [], 0, _portable(exc)))
+            send(results, (worker, -1, [], 0, _portable(exc)))
             return
     while True:
         try:
@@ -148,24 +152,13 @@ def _serve(
             return
         k, idxs = job
         failures, batch = fetch_batch(source, collate, idxs, skip)
-        if not _send(results, (worker, k, failures, len(idxs), batch)):
+        if not send(results, (worker, k, failures, len(idxs), batch)):
             unsent = RuntimeError(
                 f"batch {k} cannot be sent from a worker process: {type(batch).__name__} does "
                 "not pickle; return tensors, numbers, strings or containers of them from "
                 "collate, or use worker_kind='thread'"
             )
-            _send(results, (worker, k, failures, len(idxs), CollateError(unsent)))
-
-
-def _send(conn: Connection, item: Fetched) -> bool:
-    """Pickle here (torch's reductions move tensors to shared memory), so that a value that
-    does not pickle is reported instead of lost; False for such a value."""
-    try:
-        data = ForkingPickler.dumps(item)
-    except Exception:
-        return False
-    conn.send_bytes(data)
-    return True
+            send(results, (worker, k, failures, len(idxs), CollateError(unsent)))
 
 
 def _describe(code: int | None) -> str:
@@ -251,12 +244,12 @@ class ProcessPool:
                     while conn in conns and conn.poll(0):  # what it sent before it ended
                         self._take(conns, conn)
                     conns.pop(conn, None)
+                    self._procs[i].join(_WATCH)  # its pipe closed first: let it be reaped
                     self._lost(i, _describe(self._procs[i].exitcode))
 
     def _take(self, conns: dict[Connection, int], conn: Connection) -> None:
         try:
-            data = conn.recv_bytes()
-            self._post(pickle.loads(data))  # unpickles: from our own worker, on our pipe
+            self._post(receive(conn))
         except Exception as exc:
             i = conns.pop(conn)
             proc = self._procs[i]

@@ -1,0 +1,99 @@
+"""How a worker process's batch crosses to its parent: small tensors through the pipe, large
+ones through shared memory.
+
+A tensor sent through torch's shared-memory reductions costs a fixed ~1 ms or more (a segment
+created, its file descriptor passed over a socket with an authentication handshake, mapped),
+which for a batch of 64 small samples is more than the batch's own bytes cost to copy through
+the pipe (~0.2 ms for 128 KiB on the 2-core VM; see ``BENCHMARKS.md``). So a tensor of up to
+``INLINE_BYTES`` travels as a raw out-of-band buffer (pickle protocol 5: the bytes are written
+to the pipe straight from the tensor, read straight into the new tensor's memory), and a larger
+one through shared memory, where the fixed cost is small against its size.
+
+One message: a header (the buffers' sizes, then the pickle stream), followed by one message per
+buffer. Only the parent reads what its own forked worker wrote to a pipe they alone hold.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+import struct
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import torch
+
+__all__ = ["INLINE_BYTES", "receive", "send"]
+
+INLINE_BYTES = 256 * 1024  # tensors up to this size are copied through the pipe
+
+# The reductions torch registers for multiprocessing (tensors and storages to shared memory).
+_REDUCERS = {**copyreg.dispatch_table, **ForkingPickler._extra_reducers}  # type: ignore[attr-defined]
+
+
+def _inline(obj: Any) -> bool:
+    return (
+        type(obj) is torch.Tensor
+        and obj.layout == torch.strided
+        and obj.device.type == "cpu"
+        and not obj.requires_grad
+        and not obj.is_quantized
+        and obj.nbytes <= INLINE_BYTES
+    )
+
+
+class _Writer(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
+        super().__init__(file, 5, buffer_callback=buffers.append)
+        self.dispatch_table = _REDUCERS
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not _inline(obj):
+            return None
+        flat = obj.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        return (obj.dtype, tuple(obj.shape), pickle.PickleBuffer(flat.numpy()))
+
+
+class _Reader(pickle.Unpickler):  # unpickles: from our own worker, on our pipe
+    def persistent_load(self, pid: Any) -> Any:
+        dtype, shape, buf = pid
+        if not len(buf):
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def send(conn: Connection, item: Any) -> bool:
+    """Pickle ``item`` here and send it; False (nothing sent) when it does not pickle."""
+    stream = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        _Writer(stream, buffers).dump(item)
+    except Exception:
+        return False
+    raws = [b.raw() for b in buffers]
+    conn.send_bytes(struct.pack(f"<I{len(raws)}Q", len(raws), *(r.nbytes for r in raws)))
+    conn.send_bytes(stream.getbuffer())
+    for r in raws:
+        conn.send_bytes(r)
+    return True
+
+
+def receive(conn: Connection) -> Any:
+    """What ``send`` sent, its tensors' buffers read straight into their new memory."""
+    head = conn.recv_bytes()
+    (n,) = struct.unpack_from("<I", head)
+    sizes = struct.unpack_from(f"<{n}Q", head, 4)
+    stream = conn.recv_bytes()
+    buffers = []
+    for size in sizes:
+        buf = bytearray(size)
+        if size:
+            conn.recv_bytes_into(buf)
+        else:
+            conn.recv_bytes()
+        buffers.append(buf)
+    return _Reader(
+        io.BytesIO(stream), buffers=buffers
+    ).load()  # unpickles: from our own worker, on our pipe
