@@ -12,7 +12,7 @@ from asyncnn.bench.cli import format_table, main
 def test_list(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("overhead", "reqresp", "serving", "overlap", "loader", "memory", "gpu"):
+    for name in ("overhead", "reqresp", "serving", "overlap", "loader", "files", "remote", "gpu"):
         assert name in out
     assert set(WORKLOADS) >= {
         "overhead",
@@ -20,6 +20,8 @@ def test_list(capsys):
         "serving",
         "overlap",
         "loader",
+        "files",
+        "remote",
         "memory",
         "gpu",
     }
@@ -163,7 +165,17 @@ def _corrupt(value):
 @pytest.mark.hang_guard(120)
 @pytest.mark.parametrize(
     "workload",
-    ["overhead", "reqresp", "serving", "overlap", "loader", "memory", "transformer", "files"],
+    [
+        "overhead",
+        "reqresp",
+        "serving",
+        "overlap",
+        "loader",
+        "memory",
+        "transformer",
+        "files",
+        "remote",
+    ],
 )
 def test_a_wrong_asyncnn_result_is_caught_in_every_workload(workload, monkeypatch, capsys):
     """Every stage of every asyncnn pipeline returns a wrong value: each workload's check must

@@ -30,7 +30,7 @@ LAYERS = [
     {"runtime"},
     {"stats"},
     {"loader.plan", "loader.reorder", "loader.config"},
-    {"loader.flow", "loader.choice"},
+    {"loader.flow", "loader.choice", "loader.transport"},
     {"loader.processes"},
     {"loader.batches"},
     {"loader.epoch"},

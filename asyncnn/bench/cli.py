@@ -16,6 +16,7 @@ from .workloads_devices import gpu, overlap
 from .workloads_files import files
 from .workloads_loader import loader
 from .workloads_memory import memory
+from .workloads_remote import remote
 from .workloads_serving import serving
 from .workloads_transformer import transformer
 
@@ -57,9 +58,15 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "files",
-            "local .npy files, sync __getitem__, batches of 64, +/- the MLP, vs DataLoader 0-4",
+            "20k local .npy/.pt files, sync __getitem__, batches of 64, +/- the MLP, vs "
+            "DataLoader 0-4, torchdata",
             files,
-            default=False,  # opt-in while the loader's local-file work (issue 16) is open
+        ),
+        Workload(
+            "remote",
+            "the files' samples over HTTP, 20 ms a read, batches of 64, +/- the MLP, vs "
+            "DataLoader 0-4, torchdata",
+            remote,
         ),
         Workload(
             "memory",

@@ -1,7 +1,7 @@
 """What the ``files`` and ``remote`` workloads share: the same dataset through DataLoader with
 num_workers 0, 1, 2 and 4 (the best one is the baseline), through AsyncLoader, each consumed
-alone or by the MLP, every system's batches checked against a reference, then timed side by
-side."""
+alone or by the MLP, every system's batches checked against a reference on the first samples,
+then all of them timed side by side."""
 
 from __future__ import annotations
 
@@ -80,19 +80,28 @@ def ours(ctx: Context, make_loader: Callable[[], AsyncIterable[Any]], model: Any
 def compare(
     ctx: Context,
     workload: str,
-    systems: dict[str, System],
-    reference: torch.Tensor,
+    build: Callable[[int], dict[str, System]],
+    reference: Callable[[int], torch.Tensor],
+    n: int,
     mine: list[str],
     target: float,
     note: str,
+    *,
+    checked: int = 1_024,
+    once: tuple[str, ...] = (),
 ) -> list[Row]:
-    """Check every system's output against ``reference``, time them side by side, and give
-    each of ``mine`` its ratio to the best DataLoader setting against ``target``."""
-    for name, fn in systems.items():  # also each system's warm-up
+    """Check every system's output on the first ``checked`` samples against ``reference(k)``
+    (which also warms each up), time them side by side on ``n`` samples (``build(n)``: the
+    systems for the first ``n`` samples), and give each of ``mine`` its ratio to the best
+    DataLoader setting, against ``target``. Systems in ``once`` (slow by design: one read at
+    a time) are timed in the first round only."""
+    check = min(n, checked)
+    want = reference(check)
+    for name, fn in build(check).items():
         ctx.progress(f"{workload}: check {name}")
         out: list[torch.Tensor] = []
         fn(sink=out)
-        if not torch.allclose(torch.cat(out), reference, rtol=1e-4, atol=1e-5):
+        if not torch.allclose(torch.cat(out), want, rtol=1e-4, atol=1e-5):
             raise AssertionError(
                 f"{workload}: {name} produced different batches than the reference"
             )
@@ -101,12 +110,17 @@ def compare(
         t0 = time.perf_counter()
         return Measure(fn(), time.perf_counter() - t0)
 
+    systems = {k: functools.partial(timed, f) for k, f in build(n).items()}
     runs = interleave(
+        1, {k: f for k, f in systems.items() if k in once}, ctx.progress, warm_up=False
+    )
+    runs |= interleave(
         ctx.repeats,
-        {k: functools.partial(timed, f) for k, f in systems.items()},
+        {k: f for k, f in systems.items() if k not in once},
         ctx.progress,
         warm_up=False,
     )
+    runs = {k: runs[k] for k in systems}  # in the systems' order
     rows = {k: summarize(workload, k, ctx.loop, m, unit="samples/s") for k, m in runs.items()}
     best = max((r for k, r in rows.items() if k.startswith("DataLoader")), key=lambda r: r.rate)
     for name in mine:
@@ -115,6 +129,6 @@ def compare(
         row.ratio_label = f"vs {best.system}"
         row.target = f">= {target}x best DataLoader"
         row.verdict = verdict(row.ratio >= target)
-    for r in rows.values():
-        r.note = note
+    for k, r in rows.items():
+        r.note = note + ("; timed once (one read at a time)" if k in once else "")
     return list(rows.values())

@@ -8,6 +8,7 @@ the GIL (a process ParallelMapper over whole batches), same files, same samples,
 from __future__ import annotations
 
 import functools
+import gc
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,11 @@ def _torchdata(ds: Any, model: Any, sink: Any = None) -> int:
         node, functools.partial(_batch_of, ds), num_workers=2, method="process"
     )
     node = tn.Prefetcher(node, prefetch_factor=2)
-    return consume(tn.Loader(node), model, sink)
+    rows = consume(tn.Loader(node), model, sink)
+    # Its iterators end in reference cycles: collect them here, or the next forked worker (any
+    # system's) would find them, and their finalizers complain there.
+    gc.collect()
+    return rows
 
 
 def _systems(ctx: Context, ds: Any, model: Any) -> dict[str, Any]:
@@ -95,28 +100,34 @@ def _systems(ctx: Context, ds: Any, model: Any) -> dict[str, Any]:
     return systems
 
 
+def _reference(dataset: Any, folder: Path, model: Any, k: int) -> torch.Tensor:
+    ds = dataset(folder, k)
+    x = torch.stack([ds[i] for i in range(k)])
+    with torch.inference_mode():
+        return model(x) if model is not None else x
+
+
+def _build(ctx: Context, dataset: Any, folder: Path, model: Any, k: int) -> dict[str, Any]:
+    return _systems(ctx, dataset(folder, k), model)
+
+
 def files(ctx: Context) -> list[Row]:
     n = 2_000 if ctx.quick else 20_000
     model = bench_mlp()
     rows: list[Row] = []
     for kind, dataset in (("npy", NpyFiles), ("pt", PtFiles)):
         with tempfile.TemporaryDirectory(prefix="asyncnn-files-") as tmp:
+            folder = Path(tmp)
             ctx.progress(f"files: writing {n:,} .{kind} files")
-            write_samples(Path(tmp), n, kind)
-            ds = dataset(Path(tmp), n)
-            reference = torch.stack([ds[i] for i in range(n)])
-            with torch.inference_mode():
-                served = model(reference)
+            write_samples(folder, n, kind)
             note = f"{n:,} .{kind} files of {WIDTH} float32, batch {BATCH}"
-            for label, m, want, target in (
-                ("", None, reference, 1.0),
-                ("+MLP", model, served, 1.2),
-            ):
+            for label, m, target in (("", None, 1.0), ("+MLP", model, 1.2)):
                 rows += compare(
                     ctx,
                     f"files .{kind}{label}",
-                    _systems(ctx, ds, m),
-                    want,
+                    functools.partial(_build, ctx, dataset, folder, m),
+                    functools.partial(_reference, dataset, folder, m),
+                    n,
                     [DEFAULTS, PROCESSES],
                     target,
                     note,

@@ -59,7 +59,7 @@ class AsyncLoader:
         workers: fetch workers for a sync ``__getitem__``: threads or processes (below). Each
             fetches and collates a whole batch per call (through the dataset's
             ``__getitems__`` when it has one). Default ``None``: threads start as one while
-            the first samples are measured, and up to ``min(concurrency, 8)`` fetch batches at
+            the first samples are measured, and up to ``min(concurrency, 32)`` fetch batches at
             once if fetching mostly waited (I/O: network, slow disks); processes: one per core.
         worker_kind: where a sync ``__getitem__`` runs. ``"process"``: in worker processes, as
             in a ``DataLoader`` with ``num_workers``, for decoding that computes in Python

@@ -28,7 +28,7 @@ from .reorder import Failed, collate_failed
 __all__ = ["IO_BOUND", "produce_map_batches"]
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
-PROBE = 4  # samples fetched alone first, to measure that
+PROBE = 8  # samples fetched alone first, to measure that
 
 
 class _Epoch(Protocol):
@@ -46,13 +46,24 @@ class _Epoch(Protocol):
 
 
 def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float, float]:
-    """On a fetch thread: the samples, the share of the fetch's wall time this thread spent
+    """On a fetch thread: the samples, the share of the fetch's time this thread spent
     computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O), and the wall
-    time."""
-    wall, cpu = time.perf_counter(), time.thread_time()
+    time. Time spent ready to run but waiting for a core (other processes busy) is not
+    counted as waiting, where Linux says how much it was."""
+    wall, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
     samples = fetch_many(source, idxs)
     took = max(1e-9, time.perf_counter() - wall)
-    return samples, (time.thread_time() - cpu) / took, took
+    off_core = min(took * 0.9, _queued() - queued)
+    return samples, (time.thread_time() - cpu) / (took - off_core), took
+
+
+def _queued() -> float:
+    """Seconds this thread has spent runnable but waiting for a core (0 where unknown)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _collate(samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]], Any]) -> Any:

@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoaderConfig", "LoaderStats", "loader_counters", "usable_cores"]
+# Threads that wait on I/O at once (fetches that mostly wait: sockets, slow disks) at most,
+# unless workers= says: a waiting thread costs little, and each one adds a read in flight.
+IO_THREADS = 32
+
+__all__ = ["IO_THREADS", "LoaderConfig", "LoaderStats", "loader_counters", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -86,7 +90,7 @@ class LoaderConfig:
     @property
     def fetch_threads(self) -> int:
         """Threads to start for a sync map-style source (the most that ``workers=None`` uses)."""
-        return self.workers if self.workers is not None else min(self.concurrency, 8)
+        return self.workers if self.workers is not None else min(self.concurrency, IO_THREADS)
 
     @property
     def process_workers(self) -> int:
