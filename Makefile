@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-quick lint gpu-check stress soak clean
+.PHONY: install test bench bench-quick bench-loaders lint gpu-check stress soak clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m asyncnn.bench --quick
+
+# The loader against DataLoader and torchdata on local files and over HTTP (~15 minutes).
+bench-loaders: $(STAMP)
+	$(PY) -m asyncnn.bench --workload loader --workload files --workload remote
 
 lint: $(STAMP)
 	$(PY) -m ruff check asyncnn tests benchmarks examples

@@ -61,12 +61,14 @@ WORKLOADS: dict[str, Workload] = {
             "20k local .npy/.pt files, sync __getitem__, batches of 64, +/- the MLP, vs "
             "DataLoader 0-4, torchdata",
             files,
+            default=False,  # ~10 minutes on the 2-core VM: `make bench-loaders`
         ),
         Workload(
             "remote",
             "the files' samples over HTTP, 20 ms a read, batches of 64, +/- the MLP, vs "
             "DataLoader 0-4, torchdata",
             remote,
+            default=False,  # ~3 minutes (DataLoader waits 20 ms a read): `make bench-loaders`
         ),
         Workload(
             "memory",

@@ -237,6 +237,11 @@ def _start_threads(
                 head, busy, took = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
                 per_batch = took / max(1, len(head)) * cfg.batch_size
                 idxs = idxs[PROBE:]
+                if busy < IO_BOUND and idxs:
+                    # Waiting for the GIL reads as waiting: confirm before spreading what may
+                    # be decoding over many threads (the worst choice for it).
+                    more, again, _ = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+                    head, busy, idxs = head + more, max(busy, again), idxs[PROBE:]
                 if busy < IO_BOUND:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
                     widen.set()
