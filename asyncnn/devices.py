@@ -20,6 +20,7 @@ event of that batch has completed, rather than calling ``record_stream``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ __all__ = [
     "map_tensors",
     "open_device",
     "parse_device",
+    "usable_cores",
 ]
 
 
@@ -218,3 +220,11 @@ def open_device(device: torch.device, fn: Any) -> Device:
     impl = make_device(device)
     impl.place(fn)
     return impl
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says; else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

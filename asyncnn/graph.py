@@ -252,7 +252,7 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 
 def _label(stage: Stage) -> str:
-    parts = [stage.name, stage.runs_on + (f" x{stage.workers}" if stage.workers > 1 else "")]
+    parts = [stage.name, stage.runs_on + (f" x{stage.workers}" if stage.workers != 1 else "")]
     if stage.device is not None:
         parts.append(str(stage.device))
     if stage.batch is not None:

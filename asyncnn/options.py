@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from .devices import usable_cores
 from .errors import AsyncnnError, GraphError, check_whole
-from .graph import Graph, Plan
+from .graph import Graph, Plan, PlanNode
 from .payload import PayloadTooDeep, count_rows
 from .stage import Stage, is_module
 
-__all__ = ["PipelineOptions", "as_plan", "check_devices", "check_request_rows", "options"]
+__all__ = [
+    "PipelineOptions",
+    "as_plan",
+    "check_devices",
+    "check_request_rows",
+    "options",
+    "resolve_workers",
+    "split_cores",
+]
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ def options(
     check_whole(queue_size, "Pipeline: queue_size")
     if drain_timeout is not None and not drain_timeout >= 0:
         raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
-    plan = as_plan(stages)
+    plan = resolve_workers(as_plan(stages), usable_cores())
     if output_device is not None and str(output_device) != "cpu":
         raise ValueError(
             f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
@@ -96,18 +105,57 @@ def check_microbatch(plan: Plan, microbatch: int) -> None:
         )
 
 
+MOST_AUTO_WORKERS = 4  # beyond this, more torch threads per worker rather than more workers
+
+
+def split_cores(cores: int, auto_stages: int, fixed_threads: int) -> int:
+    """Workers for each of ``auto_stages`` compute stages with ``workers="auto"``, when other
+    compute stages already run ``fixed_threads`` threads: the cores left, shared between the
+    auto stages, as single-threaded workers up to ``MOST_AUTO_WORKERS`` each (the torch threads
+    are then shared out by ``torch_threads="auto"``). At least one worker each."""
+    if auto_stages < 1:
+        raise ValueError("split_cores: no stage to split the cores between")
+    share = max(1, (cores - fixed_threads) // auto_stages)
+    return min(share, MOST_AUTO_WORKERS)
+
+
+def _compute(stage: Stage) -> bool:
+    """Does ``stage`` run torch compute on threads (a module, or a stage placed on the CPU)?"""
+    return stage.runs_on == "thread" and (
+        is_module(stage.fn)
+        or (stage.device is not None and str(stage.device) == "cpu")
+        or stage.workers == "auto"
+    )
+
+
+def resolve_workers(plan: Plan, cores: int) -> Plan:
+    """``plan`` with every ``workers="auto"`` replaced by a count: ``split_cores`` for compute
+    stages on threads, 1 elsewhere (a coroutine, an inline call, a Ray stage: ``replicas``
+    sets those). An explicit count is never changed."""
+    auto = [s for s in plan.stages if s.workers == "auto" and _compute(s)]
+    if not any(s.workers == "auto" for s in plan.stages):
+        return plan
+    fixed = sum(int(s.workers) for s in plan.stages if s.workers != "auto" and _compute(s))
+    each = split_cores(cores, len(auto), fixed) if auto else 1
+    nodes = tuple(
+        PlanNode(
+            replace(n.stage, workers=each if _compute(n.stage) else 1)
+            if n.stage.workers == "auto"
+            else n.stage,
+            n.inputs,
+        )
+        for n in plan.nodes
+    )
+    return Plan(nodes, plan.outputs)
+
+
 def resolve_threads(plan: Plan, threads: int | Literal["auto"] | None) -> int | None:
     """torch intra-op threads per compute thread: ``"auto"`` shares the caller's count between
     the CPU compute threads (module or ``device="cpu"`` stages, counting workers)."""
     if threads is None:
         return None
     if threads == "auto":
-        compute = sum(
-            s.workers
-            for s in plan.stages
-            if s.runs_on == "thread"
-            and (is_module(s.fn) or (s.device is not None and str(s.device) == "cpu"))
-        )
+        compute = sum(int(s.workers) for s in plan.stages if _compute(s))
         if compute == 0:
             return None
         # torch's count in this (the caller's) thread: new threads may start from another

@@ -54,6 +54,11 @@ class Stage:
         name: unique name in the pipeline; defaults to the function's or module class's name, with
             a suffix (``f_2``) when two stages would share it.
         workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
+            ``"auto"`` for a stage on threads: the pipeline splits the cores between its
+            compute stages (see ``Pipeline``'s ``torch_threads``): on 2 cores, a model stage
+            runs as 2 workers of 1 torch thread each, which the event loop's work disturbs
+            less than 1 worker of 2 (a parallel region waits for its slowest thread);
+            ``stats()[name].workers`` says what was chosen.
         executor: ``"auto"`` (coroutines on the loop, everything else on dedicated threads),
             ``"inline"`` (a cheap sync function called on the loop itself), ``"thread"``, or
             ``"ray"``: the stage runs in ``replicas`` Ray actors (``pip install ray``).
@@ -88,7 +93,7 @@ class Stage:
 
     fn: Callable[..., Any] = field(kw_only=False)
     name: str = None  # type: ignore[assignment]  # filled in __post_init__
-    workers: int = 1
+    workers: int | Literal["auto"] = 1
     executor: Executor = "auto"
     device: str | torch.device | None = None
     max_inflight: int = 2
@@ -114,8 +119,10 @@ class Stage:
         elif not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Stage(name={self.name!r}): name must be a non-empty string")
         w = self.workers
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"stage {self.name!r}: workers={w!r} must be a whole number >= 1")
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(
+                f"stage {self.name!r}: workers={w!r} must be a whole number >= 1 or 'auto'"
+            )
         if self.executor not in _EXECUTORS:
             raise ValueError(
                 f"stage {self.name!r}: executor={self.executor!r} is unknown; "
@@ -190,7 +197,7 @@ class Stage:
         return "inline" if self.executor == "inline" else "thread"
 
     def __repr__(self) -> str:
-        extra = f", workers={self.workers}" if self.workers != 1 else ""
+        extra = f", workers={self.workers!r}" if self.workers != 1 else ""
         if self.device is not None:
             extra += f", device={str(self.device)!r}"
         if self.batch is not None:

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .verdicts import Judgement, judge, paired_ratios
+
 __all__ = [
     "Context",
     "Measure",
@@ -134,11 +136,14 @@ def interleave(
     progress: Callable[..., None],
     *,
     warm_up: bool = True,
+    decided: Callable[[dict[str, list[Measure]]], bool] | None = None,
+    most: int = 0,
 ) -> dict[str, list[Measure]]:
     """Warm every system up once (unless the caller did), then run them in turn ``repeats``
-    times."""
+    times; while ``decided(runs)`` says the verdict is still within noise, add rounds, up to
+    ``most`` in all."""
     out: dict[str, list[Measure]] = {name: [] for name in systems}
-    steps = len(systems) * (repeats + int(warm_up))
+    steps = len(systems) * (max(repeats, most) + int(warm_up))
     done = 0
     for name, fn in systems.items():
         if not warm_up:
@@ -146,11 +151,13 @@ def interleave(
         progress(f"warm-up {name}", done / steps)
         fn()
         done += 1
-    for r in range(repeats):
+    r = 0
+    while r < repeats or (decided is not None and r < most and not decided(out)):
         for name, fn in systems.items():
             progress(f"{name} {r + 1}/{repeats}", done / steps)
             out[name].append(fn())
             done += 1
+        r += 1
     progress("done", 1.0)
     return out
 
@@ -199,6 +206,51 @@ def against(row: Row, base: Row, label: str) -> float:
 
 def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
+
+
+MOST_REPEATS = 7  # rounds a workload may add while its verdict is within noise
+
+
+def ratios_of(runs: dict[str, list[Measure]], ours: str, base: str, cost: bool) -> list[float]:
+    """Repeat by repeat, ours over the baseline: a rate ratio, or a cost ratio (``cost``). A
+    baseline timed fewer times than ours (once: it is slow by design) counts as its median."""
+    mine, theirs = [m.rate for m in runs[ours]], [m.rate for m in runs[base]]
+    if len(theirs) != len(mine):
+        theirs = [statistics.median(theirs)] * len(mine)
+    return paired_ratios(theirs, mine) if cost else paired_ratios(mine, theirs)
+
+
+def until_decided(
+    ours: str, base: str, target: float, *, cost: bool = False
+) -> Callable[[dict[str, list[Measure]]], bool]:
+    """For ``interleave``: has the paired verdict of ``ours`` against ``base`` left the noise?"""
+
+    def decided(runs: dict[str, list[Measure]]) -> bool:
+        if not runs[ours]:
+            return False
+        return judge(ratios_of(runs, ours, base, cost), target, lower_is_better=cost).decided
+
+    return decided
+
+
+def paired_verdict(
+    row: Row,
+    runs: dict[str, list[Measure]],
+    ours: str,
+    base: str,
+    target: float,
+    *,
+    cost: bool = False,
+    label: str,
+    goal: str,
+) -> Judgement:
+    """Judge ``ours`` against ``base`` repeat by repeat and write the verdict on ``row``."""
+    j = judge(ratios_of(runs, ours, base, cost), target, lower_is_better=cost)
+    row.ratio = j.ratio
+    row.ratio_label = f"{label} (paired {j.low:.2f}–{j.high:.2f})"
+    row.target = goal
+    row.verdict = j.verdict
+    return j
 
 
 def timed(fn: Callable[[], Awaitable[int]]) -> Callable[[], Coroutine[Any, Any, Measure]]:

@@ -15,7 +15,7 @@ import torch
 
 from ..pipeline import Pipeline
 from ..stage import Stage
-from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from ._core import Context, Measure, Row, interleave, paired_verdict, run_on_loop, summarize
 
 __all__ = ["BATCH", "DATALOADER_WORKERS", "compare", "consume", "dataloaders", "ours"]
 
@@ -124,11 +124,15 @@ def compare(
     rows = {k: summarize(workload, k, ctx.loop, m, unit="samples/s") for k, m in runs.items()}
     best = max((r for k, r in rows.items() if k.startswith("DataLoader")), key=lambda r: r.rate)
     for name in mine:
-        row = rows[name]
-        row.ratio = row.rate / best.rate
-        row.ratio_label = f"vs {best.system}"
-        row.target = f">= {target}x best DataLoader"
-        row.verdict = verdict(row.ratio >= target)
+        paired_verdict(
+            rows[name],
+            runs,
+            name,
+            best.system,
+            target,
+            label=f"vs {best.system}",
+            goal=f">= {target}x best DataLoader",
+        )
     for k, r in rows.items():
         r.note = note + ("; timed once (one read at a time)" if k in once else "")
     return list(rows.values())

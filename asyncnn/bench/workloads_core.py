@@ -8,13 +8,25 @@ from typing import Any
 
 from ..pipeline import Pipeline
 from ..stage import Stage
-from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from ._core import (
+    MOST_REPEATS,
+    Context,
+    Measure,
+    Row,
+    interleave,
+    paired_verdict,
+    run_on_loop,
+    summarize,
+    until_decided,
+)
 
 __all__ = ["overhead", "reqresp"]
 
 HOPS = 8
 REQRESP_STAGES = 4
 CLIENTS = 1024
+OVERHEAD_TARGET = 0.75  # per-hop cost against the hand-written chain's (issue 17)
+REQRESP_TARGET = 1.2  # throughput against hand-written queues + futures (issue 17)
 
 
 async def _ident(x: Any) -> Any:
@@ -81,31 +93,28 @@ def overhead(ctx: Context) -> list[Row]:
 
         return run_on_loop(ctx.loop, main)
 
+    hand, ours_name = "hand-written asyncio.Queue chain", "asyncnn Pipeline.stream"
     runs = interleave(
         ctx.repeats,
-        {
-            "hand-written asyncio.Queue chain": lambda: system(_hand_chain),
-            "asyncnn Pipeline.stream": lambda: system(_asyncnn_chain),
-        },
+        {hand: lambda: system(_hand_chain), ours_name: lambda: system(_asyncnn_chain)},
         ctx.progress,
+        decided=until_decided(ours_name, hand, OVERHEAD_TARGET, cost=True),
+        most=MOST_REPEATS,
     )
-    base = summarize(
-        "overhead",
-        "hand-written asyncio.Queue chain",
-        ctx.loop,
-        runs["hand-written asyncio.Queue chain"],
-    )
-    ours = summarize(
-        "overhead", "asyncnn Pipeline.stream", ctx.loop, runs["asyncnn Pipeline.stream"]
-    )
+    base = summarize("overhead", hand, ctx.loop, runs[hand])
+    ours = summarize("overhead", ours_name, ctx.loop, runs[ours_name])
     for row in (base, ours):
         row.note = f"{1e6 / row.rate / HOPS:.2f} µs/hop"
-    # Per-hop cost ratio (ours / hand-written): the target is <= 1.0.
-    cost_ratio = base.rate / ours.rate
-    ours.ratio = cost_ratio
-    ours.ratio_label = "per-hop cost vs hand-written"
-    ours.target = "cost <= 1.0x hand-written"
-    ours.verdict = verdict(cost_ratio <= 1.0)
+    paired_verdict(
+        ours,
+        runs,
+        ours_name,
+        hand,
+        OVERHEAD_TARGET,
+        cost=True,
+        label="per-hop cost vs hand-written",
+        goal=f"cost <= {OVERHEAD_TARGET}x hand-written",
+    )
     return [base, ours]
 
 
@@ -185,13 +194,20 @@ def reqresp(ctx: Context) -> list[Row]:
             ours_name: lambda: run_on_loop(ctx.loop, lambda: _asyncnn_reqresp(total, clients)),
         },
         ctx.progress,
+        decided=until_decided(ours_name, hand, REQRESP_TARGET),
+        most=MOST_REPEATS,
     )
     base = summarize("reqresp", hand, ctx.loop, runs[hand], unit="req/s")
     ours = summarize("reqresp", ours_name, ctx.loop, runs[ours_name], unit="req/s")
-    ours.ratio = ours.rate / base.rate
-    ours.ratio_label = "throughput vs hand-written"
-    ours.target = ">= 1.0x hand-written"
-    ours.verdict = verdict(ours.ratio >= 1.0)
+    paired_verdict(
+        ours,
+        runs,
+        ours_name,
+        hand,
+        REQRESP_TARGET,
+        label="throughput vs hand-written",
+        goal=f">= {REQRESP_TARGET}x hand-written",
+    )
     for row in (base, ours):
         row.note = f"{clients} clients, {REQRESP_STAGES} stages"
     return [base, ours]

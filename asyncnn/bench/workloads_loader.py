@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from ..loader import AsyncLoader
 from ..pipeline import Pipeline
 from ..stage import Stage
 from ._core import Context, Measure, Row, interleave, run_on_loop, summarize, verdict
+from .loaders_compare import consume
 from .models import bench_mlp
 
 __all__ = ["loader"]
@@ -53,18 +55,13 @@ def _sleepy_fetch(i: int) -> torch.Tensor:
 
 
 def _dataloader(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> int:
-    # Latency is hidden only by processes: as many as DataLoader's docs allow for I/O waits.
-    dl = torch.utils.data.DataLoader(
-        SleepyDataset(n), batch_size=BATCH, num_workers=DL_WORKERS, prefetch_factor=4
-    )
-    rows = 0
-    with torch.inference_mode():
-        for batch in dl:
-            y = model(batch)
-            rows += y.shape[0]
-            if sink is not None:
-                sink.append(y)
-    return rows
+    # Latency is hidden only by processes: more than cores, on purpose (they mostly wait).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        dl = torch.utils.data.DataLoader(
+            SleepyDataset(n), batch_size=BATCH, num_workers=DL_WORKERS, prefetch_factor=4
+        )
+        return consume(dl, model, sink)
 
 
 def _torchdata(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> int:
@@ -75,14 +72,7 @@ def _torchdata(model: Any, n: int, sink: list[torch.Tensor] | None = None) -> in
     node = tn.Batcher(node, batch_size=BATCH, drop_last=False)
     node = tn.Mapper(node, torch.stack)
     node = tn.Prefetcher(node, prefetch_factor=2)
-    rows = 0
-    with torch.inference_mode():
-        for batch in tn.Loader(node):
-            y = model(batch)
-            rows += y.shape[0]
-            if sink is not None:
-                sink.append(y)
-    return rows
+    return consume(tn.Loader(node), model, sink)
 
 
 async def _asyncnn(

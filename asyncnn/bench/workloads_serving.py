@@ -21,12 +21,14 @@ from ._core import (
     record_stages,
     run_on_loop,
     summarize,
-    verdict,
 )
 from .clients import CLIENTS, MAX_DELAY, MAX_SIZE, drive
 from .models import bench_mlp
+from .verdicts import judge
 
 __all__ = ["serving"]
+
+CEILING_TARGET = 0.80  # of the model's offline rate at the batch size reached (issue 17)
 
 
 class _Serving:
@@ -120,9 +122,13 @@ def serving(ctx: Context) -> list[Row]:
     ceil = statistics.median(ceiling_rates)
     mean_batch = statistics.median(m.extra["mean_batch"] for m in runs["asyncnn Batching"])
     ours_row.bound = ours_row.rate / ceil
-    ratio = against(ours_row, naive_row, "vs naive")
-    ours_row.target = ">= 0.75 ceiling, >= 8x naive"
-    ours_row.verdict = verdict(ours_row.bound >= 0.75 and ratio >= 8)
+    against(ours_row, naive_row, "vs naive")
+    # Each run against the ceiling measured right after it: the pair saw the same machine.
+    timed_runs = runs["asyncnn Batching"]
+    ceilings = ceiling_rates[-len(timed_runs) :]  # the warm-up's ceiling came first
+    j = judge([m.rate / c for m, c in zip(timed_runs, ceilings, strict=True)], CEILING_TARGET)
+    ours_row.target = f">= {CEILING_TARGET} ceiling (paired {j.low:.2f}–{j.high:.2f})"
+    ours_row.verdict = j.verdict
     ours_row.note = (
         f"{CLIENTS} clients x 1 row; Batching(max_size={MAX_SIZE}, max_delay={MAX_DELAY}); "
         f"mean batch {mean_batch:.0f}; ceiling {ceil:,.0f} rows/s at that size"

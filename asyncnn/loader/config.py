@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -10,19 +9,13 @@ from typing import Any
 
 import torch
 
+from ..devices import usable_cores
+
 # Threads that wait on I/O at once (fetches that mostly wait: sockets, slow disks) at most,
 # unless workers= says: a waiting thread costs little, and each one adds a read in flight.
 IO_THREADS = 32
 
 __all__ = ["IO_THREADS", "LoaderConfig", "LoaderStats", "loader_counters", "usable_cores"]
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity where the OS says; else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

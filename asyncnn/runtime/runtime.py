@@ -84,7 +84,7 @@ class Runtime:
                     call=prepare_call(st.fn, st.runs_on, st.inference_mode),
                     to_host=nw.to_host,
                     device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
-                    workers=st.workers,
+                    workers=int(st.workers),  # resolved by options.resolve_workers
                     join=PartTable(self.ledger) if nw.join else None,
                 )
             )
@@ -205,7 +205,7 @@ class Runtime:
             name=st.name,
             kind=kind_of(st),
             runs_on=st.runs_on,
-            workers=st.replicas if st.runs_on == "ray" else st.workers,
+            workers=st.replicas if st.runs_on == "ray" else int(st.workers),
             inbox=ctx.inbox.statistics(),
             items=p.items,
             batches=p.batches,

@@ -71,7 +71,7 @@ def wire(
         input_outs=tuple(outs[-1]),
         outputs=len(plan.outputs),
         input_task=len(outs[-1]) != 1 or microbatch is not None,
-        capacity=chans * queue_size + sum(n.stage.workers for n in plan.nodes),
+        capacity=chans * queue_size + sum(int(n.stage.workers) for n in plan.nodes),
     )
 
 

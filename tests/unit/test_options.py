@@ -77,3 +77,61 @@ def test_auto_threads_share_the_callers_count_between_compute_threads():
     assert resolve_threads(plan, "auto") == max(1, torch.get_num_threads() // 3)
     assert resolve_threads(as_plan([f]), "auto") is None  # no compute stage: leave torch alone
     assert resolve_threads(plan, 3) == 3 and resolve_threads(plan, None) is None
+
+
+# -- workers="auto": the cores split between compute stages ----------------------------------
+
+
+def test_split_cores_gives_single_threaded_workers_up_to_a_cap():
+    from asyncnn.options import MOST_AUTO_WORKERS, split_cores
+
+    assert split_cores(2, 1, 0) == 2  # the 2-core VM: 2 workers x 1 torch thread
+    assert split_cores(16, 1, 0) == MOST_AUTO_WORKERS  # then more threads per worker
+    assert split_cores(2, 2, 0) == 1
+    assert split_cores(8, 2, 2) == 3  # two explicit threads elsewhere: 6 cores for two stages
+    assert split_cores(1, 1, 0) == 1
+    assert split_cores(2, 1, 4) == 1  # never below one
+    with pytest.raises(ValueError, match="no stage"):
+        split_cores(4, 0, 0)
+
+
+def test_resolve_workers_replaces_only_auto_and_never_an_explicit_count():
+    import torch
+
+    from asyncnn import Stage
+    from asyncnn.options import as_plan, resolve_workers
+
+    async def fetch(x):
+        return x
+
+    plan = as_plan(
+        [
+            Stage(fetch, workers="auto"),  # a coroutine: one task
+            Stage(torch.nn.Linear(2, 2), name="a", workers="auto"),
+            Stage(torch.nn.Linear(2, 2), name="b", workers=3),
+            Stage(torch.nn.Linear(2, 2), name="c", workers="auto"),
+        ]
+    )
+    got = {s.name: s.workers for s in resolve_workers(plan, 9).stages}
+    assert got == {"fetch": 1, "a": 3, "b": 3, "c": 3}  # (9 - 3) // 2 each
+    assert resolve_workers(plan, 2).stages[1].workers == 1
+    fixed = as_plan([Stage(torch.nn.Linear(2, 2), workers=2)])
+    assert resolve_workers(fixed, 64) is fixed
+
+
+async def test_a_pipeline_says_what_auto_chose(monkeypatch):
+    import torch
+
+    from asyncnn import Pipeline, Stage
+    from asyncnn import options as opts
+
+    monkeypatch.setattr(opts, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    pipe = Pipeline([Stage(torch.nn.Linear(4, 4), name="model", workers="auto")])
+    assert pipe.torch_threads == 1  # two workers share the caller's two threads
+    async with pipe:
+        y = await pipe.send(torch.ones(1, 4))
+        assert y.shape == (1, 4)
+        assert pipe.stats()["model"].workers == 2
+    with pytest.raises(ValueError, match="or 'auto'"):
+        Stage(torch.nn.Linear(4, 4), workers="many")  # type: ignore[arg-type]
