@@ -80,6 +80,7 @@ class Channel(Generic[T]):
         "_capacity",
         "_closed",
         "_getters",
+        "_overflow",
         "_peak",
         "_putters",
         "_senders",
@@ -94,6 +95,7 @@ class Channel(Generic[T]):
         self._buf: deque[T] = deque()
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
+        self._overflow: deque[T] = deque()  # send_over's items past capacity, in order
         self._closed = False
         self._peak = 0
         self._senders = 0
@@ -112,6 +114,19 @@ class Channel(Generic[T]):
             self._peak = len(buf)
         if self._getters:
             self._wake(self._getters)
+
+    def send_over(self, item: T) -> None:
+        """Append ``item`` even when the channel is full: past ``capacity`` it waits in an
+        overflow and enters the buffer, in order, as receivers make room (before any sender
+        that waits for room). For a sender that waits on something else anyway (a request's
+        caller, on its result) and so need not be woken twice: what waits is bounded by the
+        senders, each holding its one item. ``ClosedResourceError`` when closed."""
+        if self._closed:
+            raise ClosedResourceError
+        if self._overflow or len(self._buf) >= self._capacity:
+            self._overflow.append(item)
+            return
+        self.send_nowait(item)
 
     async def send(self, item: T) -> None:
         """Append ``item``, waiting while the channel is full (backpressure)."""
@@ -141,7 +156,9 @@ class Channel(Generic[T]):
         buf = self._buf
         if buf:
             item = buf.popleft()
-            if self._putters:
+            if self._overflow:  # the room goes to the overflow first, in order
+                buf.append(self._overflow.popleft())
+            elif self._putters:
                 self._wake(self._putters)
             return item
         return END if self._closed else EMPTY
@@ -172,8 +189,9 @@ class Channel(Generic[T]):
 
     def drain_nowait(self) -> list[T]:
         """Take every buffered item at once (used to fail what is left at a forced shutdown)."""
-        items = list(self._buf)
+        items = [*self._buf, *self._overflow]
         self._buf.clear()
+        self._overflow.clear()
         self._wake(self._putters, every=True)
         return items
 
@@ -188,7 +206,7 @@ class Channel(Generic[T]):
 
     def holds(self, match: Callable[[T], bool]) -> bool:
         """True when a buffered item matches (a scan: for diagnostics, not the hot path)."""
-        return any(match(item) for item in self._buf)
+        return any(match(item) for item in (*self._buf, *self._overflow))
 
     def add_senders(self, n: int) -> None:
         """Register ``n`` more producers; the channel closes when all have called
@@ -206,13 +224,13 @@ class Channel(Generic[T]):
         return self._closed
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + len(self._overflow)
 
     def statistics(self) -> ChannelStatistics:
         return ChannelStatistics(
             name=self.name,
             capacity=self._capacity,
-            depth=len(self._buf),
+            depth=len(self),
             peak_depth=self._peak,
             waiting_senders=sum(not f.done() for f in self._putters),
             waiting_receivers=sum(not f.done() for f in self._getters),
@@ -221,7 +239,7 @@ class Channel(Generic[T]):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Channel {self.name!r} {len(self._buf)}/{self._capacity} {state}>"
+        return f"<Channel {self.name!r} {len(self)}/{self._capacity} {state}>"
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -310,12 +310,12 @@ class Pipeline:
             )
         return self._admit(x)
 
-    def _admit(self, x: Any) -> asyncio.Future[Any]:
-        # Callers checked that the pipeline runs and admission has room.
+    def _admit(self, x: Any, *, over: bool = False) -> asyncio.Future[Any]:
+        # Callers checked that the pipeline runs, and that admission has room unless `over`.
         if self._check_rows:
             check_request_rows(x, self.max_request_rows, self.microbatch)
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
-        self._runtime.admit(req, x)
+        self._runtime.admit(req, x, over=over)
         return req.future
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
@@ -345,15 +345,23 @@ class Pipeline:
             PipelineClosed: the pipeline is not running, or closed before the request finished.
             TimeoutError: ``timeout`` passed.
 
-        Cancelling the caller drops the request at the next stage boundary.
+        Cancelling the caller drops the request at the next stage boundary. Without a
+        ``timeout`` the request is admitted at once, even when the first queue is full: it
+        waits past the queue's bound, in arrival order and ahead of ``submit`` callers, while
+        its caller waits once, for the result (one suspension instead of two under load).
+        What waits there is bounded by the callers, each of whom holds its request anyway.
         """
         if timeout is not None:
             return await self._send_within(x, timeout)
         run = self._run
-        if run is not None and run.state == "running" and self._runtime.admission.has_room():
-            fut = self._admit(x)  # the fast path: no suspension before the result
+        if run is None or run.state != "running" or self._runtime.admission.closed:
+            fut = await self.submit(x)  # raises PipelineClosed
         else:
-            fut = await self.submit(x)
+            # Admitted now even when the first queue is full: past its bound, the request
+            # waits in the queue's overflow, in order, and this caller waits once, on its
+            # result (not first for room, then for the result). What waits there is bounded
+            # by the callers, each holding its own request anyway.
+            fut = self._admit(x, over=True)
         return await fut
 
     async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109

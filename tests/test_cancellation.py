@@ -100,10 +100,9 @@ async def test_cancel_send_at_each_point(point):
         downstream = stage + 1 if where == "inside" else stage
         for i in range(downstream, 3):
             assert TARGET not in h.seen[i], f"cancelled request reached s{i}"
-        if where == "admission":
-            assert st.cancelled == 0 and st.admitted == len(futs) + 1  # never admitted
-        else:
-            assert st.cancelled == 1
+        # Even a caller waiting behind a full first queue was admitted (send() admits at
+        # once, past the queue's bound): it is dropped before stage 0 and counted cancelled.
+        assert st.cancelled == 1
 
 
 async def test_cancel_during_forming_stream_leaves_no_request_behind():

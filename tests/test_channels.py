@@ -131,3 +131,38 @@ def test_holds_finds_a_buffered_item():
     ch.send_nowait(1)
     ch.send_nowait(2)
     assert ch.holds(lambda x: x == 2) and not ch.holds(lambda x: x == 3)
+
+
+# -- send_over: past capacity, into an ordered overflow ---------------------------------------
+
+
+async def test_send_over_keeps_order_past_capacity_and_goes_before_waiting_senders():
+    ch = Channel[int](2, "over")
+    for i in range(5):
+        ch.send_over(i)
+    assert len(ch) == 5 and not ch.has_room()
+    waiting = asyncio.ensure_future(ch.send(99))  # a sender that waits for room
+    await asyncio.sleep(0)
+    got = [await ch.receive() for _ in range(5)]
+    assert got == [0, 1, 2, 3, 4]  # the overflow first, in order
+    await waiting
+    assert await ch.receive() == 99
+
+
+async def test_closing_drains_the_overflow_before_the_end():
+    ch = Channel[int](1)
+    ch.send_over(1)
+    ch.send_over(2)
+    ch.close()
+    with pytest.raises(anyio.ClosedResourceError):
+        ch.send_over(3)
+    assert [ch.poll(), ch.poll(), ch.poll()] == [1, 2, END]
+
+
+def test_drain_and_holds_see_the_overflow():
+    ch = Channel[str](1)
+    for s in "abc":
+        ch.send_over(s)
+    assert ch.holds(lambda s: s == "c")
+    assert ch.statistics().depth == 3
+    assert ch.drain_nowait() == ["a", "b", "c"] and len(ch) == 0

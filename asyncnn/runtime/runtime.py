@@ -153,10 +153,15 @@ class Runtime:
         """The first exception a runtime task died of (a bug), or None."""
         return None if self._sup is None else self._sup.crash
 
-    def admit(self, req: Request, payload: Any) -> None:
-        """Admit ``req`` (the caller checked that admission has room)."""
+    def admit(self, req: Request, payload: Any, *, over: bool = False) -> None:
+        """Admit ``req``: the caller checked that admission has room, or (``over``) its caller
+        waits on the result anyway, and it may wait in the admission queue's overflow."""
         self.ledger.admit(req)
-        self.admission.send_nowait(Envelope(payload, [req]))
+        env = Envelope(payload, [req])
+        if over:
+            self.admission.send_over(env)
+        else:
+            self.admission.send_nowait(env)
 
     def close_admission(self) -> None:
         self.admission.close()
