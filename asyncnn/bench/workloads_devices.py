@@ -116,7 +116,7 @@ class _Overlap:
         outs: dict[int, torch.Tensor] = {}
         stages = [
             Stage(self.read, name="read"),
-            Stage(self.infer, name="model"),
+            Stage(self.infer, name="model", workers="auto"),
             Stage(self.writer(outs), name="write"),
         ]
         pipe = Pipeline(stages, queue_size=4)

@@ -54,7 +54,9 @@ class _Serving:
         return await drive(send, self.rows, CLIENTS, n)
 
     def pipeline(self) -> Pipeline:
-        return Pipeline([Stage(self.model, name="model", batch=self.spec)], queue_size=CLIENTS)
+        return Pipeline(
+            [Stage(self.model, name="model", batch=self.spec, workers="auto")], queue_size=CLIENTS
+        )
 
     async def ours(self, n: int) -> Measure:
         async with self.pipeline() as pipe:
