@@ -104,14 +104,15 @@ class Channel(Generic[T]):
 
     def send_nowait(self, item: T) -> None:
         """Append ``item`` now; ``WouldBlock`` when full, ``ClosedResourceError`` when closed."""
-        if self._closed:
-            raise ClosedResourceError
         buf = self._buf
-        if len(buf) >= self._capacity:
+        n = len(buf)
+        if n >= self._capacity or self._closed:
+            if self._closed:
+                raise ClosedResourceError
             raise WouldBlock
         buf.append(item)
-        if len(buf) > self._peak:
-            self._peak = len(buf)
+        if n >= self._peak:
+            self._peak = n + 1
         if self._getters:
             self._wake(self._getters)
 
