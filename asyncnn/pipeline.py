@@ -318,6 +318,13 @@ class Pipeline:
         self._runtime.admit(req, x, over=over)
         return req.future
 
+    def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
+        """``submit``'s future when it would not wait (running, with room), else None."""
+        run = self._run
+        if run is not None and run.state == "running" and self._runtime.admission.has_room():
+            return self._admit(x)
+        return None
+
     async def submit(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
 
@@ -398,7 +405,14 @@ class Pipeline:
             size = self._runtime.capacity
             return OrderedWindow(size) if ordered else UnorderedWindow(size)
 
-        return stream(inputs, self.submit, open_window, self._start_feeder, return_exceptions)
+        return stream(
+            inputs,
+            self.submit,
+            open_window,
+            self._start_feeder,
+            return_exceptions,
+            self._submit_now,
+        )
 
     def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
         assert self._run is not None

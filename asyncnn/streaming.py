@@ -19,6 +19,8 @@ from .channels import EMPTY, END, Channel
 __all__ = ["OrderedWindow", "UnorderedWindow", "stream"]
 
 Submit = Callable[[Any], Awaitable["asyncio.Future[Any]"]]
+# Admit now when there is room, without a coroutine: the future, or None (then ``Submit``).
+SubmitNow = Callable[[Any], "asyncio.Future[Any] | None"]
 
 
 class OrderedWindow:
@@ -28,10 +30,13 @@ class OrderedWindow:
         self._pending: Channel[asyncio.Future[Any]] = Channel(size, "stream")
         self._abandoned = False
 
-    async def admit(self, submit: Submit, x: Any) -> bool:
+    async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
         """Submit ``x`` once there is room; False (and nothing left running) once abandoned."""
-        await self._pending.wait_room()
-        fut = await submit(x)
+        if not self._pending.has_room():
+            await self._pending.wait_room()
+        fut = now(x) if now is not None else None
+        if fut is None:
+            fut = await submit(x)
         if self._abandoned:  # the consumer left while we submitted: nobody will read it
             fut.cancel()
             return False
@@ -65,9 +70,11 @@ class UnorderedWindow:
         self._feeding = True
         self._abandoned = False
 
-    async def admit(self, submit: Submit, x: Any) -> bool:
+    async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
         await self._slots.acquire()
-        fut = await submit(x)
+        fut = now(x) if now is not None else None
+        if fut is None:
+            fut = await submit(x)
         if self._abandoned:
             fut.cancel()
             return False
@@ -110,6 +117,7 @@ async def stream(
     open_window: Callable[[], OrderedWindow | UnorderedWindow],
     start_feeder: Callable[[Callable[[], Awaitable[None]], anyio.CancelScope], None],
     return_exceptions: bool,
+    submit_now: SubmitNow | None = None,
 ) -> AsyncIterator[Any]:
     """Feed ``inputs`` through the window ``open_window()`` makes (from a task ``start_feeder``
     starts, under the given cancel scope) and yield the results. See ``Pipeline.stream``."""
@@ -122,11 +130,11 @@ async def stream(
             try:
                 if isinstance(inputs, AsyncIterable):
                     async for x in inputs:
-                        if not await window.admit(submit, x):
+                        if not await window.admit(submit, x, submit_now):
                             break
                 else:
                     for x in inputs:
-                        if not await window.admit(submit, x):
+                        if not await window.admit(submit, x, submit_now):
                             break
             except Exception as exc:
                 feed_error.append(exc)
