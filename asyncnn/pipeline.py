@@ -353,10 +353,9 @@ class Pipeline:
             TimeoutError: ``timeout`` passed.
 
         Cancelling the caller drops the request at the next stage boundary. Without a
-        ``timeout`` the request is admitted at once, even when the first queue is full: it
-        waits past the queue's bound, in arrival order and ahead of ``submit`` callers, while
-        its caller waits once, for the result (one suspension instead of two under load).
-        What waits there is bounded by the callers, each of whom holds its request anyway.
+        ``timeout`` the request is admitted at once even when the first queue is full: it waits
+        past the bound, in order and ahead of ``submit`` callers, and its caller waits once, for
+        the result. What waits there is bounded by the callers, who hold their requests anyway.
         """
         if timeout is not None:
             return await self._send_within(x, timeout)
@@ -364,11 +363,7 @@ class Pipeline:
         if run is None or run.state != "running" or self._runtime.admission.closed:
             fut = await self.submit(x)  # raises PipelineClosed
         else:
-            # Admitted now even when the first queue is full: past its bound, the request
-            # waits in the queue's overflow, in order, and this caller waits once, on its
-            # result (not first for room, then for the result). What waits there is bounded
-            # by the callers, each holding its own request anyway.
-            fut = self._admit(x, over=True)
+            fut = self._admit(x, over=True)  # past a full first queue: see the docstring
         return await fut
 
     async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109
