@@ -320,10 +320,7 @@ class Pipeline:
 
     def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
         """``submit``'s future when it would not wait (running, with room), else None."""
-        run = self._run
-        if run is not None and run.state == "running" and self._runtime.admission.has_room():
-            return self._admit(x)
-        return None
+        return self._admit(x) if self._running() and self._runtime.admission.has_room() else None
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
@@ -359,12 +356,9 @@ class Pipeline:
         """
         if timeout is not None:
             return await self._send_within(x, timeout)
-        run = self._run
-        if run is None or run.state != "running" or self._runtime.admission.closed:
-            fut = await self.submit(x)  # raises PipelineClosed
-        else:
-            fut = self._admit(x, over=True)  # past a full first queue: see the docstring
-        return await fut
+        if not self._running() or self._runtime.admission.closed:
+            return await (await self.submit(x))  # raises PipelineClosed
+        return await self._admit(x, over=True)  # past a full first queue: see the docstring
 
     async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109
         fut: asyncio.Future[Any] | None = None

@@ -154,7 +154,7 @@ def interleave(
     r = 0
     while r < repeats or (decided is not None and r < most and not decided(out)):
         for name, fn in systems.items():
-            progress(f"{name} {r + 1}/{repeats}", done / steps)
+            progress(f"{name} {r + 1}/{max(repeats, r + 1)}", done / steps)
             out[name].append(fn())
             done += 1
         r += 1

@@ -20,7 +20,7 @@ from ..errors import LoaderError
 from ..executors import ThreadWorker
 from .choice import processes_unsuitable
 from .config import LoaderConfig, usable_cores
-from .flow import fetch_many, finish
+from .flow import fetch_many, finish, to_collate
 from .plan import batch_plan, epoch_indices
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
@@ -69,8 +69,8 @@ def _queued() -> float:
 def _collate(samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]], Any]) -> Any:
     """The collated batch of the good samples; None when a sample failed and errors raise, or
     when none is left; a ``Failed`` naming the batch when collate raised."""
-    good = [s for s in samples if not isinstance(s, Failed)]
-    if not good or (len(good) != len(samples) and not skip):
+    good = to_collate(samples, skip)
+    if good is None:
         return None
     try:
         return finish(good)

@@ -12,7 +12,7 @@ from ..executors import ThreadWorker
 from .plan import next_chunk
 from .reorder import Failed
 
-__all__ = ["Slots", "async_chunks", "fetch_many", "finish", "sync_chunks"]
+__all__ = ["Slots", "async_chunks", "fetch_many", "finish", "sync_chunks", "to_collate"]
 
 
 class Slots:
@@ -78,6 +78,15 @@ async def sync_chunks(
         if not chunk:
             return
         yield chunk
+
+
+def to_collate(samples: list[Any], skip: bool) -> list[Any] | None:
+    """The samples a batch is collated from: the good ones; None when none is left, or when
+    one failed and errors raise (``skip`` false)."""
+    good = [s for s in samples if not isinstance(s, Failed)]
+    if not good or (len(good) != len(samples) and not skip):
+        return None
+    return good
 
 
 def fetch_many(source: Any, indices: list[int]) -> list[Any]:

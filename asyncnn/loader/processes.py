@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from .flow import fetch_many
+from .flow import fetch_many, to_collate
 from .reorder import Failed
 from .transport import receive, send
 
@@ -91,12 +91,11 @@ def fetch_batch(
     of the good ones (None when none is left, or a sample failed and errors raise)."""
     samples = fetch_many(source, idxs)
     failures = [Failed(s.index, _portable(s.error)) for s in samples if isinstance(s, Failed)]
-    if failures:
-        samples = [s for s in samples if not isinstance(s, Failed)]
-        if not samples or not skip:
-            return failures, None
+    good = to_collate(samples, skip)
+    if good is None:
+        return failures, None
     try:
-        return failures, collate(samples)
+        return failures, collate(good)
     except Exception as exc:
         return failures, CollateError(_portable(exc))
 
@@ -201,10 +200,6 @@ class ProcessPool:
         self._receiver = threading.Thread(
             target=self._receive, name="asyncnn:loader-receive", daemon=True
         )
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p.pid is not None]
 
     def start(self) -> None:
         workers, source, collate, skip, seed, init = self._args

@@ -24,6 +24,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+import torch.multiprocessing  # registers torch's reductions, read below
 
 __all__ = ["INLINE_BYTES", "receive", "send"]
 
