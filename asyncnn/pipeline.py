@@ -319,8 +319,12 @@ class Pipeline:
         return req.future
 
     def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
-        """``submit``'s future when it would not wait (running, with room), else None."""
-        return self._admit(x) if self._running() and self._runtime.admission.has_room() else None
+        """``submit``'s future when it would not wait (running, with room), else None. The
+        stream feeder's path for every item: one call, no coroutine."""
+        run = self._run
+        if run is None or run.state != "running" or not self._runtime.admission.has_room():
+            return None
+        return self._admit(x)
 
     async def submit(self, x: Any) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.

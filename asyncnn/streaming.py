@@ -30,8 +30,22 @@ class OrderedWindow:
         self._pending: Channel[asyncio.Future[Any]] = Channel(size, "stream")
         self._abandoned = False
 
+    def admit_now(self, x: Any, now: SubmitNow) -> bool:
+        """Submit ``x`` without waiting when the window and the pipeline have room (no
+        coroutine); False when it would wait, or once abandoned (then ``admit`` decides)."""
+        pending = self._pending
+        if self._abandoned or not pending.has_room():
+            return False
+        fut = now(x)
+        if fut is None:
+            return False
+        pending.send_nowait(fut)
+        return True
+
     async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
         """Submit ``x`` once there is room; False (and nothing left running) once abandoned."""
+        if self._abandoned:
+            return False
         if not self._pending.has_room():
             await self._pending.wait_room()
         fut = now(x) if now is not None else None
@@ -70,7 +84,13 @@ class UnorderedWindow:
         self._feeding = True
         self._abandoned = False
 
+    def admit_now(self, x: Any, now: SubmitNow) -> bool:
+        """No coroutine-free path here (slots are a semaphore): always ``admit``."""
+        return False
+
     async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
+        if self._abandoned:
+            return False
         await self._slots.acquire()
         fut = now(x) if now is not None else None
         if fut is None:
@@ -126,15 +146,17 @@ async def stream(
     scope = anyio.CancelScope()
 
     async def feed() -> None:
+        now = submit_now if submit_now is not None else lambda x: None
+        admit_now = window.admit_now
         with scope:
             try:
                 if isinstance(inputs, AsyncIterable):
                     async for x in inputs:
-                        if not await window.admit(submit, x, submit_now):
+                        if not admit_now(x, now) and not await window.admit(submit, x, now):
                             break
                 else:
                     for x in inputs:
-                        if not await window.admit(submit, x, submit_now):
+                        if not admit_now(x, now) and not await window.admit(submit, x, now):
                             break
             except Exception as exc:
                 feed_error.append(exc)

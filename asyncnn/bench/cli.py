@@ -28,7 +28,7 @@ WORKLOADS: dict[str, Workload] = {
     for w in [
         Workload(
             "overhead",
-            "8 async identity stages, 200k items streamed, vs asyncio.Queue chain",
+            "8 async identity stages, 100k items streamed, vs asyncio.Queue chain",
             overhead,
         ),
         Workload(
@@ -324,11 +324,14 @@ def _run(
                     progress.workload(f"{name} ({loop})"),
                     options,  # shared: workloads leave figures here for --json and --plot
                 )
+                t0 = time.perf_counter()
                 try:
                     rows.extend(WORKLOADS[name].run(ctx))
                 except AssertionError as exc:
                     print(f"{name}: correctness check FAILED: {exc}", file=sys.stderr)
                     failed = True
+                seconds = options.setdefault("seconds", {})
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
     return rows, failed
 
 
@@ -379,5 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows, failed = _run(args, names, options, loops)
     _report(args, rows, env, options)
-    print(f"({time.perf_counter() - t0:.0f} s; ratios compare systems measured side by side)")
+    each = ", ".join(f"{k} {v:.0f} s" for k, v in options.get("seconds", {}).items())
+    print(
+        f"({time.perf_counter() - t0:.0f} s: {each}; ratios compare systems measured side by side)"
+    )
     return 1 if failed else 0

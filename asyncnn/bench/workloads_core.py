@@ -81,7 +81,7 @@ async def _asyncnn_chain(n: int, check: bool = False) -> int:
 
 
 def overhead(ctx: Context) -> list[Row]:
-    n = 50_000 if ctx.quick else 200_000
+    n = 30_000 if ctx.quick else 100_000
     for fn in (_hand_chain, _asyncnn_chain):  # correctness before timing
         assert run_on_loop(ctx.loop, lambda fn=fn: fn(2_000, True)) == 2_000  # type: ignore[misc]
 
@@ -180,7 +180,7 @@ async def _drive(send: Any, total: int, clients: int, check: bool) -> Measure:
 
 
 def reqresp(ctx: Context) -> list[Row]:
-    total = 51_200 if ctx.quick else 204_800
+    total = 25_600 if ctx.quick else 102_400
     clients = CLIENTS
     for fn in (_hand_reqresp, _asyncnn_reqresp):
         run_on_loop(ctx.loop, lambda fn=fn: fn(4 * clients, clients, True))  # type: ignore[misc]

@@ -94,8 +94,8 @@ class _Serving:
 def serving(ctx: Context) -> list[Row]:
     model = ctx.options.get("model") or bench_mlp()
     shape = ctx.options.get("input_shape") or (512,)
-    total = 20_480 if ctx.quick else 61_440
-    naive_total = 2_048 if ctx.quick else 4_096
+    total = 10_240 if ctx.quick else 30_720
+    naive_total = 1_024 if ctx.quick else 2_048
     torch.manual_seed(1)
     rows = [torch.randn(1, *shape) for _ in range(64)]
     sv = _Serving(ctx, model, rows)

@@ -5,18 +5,30 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from anyio import WouldBlock
 
 from ..batching import Envelope, Request
-from ..channels import EMPTY, END, Channel
+from ..channels import EMPTY, END, Channel, ChannelStatistics
 from ..stage import Stage
 from .ledger import Ledger
 from .probe import StageProbe
 
-__all__ = ["Outbox", "StageContext", "next_live"]
+__all__ = ["Outbox", "Outlet", "StageContext", "next_live"]
+
+
+class Outlet(Protocol):
+    """Where an outbox sends: a :class:`~asyncnn.channels.Channel`, or a pipeline output's
+    ``Sink`` (which ends requests as they arrive and never waits)."""
+
+    def send_nowait(self, item: Envelope) -> None: ...
+    async def send(self, item: Envelope) -> None: ...
+    def has_room(self) -> bool: ...
+    def add_senders(self, n: int) -> None: ...
+    def sender_done(self) -> None: ...
+    def statistics(self) -> ChannelStatistics: ...
 
 
 class Outbox:
@@ -31,7 +43,7 @@ class Outbox:
     __slots__ = ("channels", "merged", "probe", "single")
 
     def __init__(
-        self, channels: Sequence[Channel[Envelope]], merged: Sequence[bool], probe: StageProbe
+        self, channels: Sequence[Outlet], merged: Sequence[bool], probe: StageProbe
     ) -> None:
         self.channels = list(channels)
         self.merged = list(merged)

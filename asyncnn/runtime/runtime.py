@@ -6,7 +6,9 @@ Shape of a running pipeline::
                                                └▶ ch ─▶ [stage e] ─┘
 
 Every arrow is a bounded :class:`~asyncnn.channels.Channel` that ends itself when its last sender
-is done, so closing admission drains the whole graph in order and the sinks finish last.
+is done, so closing admission drains the whole graph in order. A sink is no queue: what the last
+stages send to it ends its requests in their own task (``workers.edges.Sink``); the graph has
+drained when the senders of every sink are done.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..batching import Envelope, Request
 from ..channels import Channel
 from ..executors import prepare_call
 from ..graph import Plan
-from .context import Outbox, StageContext
+from .context import Outbox, Outlet, StageContext
 from .joins import PartTable
 from .kinds import kind_of, start_stage
 from .ledger import Ledger
@@ -29,7 +31,7 @@ from .probe import StageProbe
 from .supervisor import Supervisor
 from .view import RuntimeView, StageView
 from .wiring import SINK, Target, wire
-from .workers.edges import run_input, run_sink
+from .workers.edges import Sink, run_input
 
 __all__ = ["Runtime"]
 
@@ -60,10 +62,17 @@ class Runtime:
             [Channel[Envelope](queue_size, f"{n.stage.name}[{p}]") for p in range(nw.ports)]
             for n, nw in zip(plan.nodes, w.nodes, strict=True)
         ]
-        self.sink_ports = [Channel[Envelope](queue_size, f"output[{p}]") for p in range(w.outputs)]
+        self.outputs = PartTable(self.ledger) if w.outputs > 1 else None
+        self.chunks = PartTable(self.ledger) if microbatch is not None else None
+        self._done = Channel[None](1, "sinks")  # closes when the last sink's senders are done
+        self._done.add_senders(w.outputs)
+        self.sinks = [
+            Sink(self.ledger, p, self.outputs, w.outputs, self.chunks, self._done)
+            for p in range(w.outputs)
+        ]
 
-        def channel(t: Target) -> Channel[Envelope]:
-            return self.sink_ports[t.port] if t.node == SINK else ports[t.node][t.port]
+        def channel(t: Target) -> Outlet:
+            return self.sinks[t.port] if t.node == SINK else ports[t.node][t.port]
 
         def outbox(targets: tuple[Target, ...], probe: StageProbe) -> Outbox:
             return Outbox([channel(t) for t in targets], [t.merged for t in targets], probe)
@@ -89,12 +98,12 @@ class Runtime:
                 )
             )
         self._input_outbox = outbox(w.input_outs, StageProbe("input"))
+        first = self._input_outbox.channels[0]
+        # Without an input task the first stage's port is admission (wire() ensures a channel).
+        assert w.input_task or isinstance(first, Channel)
         self.admission: Channel[Envelope] = (
-            Channel(queue_size, "input") if w.input_task else self._input_outbox.channels[0]
+            Channel(queue_size, "input") if w.input_task else first  # type: ignore[assignment]
         )
-        self.outputs = PartTable(self.ledger) if w.outputs > 1 else None
-        self.chunks = PartTable(self.ledger) if microbatch is not None else None
-        self._done = Channel[None](1, "sinks")  # closes when the last sink leaves
         self._sup: Supervisor | None = None
         self.started_at = 0.0
 
@@ -132,20 +141,6 @@ class Runtime:
             )
         for ctx in self.stages:
             start_stage(ctx, sup)
-        self._done.add_senders(len(self.sink_ports))
-        n = len(self.sink_ports)
-        for port, ch in enumerate(self.sink_ports):
-            sup.spawn(
-                f"output{port}",
-                run_sink,
-                self.ledger,
-                port,
-                ch,
-                self.outputs,
-                n,
-                self.chunks,
-                self._done,
-            )
         return sup
 
     @property

@@ -65,12 +65,14 @@ def wire(
         )
         for i, n in enumerate(plan.nodes)
     )
-    chans = 1 + len(plan.outputs) + sum(n.ports + n.join for n in nodes)
+    chans = 1 + sum(n.ports + n.join for n in nodes)  # a sink buffers nothing
     return Wiring(
         nodes=nodes,
         input_outs=tuple(outs[-1]),
         outputs=len(plan.outputs),
-        input_task=len(outs[-1]) != 1 or microbatch is not None,
+        # Admission is the first stage's port unless the input fans out, is split, or goes
+        # straight to an output (a sink is no channel to wait on).
+        input_task=len(outs[-1]) != 1 or microbatch is not None or outs[-1][0].node == SINK,
         capacity=chans * queue_size + sum(int(n.stage.workers) for n in plan.nodes),
     )
 

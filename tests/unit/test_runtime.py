@@ -21,7 +21,8 @@ def test_the_view_before_start_lists_every_stage_with_its_kind():
         ("a", "plain", 1),
         ("b", "batched", 2),
     ]
-    assert view.elapsed == 0 and view.admitted == 0 and rt.capacity == 4 * 2 + 3
+    # capacity: admission and two stage ports (a sink buffers nothing) x 2, plus 3 workers
+    assert view.elapsed == 0 and view.admitted == 0 and rt.capacity == 3 * 2 + 3
 
 
 def test_set_observer_reaches_every_stage_and_turns_off():

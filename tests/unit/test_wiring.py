@@ -20,8 +20,28 @@ def test_a_chain_is_one_channel_per_hop_and_admission_is_the_first_stage_input()
     w = wire(chain(Stage(f, name="a"), Stage(f, name="b", workers=3)), queue_size=4)
     assert [n.outs for n in w.nodes] == [(Target(1, 0, False),), (Target(SINK, 0, True),)]
     assert w.input_outs == (Target(0, 0, False),) and not w.input_task
-    # admission + 2 stage inputs + 1 output, 4 each, plus 1 + 3 running calls
-    assert w.capacity == 4 * 4 + 4
+    # admission + 2 stage inputs, 4 each (a sink buffers nothing), plus 1 + 3 running calls
+    assert w.capacity == 3 * 4 + 4
+
+
+def test_an_input_that_is_also_an_output_needs_an_input_task():
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(f, name="a"), x)
+    g.output(x, a)
+    w = wire(g.validate(), queue_size=2)
+    assert w.input_task  # admission must be a channel, and the sink of output 0 is not one
+    assert w.input_outs == (Target(0, 0, False), Target(SINK, 0, True))
+
+
+async def test_a_pipeline_that_also_returns_its_input_runs():
+    from asyncnn import Pipeline
+
+    g = Graph()
+    x = g.input()
+    g.output(x, g.add(Stage(f, name="a"), x))
+    async with Pipeline(g) as pipe:
+        assert await pipe.send(3) == (3, 3)
 
 
 def test_fan_out_of_the_input_needs_an_input_task():
@@ -50,8 +70,8 @@ def test_fan_in_is_a_join_with_one_port_per_input():
     assert w.nodes[1].outs == (Target(3, 0, False),)
     assert w.nodes[2].outs == (Target(3, 1, False),)
     assert w.nodes[3].ports == 2 and w.nodes[3].join
-    # admission + 3 single inputs + 2 join ports + the join's merged channel + 1 output
-    assert w.capacity == 8 * 1 + 4
+    # admission + 3 single inputs + 2 join ports + the join's merged channel (not the sink)
+    assert w.capacity == 7 * 1 + 4
 
 
 def test_a_batching_consumer_takes_merged_batches_an_unbatched_one_gets_them_split():

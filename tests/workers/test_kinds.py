@@ -10,7 +10,7 @@ from asyncnn.batching import Batch, Envelope
 from asyncnn.channels import Channel
 from asyncnn.runtime.joins import PartTable
 from asyncnn.runtime.workers.batched import run_former
-from asyncnn.runtime.workers.edges import run_collector, run_input, run_sink
+from asyncnn.runtime.workers.edges import Sink, run_collector, run_input
 from asyncnn.runtime.workers.placed import Launched, run_complete
 from tests.workers.helpers import admit, drained, feed, make_ctx
 
@@ -129,12 +129,18 @@ async def test_the_input_task_splits_micro_batches_and_the_sink_reassembles_them
     await run_input(admission, outbox, led, microbatch=2)
     chunks = drained(first)
     assert [e.chunk for e in chunks] == [(0, 3), (1, 3), (2, 3)]
-    sink, done = Channel(8, "output[0]"), Channel[None](1, "sinks")
+    done = Channel[None](1, "sinks")
     done.add_senders(1)
-    feed(sink, *reversed(chunks))  # chunks may arrive in any order
-    await run_sink(led, 0, sink, None, 1, PartTable(led), done)
+    sink = Sink(led, 0, None, 1, PartTable(led), done)
+    sink.add_senders(1)
+    for env in reversed(chunks):  # chunks may arrive in any order
+        assert not req.future.done()
+        sink.send_nowait(env)
     assert torch.equal(req.future.result(), torch.arange(5.0))
-    assert done.closed and led.counters.completed == 1 and len(led) == 0
+    assert led.counters.completed == 1 and len(led) == 0
+    assert not done.closed
+    sink.sender_done()
+    assert done.closed and not sink.has_room()
 
 
 async def test_a_sink_with_several_outputs_ends_a_request_once_all_arrived():
@@ -145,14 +151,17 @@ async def test_a_sink_with_several_outputs_ends_a_request_once_all_arrived():
     req = Request(0, asyncio.get_running_loop().create_future())
     led.admit(req)
     outs, done = PartTable(led), Channel[None](1, "sinks")
-    ports = [Channel(4, "output[0]"), Channel(4, "output[1]")]
     done.add_senders(2)
-    feed(ports[1], Envelope("right", [req]))
-    await run_sink(led, 1, ports[1], outs, 2, None, done)
+    sinks = [Sink(led, port, outs, 2, None, done) for port in (0, 1)]
+    for sink in sinks:
+        sink.add_senders(1)
+    await sinks[1].send(Envelope("right", [req]))
+    sinks[1].sender_done()
     assert not req.future.done() and not done.closed
-    feed(ports[0], Envelope("left", [req]))
-    await run_sink(led, 0, ports[0], outs, 2, None, done)
-    assert req.future.result() == ("left", "right") and done.closed
+    sinks[0].send_nowait(Envelope("left", [req]))
+    assert req.future.result() == ("left", "right") and not done.closed
+    sinks[0].sender_done()
+    assert done.closed and led.counters.completed == 1
 
 
 async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fails():

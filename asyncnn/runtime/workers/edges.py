@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...batching import Envelope
-from ...channels import EMPTY, END, Channel
+from ...batching import Envelope, Request
+from ...channels import END, Channel, ChannelStatistics
 from ...payload import concat_rows, split_rows
 from ..context import Outbox, StageContext
 from ..joins import PartTable
 from ..ledger import Ledger
 
-__all__ = ["run_collector", "run_input", "run_sink"]
+__all__ = ["Sink", "run_collector", "run_input"]
 
 
 async def run_input(
@@ -51,48 +51,85 @@ async def run_collector(ctx: StageContext, port: int, ch: Channel[Envelope]) -> 
         work.sender_done()
 
 
-async def run_sink(
-    ledger: Ledger,
-    port: int,
-    ch: Channel[Envelope],
-    outputs: PartTable | None,
-    ports: int,
-    chunks: PartTable | None,
-    done: Channel[None],
-) -> None:
-    """Output ``port`` of the pipeline: match the outputs (``outputs``, when ``ports`` > 1)
-    and the micro-batch chunks (``chunks``) of each request, then end it with its result.
-    ``done`` counts the sinks: it closes when the last one leaves (the graph has drained)."""
-    alive, complete = ledger.alive, ledger.complete
-    try:
-        while True:
-            env = ch.poll()
-            if env is EMPTY:
-                env = await ch.next()
-            if env is END:
+class Sink:
+    """Output ``port`` of the pipeline, in the place of a channel: an envelope sent to it ends
+    its requests at once, in the sender's task (no queue, no task of its own, never full). It
+    matches the outputs of several ports (``outputs``, when ``ports`` > 1) and the micro-batch
+    chunks of each request (``chunks``) first. Its senders register as on a channel; when the
+    last one is done, the sink counts itself out of ``done``, which closes when every sink has
+    (the graph has drained)."""
+
+    __slots__ = (
+        "_closed",
+        "_senders",
+        "chunks",
+        "done",
+        "ledger",
+        "name",
+        "outputs",
+        "port",
+        "ports",
+    )
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        port: int,
+        outputs: PartTable | None,
+        ports: int,
+        chunks: PartTable | None,
+        done: Channel[None],
+    ) -> None:
+        self.ledger, self.port, self.outputs, self.ports = ledger, port, outputs, ports
+        self.chunks, self.done = chunks, done
+        self.name = f"output[{port}]"
+        self._senders = 0
+        self._closed = False
+
+    def send_nowait(self, env: Envelope) -> None:
+        payload, parts, complete = env.payload, env.parts, self.ledger.complete
+        if parts is None and self.outputs is None and self.chunks is None:
+            for req in env.requests:  # the common case: complete() drops ended requests
+                complete(req, payload)
+            return
+        for k, req in enumerate(env.requests):
+            self._finish(req, payload if parts is None else parts[k], env.chunk)
+
+    async def send(self, env: Envelope) -> None:
+        self.send_nowait(env)
+
+    def _finish(self, req: Request, result: Any, chunk: tuple[int, int] | None) -> None:
+        ledger = self.ledger
+        if not ledger.alive(req):
+            return
+        if self.outputs is not None:
+            joined = self.outputs.offer(req, self.port, self.ports, result)
+            if joined is None:
                 return
-            payload, parts = env.payload, env.parts
-            for k, req in enumerate(env.requests):
-                if parts is not None:
-                    payload = parts[k]
-                if not alive(req):
-                    continue
-                result: Any = payload
-                if outputs is not None:
-                    joined = outputs.offer(req, port, ports, payload)
-                    if joined is None:
-                        continue
-                    result = tuple(joined)
-                if chunks is not None and env.chunk is not None:
-                    index, total = env.chunk
-                    pieces = chunks.offer(req, index, total, result)
-                    if pieces is None:
-                        continue
-                    try:
-                        result = concat_rows(pieces)
-                    except Exception as exc:
-                        ledger.fail(req, exc)
-                        continue
-                complete(req, result)
-    finally:
-        done.sender_done()
+            result = tuple(joined)
+        if self.chunks is not None and chunk is not None:
+            index, total = chunk
+            pieces = self.chunks.offer(req, index, total, result)
+            if pieces is None:
+                return
+            try:
+                result = concat_rows(pieces)
+            except Exception as exc:
+                ledger.fail(req, exc)
+                return
+        ledger.complete(req, result)
+
+    def has_room(self) -> bool:
+        return not self._closed
+
+    def add_senders(self, n: int) -> None:
+        self._senders += n
+
+    def sender_done(self) -> None:
+        self._senders -= 1
+        if self._senders <= 0 and not self._closed:
+            self._closed = True
+            self.done.sender_done()
+
+    def statistics(self) -> ChannelStatistics:
+        return ChannelStatistics(self.name, 0, 0, 0, 0, 0, self._closed)
