@@ -138,24 +138,28 @@ def interleave(
     warm_up: bool = True,
     decided: Callable[[dict[str, list[Measure]]], bool] | None = None,
     most: int = 0,
+    once: Sequence[str] = (),
 ) -> dict[str, list[Measure]]:
     """Warm every system up once (unless the caller did), then run them in turn ``repeats``
     times; while ``decided(runs)`` says the verdict is still within noise, add rounds, up to
-    ``most`` in all."""
+    ``most`` in all. Systems named in ``once`` (slow references outside the verdict) are timed
+    in the first round only, without a warm-up."""
     out: dict[str, list[Measure]] = {name: [] for name in systems}
     steps = len(systems) * (max(repeats, most) + int(warm_up))
     done = 0
     for name, fn in systems.items():
         if not warm_up:
             break
-        progress(f"warm-up {name}", done / steps)
-        fn()
+        if name not in once:
+            progress(f"warm-up {name}", done / steps)
+            fn()
         done += 1
     r = 0
     while r < repeats or (decided is not None and r < most and not decided(out)):
         for name, fn in systems.items():
-            progress(f"{name} {r + 1}/{max(repeats, r + 1)}", done / steps)
-            out[name].append(fn())
+            if r == 0 or name not in once:
+                progress(f"{name} {r + 1}/{max(repeats, r + 1)}", done / steps)
+                out[name].append(fn())
             done += 1
         r += 1
     progress("done", 1.0)
@@ -208,7 +212,7 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
-MOST_REPEATS = 7  # rounds a workload may add while its verdict is within noise
+MOST_REPEATS = 5  # rounds a workload may add while its verdict is within noise
 
 
 def ratios_of(runs: dict[str, list[Measure]], ours: str, base: str, cost: bool) -> list[float]:

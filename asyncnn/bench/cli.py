@@ -72,7 +72,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "memory",
-            "1M small items streamed through 4 stages: peak RSS growth stays under 50 MB",
+            "500k small items streamed through 4 stages: peak RSS growth stays under 50 MB",
             memory,
         ),
         Workload(

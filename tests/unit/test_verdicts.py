@@ -37,3 +37,50 @@ def test_pairing_is_repeat_by_repeat():
         paired_ratios([1, 2], [1])
     with pytest.raises(ValueError, match="no ratios"):
         judge([], 1.0)
+
+
+def _fake_systems(rates):
+    """Systems whose k-th timed run reports ``rates[name][k]`` items/s (and count their calls)."""
+    from asyncnn.bench._core import Measure
+
+    calls = {name: 0 for name in rates}
+
+    def system(name):
+        def run():
+            k = calls[name]
+            calls[name] += 1
+            return Measure(int(rates[name][min(k, len(rates[name]) - 1)]), 1.0)
+
+        return run
+
+    return {name: system(name) for name in rates}, calls
+
+
+def test_interleave_adds_rounds_while_the_paired_verdict_is_within_noise():
+    from asyncnn.bench._core import interleave, until_decided
+
+    # ours/base per round: 1.1, 1.3, 1.3, 1.3, 1.3 against a 1.2 target: undecided at three
+    # rounds (one ratio below), decided at five (the low outlier is forgiven).
+    base = [100] * 5
+    ours = [110, 130, 130, 130, 130]
+    systems, calls = _fake_systems({"base": base, "ours": ours})
+    runs = interleave(
+        3,
+        systems,
+        lambda *a, **k: None,
+        warm_up=False,
+        decided=until_decided("ours", "base", 1.2),
+        most=7,
+    )
+    assert len(runs["ours"]) == 5 and calls == {"base": 5, "ours": 5}
+
+
+def test_interleave_times_a_once_system_in_the_first_round_only_without_warm_up():
+    from asyncnn.bench._core import interleave, ratios_of
+
+    systems, calls = _fake_systems({"slow": [10], "base": [100], "ours": [120]})
+    runs = interleave(3, systems, lambda *a, **k: None, once=["slow"])
+    assert calls == {"slow": 1, "base": 4, "ours": 4}  # base and ours: a warm-up and three
+    assert [len(runs[k]) for k in ("slow", "base", "ours")] == [1, 3, 3]
+    # A reference timed once counts as its median against every run of ours.
+    assert ratios_of(runs, "ours", "slow", cost=False) == [12.0, 12.0, 12.0]

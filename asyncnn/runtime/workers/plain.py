@@ -38,8 +38,11 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
                 return
             reqs = env.requests
             # Inlined for the common case (one live request); ledger.live does the rest.
-            if (len(reqs) != 1 or reqs[0].future.done()) and not live(env):
-                continue
+            n = len(reqs)
+            if n != 1 or reqs[0].future.done():
+                if not live(env):
+                    continue
+                n = len(env.requests)
             tick -= 1
             try:
                 if tick >= 0 and probe.observe is None:
@@ -52,13 +55,13 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
                         out = await invoke(env.payload)
                     finally:
                         probe.active -= 1
-                    probe.timed_call(now() - t0, len(env.requests))
+                    probe.timed_call(now() - t0, n)
                 if sync and type(out) is CoroutineType:
                     raise returned_coroutine(ctx.name, out)
             except Exception as exc:
                 ctx.fail(env.requests, exc)
                 continue
-            probe.items += len(env.requests)
+            probe.items += n
             probe.batches += 1
             env.payload = out
             if single is not None:
