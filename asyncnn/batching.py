@@ -26,11 +26,13 @@ class Request:
     """One admitted request. ``future`` is its single outcome; once it is done the request is dead
     and every stage boundary drops it (this is how caller cancellation reaches the pipeline)."""
 
-    __slots__ = ("future", "id")
+    __slots__ = ("future", "id", "stream")
 
-    def __init__(self, rid: int, future: asyncio.Future[Any]) -> None:
+    def __init__(self, rid: int, future: asyncio.Future[Any], stream: Any = None) -> None:
         self.id = rid
         self.future = future
+        # A request through a generator stage: its parts, in order (a ``streams.PartStream``).
+        self.stream = stream
 
     def __repr__(self) -> str:
         f = self.future

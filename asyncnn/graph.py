@@ -171,7 +171,9 @@ class Graph:
             for n, name in zip(order, names, strict=True)
             if n.stage is not None
         )
-        return Plan(nodes=plan_nodes, outputs=tuple(pos[id(p)] for p in self._outputs))
+        plan = Plan(nodes=plan_nodes, outputs=tuple(pos[id(p)] for p in self._outputs))
+        _check_streams(plan)
+        return plan
 
     def _check_known(self, node: Node, known: set[int], where: str) -> None:
         if node.graph is not self:
@@ -289,3 +291,30 @@ def to_dot(plan: Plan, queue_size: int) -> str:
     lines += [f'    {a} -> {b} [label="q{queue_size}"];' for a, b in _edges(plan)]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _check_streams(plan: Plan) -> None:
+    """Generator stages: at most one on any path, and whatever meets again (a join's inputs,
+    the outputs) comes from the same one, since parts of a request are matched by part."""
+    source: dict[int, str | None] = {-1: None}  # node -> the generator stage it comes after
+    for i, node in enumerate(plan.nodes):
+        before = {source[j] for j in node.inputs}
+        if len(before) > 1:
+            raise GraphError(
+                f"stage {node.stage.name!r} joins a branch after generator stage "
+                f"{sorted(str(b) for b in before if b)[0]!r} with one that is not: parts of a "
+                "request can only meet parts; join before the generator, or in both branches after"
+            )
+        (came_after,) = before
+        if node.stage.yields and came_after is not None:
+            raise GraphError(
+                f"stage {node.stage.name!r} is a generator after generator stage "
+                f"{came_after!r}: one generator per path; yield what both would from one stage"
+            )
+        source[i] = node.stage.name if node.stage.yields else came_after
+    outs = {source[j] for j in plan.outputs}
+    if len(outs) > 1:
+        raise GraphError(
+            "the outputs mix a branch after a generator stage with one that is not: every output "
+            "must come after the same generator stage (or none)"
+        )

@@ -97,6 +97,12 @@ def check_microbatch(plan: Plan, microbatch: int) -> None:
             "microbatch needs a chain of stages (no fan-in, one output): "
             "split the request before the graph instead"
         )
+    yielding = [s.name for s in plan.stages if s.yields]
+    if yielding:
+        raise GraphError(
+            f"microbatch does not mix with generator stages ({', '.join(yielding)}): the "
+            "chunks of one request would each yield a stream; use one or the other"
+        )
     batched = [s.name for s in plan.stages if s.batch is not None]
     if batched:
         raise GraphError(

@@ -27,6 +27,7 @@ from .runtime import Runtime
 from .stage import Stage
 from .stats import PipelineStats, snapshot
 from .streaming import OrderedWindow, UnorderedWindow, stream
+from .streams import PartStream, StreamReader, one_part
 
 __all__ = ["Pipeline"]
 
@@ -105,6 +106,7 @@ class Pipeline:
         self.max_request_rows = max_request_rows
         self.torch_threads = opts.torch_threads
         self._check_rows = microbatch is not None or max_request_rows is not None
+        self._yields = any(s.yields for s in self._plan.stages)  # requests carry a PartStream
         self._runtime = self._new_runtime()
         self.events = EventBus(self._observe)
         self._run: Run | None = None  # the current (or last) run; None before the first start
@@ -312,11 +314,16 @@ class Pipeline:
 
     def _admit(self, x: Any, *, over: bool = False) -> asyncio.Future[Any]:
         # Callers checked that the pipeline runs, and that admission has room unless `over`.
+        return self._admit_request(x, over=over).future
+
+    def _admit_request(self, x: Any, *, over: bool, stream: PartStream | None = None) -> Request:
         if self._check_rows:
             check_request_rows(x, self.max_request_rows, self.microbatch)
         req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
+        if self._yields:  # its parts come back through a stream, collected into a list
+            req.stream = stream if stream is not None else PartStream()
         self._runtime.admit(req, x, over=over)
-        return req.future
+        return req
 
     def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
         """``submit``'s future when it would not wait (running, with room), else None. The
@@ -374,6 +381,36 @@ class Pipeline:
             raise TimeoutError(
                 f"request timed out after {timeout:g} s: {self._runtime.where(fut)}"
             ) from None
+
+    def send_stream(self, x: Any, *, buffer: int = 16) -> AsyncIterator[Any]:
+        """Run one request and yield its parts as they are produced, in order: the outputs of
+        the pipeline's generator stage, each through the stages after it (a pipeline without
+        one yields its one result). ``async for part in pipe.send_stream(x)``.
+
+        ``buffer``: parts produced and not yet read; when it is full the generator waits for
+        this reader (only this request pauses). Leaving early (``break``, ``aclose()``,
+        cancellation) ends the request: its generator is closed at its next yield and its parts
+        in flight are dropped. Errors are raised in order, after the parts before them.
+
+        Raises:
+            PipelineClosed: the pipeline is not running.
+            ValueError: ``buffer`` is not a whole number >= 1.
+        """
+        if not self._running() or self._runtime.admission.closed:
+            raise self._closed_error()
+        stream = PartStream(buffer)  # checks buffer before anything is admitted
+        if not self._yields:
+            return one_part(self._admit(x, over=True))
+        req = self._admit_request(x, over=True, stream=stream)
+        ledger = self._runtime.ledger
+
+        def leave() -> None:
+            req.future.cancel()
+            for part in stream.abandon():
+                part.cancel()
+            ledger.drop(req)  # counted once, wherever the request was
+
+        return StreamReader(stream, req.future, leave)
 
     def stream(
         self,

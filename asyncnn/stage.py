@@ -34,6 +34,13 @@ def _is_async_gen(fn: object) -> bool:
     return call is not None and not inspect.isfunction(fn) and inspect.isasyncgenfunction(call)
 
 
+def _is_gen(fn: object) -> bool:
+    if inspect.isgeneratorfunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004
+    return call is not None and not inspect.isfunction(fn) and inspect.isgeneratorfunction(call)
+
+
 def _default_name(fn: object) -> str:
     if is_module(fn):
         return type(fn).__name__
@@ -50,7 +57,11 @@ class Stage:
 
     Args:
         fn: an ``async def`` (runs on the event loop), a sync callable or an ``nn.Module`` (runs on
-            the stage's own worker thread(s), under ``torch.inference_mode()``).
+            the stage's own worker thread(s), under ``torch.inference_mode()``). A generator
+            (``def`` with ``yield``, on the threads; ``async def`` with ``yield``, on the loop)
+            yields 0..N parts for each input; each goes on through the graph as a part of the
+            same request, in order (``pipe.send_stream(x)`` yields them as they come,
+            ``await pipe.send(x)`` returns their list).
         name: unique name in the pipeline; defaults to the function's or module class's name, with
             a suffix (``f_2``) when two stages would share it.
         workers: how many calls of ``fn`` may run at once (tasks on the loop, or threads).
@@ -109,11 +120,6 @@ class Stage:
                 f"Stage(fn={fn!r}): fn must be an async def, a function or an nn.Module, "
                 f"not {type(fn).__name__}"
             )
-        if _is_async_gen(fn):
-            raise TypeError(
-                f"Stage({_default_name(fn)}): fn is an async generator; a stage returns one "
-                "result per call: write `async def` that returns, or collect the items into a list"
-            )
         if self.name is None:
             object.__setattr__(self, "name", _default_name(fn))
         elif not isinstance(self.name, str) or not self.name:
@@ -135,6 +141,8 @@ class Stage:
             )
         if self.executor == "ray":
             self._check_ray()
+        if self.yields:
+            self._check_generator()
         m = self.max_inflight
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"stage {self.name!r}: max_inflight={m!r} must be a whole number >= 1")
@@ -156,6 +164,30 @@ class Stage:
                     "event loop); move the device work out of the async def or the inline stage"
                 )
             object.__setattr__(self, "device", dev)
+
+    def _check_generator(self) -> None:
+        kind = "an async generator" if _is_async_gen(self.fn) else "a generator"
+        if self.batch is not None:
+            raise TypeError(
+                f"stage {self.name!r}: fn is {kind} (it yields parts of one request); it cannot "
+                "also batch: drop batch=, or batch the parts in the next stage"
+            )
+        if self.device is not None or self.executor == "ray":
+            raise TypeError(
+                f"stage {self.name!r}: fn is {kind}; generator stages run on the loop or on "
+                "local threads: drop device=/executor='ray' and place the model in a stage "
+                "after it"
+            )
+        if _is_async_gen(self.fn) and self.executor in ("thread", "inline"):
+            raise TypeError(
+                f"stage {self.name!r}: an async generator runs on the event loop; drop "
+                f"executor={self.executor!r} or pass a sync generator"
+            )
+        if self.executor == "inline":
+            raise TypeError(
+                f"stage {self.name!r}: a sync generator runs on the stage's threads; drop "
+                "executor='inline' (or write an async generator to run it on the loop)"
+            )
 
     def _check_ray(self) -> None:
         try:
@@ -188,11 +220,16 @@ class Stage:
         return _is_async(self.fn)
 
     @property
+    def yields(self) -> bool:
+        """True when ``fn`` is a generator (sync or async): each input yields 0..N parts."""
+        return _is_gen(self.fn) or _is_async_gen(self.fn)
+
+    @property
     def runs_on(self) -> Literal["loop", "inline", "thread", "ray"]:
         """Where calls of ``fn`` run once ``"auto"`` is resolved."""
         if self.executor == "ray":
             return "ray"
-        if self.is_async:
+        if self.is_async or _is_async_gen(self.fn):
             return "loop"
         return "inline" if self.executor == "inline" else "thread"
 

@@ -191,12 +191,12 @@ async def test_a_sync_stage_that_returns_a_coroutine_by_mistake():
 
 
 # 15
-def test_an_async_generator_passed_as_a_stage():
+def test_a_generator_stage_that_also_batches():
     async def gen(x):
         yield x
 
-    with pytest.raises(TypeError, match="async generator; a stage returns one result"):
-        Stage(gen)
+    with pytest.raises(TypeError, match=r"async generator .* cannot also batch"):
+        Stage(gen, batch=Batching(max_size=4))
 
 
 # 16

@@ -16,7 +16,7 @@ LAYERS = [
     {"channels"},
     {"payload"},
     {"padding"},
-    {"batching"},
+    {"batching", "streams"},
     {"batchrun"},
     {"devices"},
     {"executors", "executors_ray"},

@@ -68,12 +68,22 @@ def test_non_callable_fn():
         Stage(42)
 
 
-def test_async_generator_is_refused():
-    async def gen(x):
+def test_generators_are_yielding_stages_and_their_misplacements_are_refused():
+    async def agen(x):
         yield x
 
-    with pytest.raises(TypeError, match="async generator"):
-        Stage(gen)
+    def gen(x):
+        yield x
+
+    assert Stage(agen).yields and Stage(agen).runs_on == "loop"
+    assert Stage(gen).yields and Stage(gen).runs_on == "thread"
+    assert not Stage(lambda x: x).yields
+    with pytest.raises(TypeError, match="async generator runs on the event loop"):
+        Stage(agen, executor="thread")
+    with pytest.raises(TypeError, match="sync generator runs on the stage's threads"):
+        Stage(gen, executor="inline")
+    with pytest.raises(TypeError, match="generator stages run on the loop or on local threads"):
+        Stage(gen, device="cpu")
 
 
 def test_async_fn_on_thread_is_refused():

@@ -20,6 +20,7 @@ from .workers.batched import run_former, run_runner
 from .workers.edges import run_collector
 from .workers.placed import launched_channel, run_complete, run_launch
 from .workers.plain import run_plain
+from .workers.yielding import run_yielding
 
 __all__ = ["KINDS", "kind_of", "start_stage"]
 
@@ -28,6 +29,8 @@ StageKind = Callable[[StageContext, Supervisor], None]
 
 def kind_of(stage: Stage) -> str:
     """The kind that runs ``stage``: decided once, from its declaration."""
+    if stage.yields:
+        return "yielding"
     if stage.batch is not None:
         return "batched"
     if stage.device is not None:
@@ -72,10 +75,18 @@ def _start_batched(ctx: StageContext, sup: Supervisor) -> None:
         sup.spawn(f"{name}:{w}:complete", run_complete, ctx, waiter, launched, False)
 
 
+def _start_yielding(ctx: StageContext, sup: Supervisor) -> None:
+    name = ctx.name
+    ctx.outbox.open(1)  # the reader; each request's driver registers itself as it starts
+    threads = sup.thread(name, threads=ctx.workers) if ctx.stage.runs_on == "thread" else None
+    sup.spawn(f"{name}:read", run_yielding, ctx, sup, threads)
+
+
 KINDS: dict[str, StageKind] = {
     "plain": _start_plain,
     "placed": _start_placed,
     "batched": _start_batched,
+    "yielding": _start_yielding,
 }
 
 

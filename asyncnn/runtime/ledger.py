@@ -132,11 +132,16 @@ class Ledger:
         self, stage: str, reqs: Sequence[Request], cause: Exception, message: str | None = None
     ) -> None:
         """End ``reqs`` with a ``StageError`` naming ``stage``, ``cause`` chained."""
-        text = message or f"raised {type(cause).__name__}: {cause}"
         for req in reqs:
-            err = StageError(stage, f"stage {stage!r} {text}")
-            err.__cause__ = cause
-            self.fail(req, err)
+            self.fail(req, self.stage_error(stage, cause, message))
+
+    @staticmethod
+    def stage_error(stage: str, cause: Exception, message: str | None = None) -> StageError:
+        """The ``StageError`` that names ``stage``, with ``cause`` chained."""
+        text = message or f"raised {type(cause).__name__}: {cause}"
+        err = StageError(stage, f"stage {stage!r} {text}")
+        err.__cause__ = cause
+        return err
 
     def fail_all(self, reason: BaseException | None) -> None:
         """End every request still in flight with ``PipelineClosed`` (forced shutdown)."""

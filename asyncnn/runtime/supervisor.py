@@ -53,9 +53,10 @@ class Supervisor:
 
         self._tg.start_soon(run, name=f"asyncnn:{name}")
 
-    def thread(self, name: str, compute: bool = True) -> ThreadWorker:
-        """A dedicated thread, stopped with the run; ``compute`` threads get torch's count."""
-        worker = ThreadWorker(name, self._loop)
+    def thread(self, name: str, compute: bool = True, threads: int = 1) -> ThreadWorker:
+        """A dedicated thread (``threads`` of them sharing one queue of calls), stopped with the
+        run; ``compute`` threads get torch's count."""
+        worker = ThreadWorker(name, self._loop, threads)
         self.threads.append(worker)
         if compute and self.torch_threads is not None:
             import torch

@@ -1,0 +1,168 @@
+"""Generator stages: each input runs a generator whose outputs go on as parts of its request.
+
+A reader task takes envelopes from the inbox and starts one driver task per request; at most
+``workers`` drivers run their generator at once (a semaphore), and a driver waiting for its
+reader to take a part (no credit) gives its place up, so a slow reader pauses only its own
+request. A driver asks its generator for one part at a time: on the loop for an async generator,
+on the stage's threads for a sync one (so its ``finally`` runs there too). Each part enters the
+ledger as a request of its own (``streams.PartStream`` puts them back in order at the caller),
+and is sent on; the driver stops at the generator's end, at its error (the request fails after
+the parts before it), or when the request ended early (cancelled, failed downstream): then the
+generator is closed and the parts still in flight are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ...batching import Envelope, Request
+from ...channels import END
+from ...executors import ThreadWorker
+from ...streams import PartStream
+from ..context import StageContext, next_live
+from ..supervisor import Supervisor
+
+__all__ = ["run_yielding"]
+
+_DONE: Any = object()  # a generator's end, as a value that crosses threads
+
+
+async def run_yielding(ctx: StageContext, sup: Supervisor, worker: ThreadWorker | None) -> None:
+    """The stage's reader: one driver per request, ``ctx.workers`` generating at once."""
+    slots = asyncio.Semaphore(ctx.workers)
+    try:
+        while (env := await next_live(ctx.inbox, ctx.ledger)) is not END:
+            for one in env.split():  # one request per envelope (a merged batch is split)
+                (req,) = one.requests
+                await slots.acquire()  # waiting for input holds none: a paused driver resumes
+                ctx.outbox.open(1)  # the driver sends; registered before this task can finish
+                sup.spawn(f"{ctx.name}:gen{req.id}", _drive, ctx, req, one.payload, slots, worker)
+    finally:
+        ctx.outbox.sender_done()
+
+
+def _stream_of(req: Request) -> PartStream:
+    stream = req.stream
+    if stream is None:  # admitted before the pipeline knew it streams: collect its parts
+        stream = req.stream = PartStream()
+    return stream
+
+
+async def _drive(
+    ctx: StageContext,
+    req: Request,
+    payload: Any,
+    slots: asyncio.Semaphore,
+    worker: ThreadWorker | None,
+) -> None:
+    """Run one request's generator to its end (or the request's), holding a slot while it
+    computes."""
+    stream, ledger, probe = _stream_of(req), ctx.ledger, ctx.probe
+    stream.on_end = lambda error: _end_request(ctx, req, stream, error)
+    step, close = _stepper(ctx, payload, worker)
+    holding = True
+    try:
+        while not req.future.done():
+            if not stream.has_credit():
+                slots.release()
+                holding = False
+                await stream.wait_credit()  # until the reader takes a part, or leaves
+                await slots.acquire()
+                holding = True
+                continue
+            try:
+                part = await step()
+            except Exception as exc:
+                probe.failed(exc, 1)
+                stream.end(ledger.stage_error(ctx.name, exc))
+                return
+            if part is _DONE:
+                stream.end()
+                return
+            if req.future.done():  # ended while the generator computed: drop the part
+                return
+            fut = asyncio.get_running_loop().create_future()
+            part_req = Request(stream.add_part(fut), fut)
+            ledger.admit(part_req)
+            probe.items += 1
+            probe.batches += 1
+            await ctx.outbox.send(Envelope(part, [part_req]))
+    finally:
+        if req.future.done() and not stream.complete:
+            _cancel_parts(ctx, req, stream)
+        with anyio.CancelScope(shield=True):
+            await close()
+        if holding:
+            slots.release()
+        ctx.outbox.sender_done()
+
+
+def _end_request(
+    ctx: StageContext, req: Request, stream: PartStream, error: BaseException | None
+) -> None:
+    """Every part is in (or one failed): end the parent request once."""
+    if error is None:
+        ctx.ledger.complete(req, stream.result())
+    else:
+        ctx.ledger.fail(req, error)
+        _cancel_parts(ctx, req, stream)
+
+
+def _cancel_parts(ctx: StageContext, req: Request, stream: PartStream) -> None:
+    """The request ended early: the parts still in flight are dropped at the next boundary;
+    a request whose future was cancelled while it generated is counted once, here."""
+    for fut in stream.abandon():
+        fut.cancel()
+    ctx.ledger.drop(req)
+
+
+def _stepper(
+    ctx: StageContext, payload: Any, worker: ThreadWorker | None
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``step()``: the generator's next output (``_DONE`` at its end); ``close()``: close it,
+    where it runs. The generator is created by the first step (on its thread for a sync one)."""
+    fn = ctx.stage.fn
+    args = tuple(payload) if ctx.join is not None else (payload,)  # a join spreads its parts
+    if worker is None:
+        agen = fn(*args)
+
+        async def step_async() -> Any:
+            try:
+                return await agen.__anext__()
+            except StopAsyncIteration:
+                return _DONE
+
+        return step_async, agen.aclose
+
+    inference = ctx.stage.inference_mode
+    gen: list[Any] = []
+
+    def advance() -> Any:
+        if not gen:
+            gen.append(fn(*args))
+        try:
+            if inference:
+                import torch
+
+                with torch.inference_mode():
+                    return next(gen[0])
+            return next(gen[0])
+        except StopIteration:
+            return _DONE
+
+    def close_here() -> None:
+        if gen:
+            gen[0].close()
+
+    async def close_there() -> None:
+        if gen:
+            try:
+                await worker.run(close_here, ())
+            except Exception:  # its finally raised: the request already ended
+                pass
+
+    return (lambda: worker.run(advance, ())), close_there
