@@ -26,7 +26,8 @@ from .graph import Graph, Node
 from .loader import AsyncLoader, LoaderStats
 from .pipeline import Pipeline
 from .stage import Stage
-from .stats import PipelineStats, StageStats
+from .stats import PipelineStats, StageStats, StepStats
+from .stepping import StepModel, Stepping
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,9 @@ __all__ = [
     "Stage",
     "StageError",
     "StageStats",
+    "StepModel",
+    "StepStats",
+    "Stepping",
     "WorkerLost",
     "__version__",
 ]

@@ -172,6 +172,12 @@ class Channel(Generic[T]):
                 return item
             await self._wait(self._getters)
 
+    async def ready(self) -> None:
+        """Wait until an item is buffered or the stream has ended, taking nothing (for the one
+        consumer that also waits on something else)."""
+        while not self._buf and not self._closed:
+            await self._wait(self._getters)
+
     def receive_nowait(self) -> T:
         """Take the oldest item now; raise ``WouldBlock`` when empty, ``EndOfStream`` when ended."""
         item = self.poll()

@@ -138,14 +138,14 @@ def resolve_workers(plan: Plan, cores: int) -> Plan:
     """``plan`` with every ``workers="auto"`` replaced by a count: ``split_cores`` for compute
     stages on threads, 1 elsewhere (a coroutine, an inline call, a Ray stage: ``replicas``
     sets those). An explicit count is never changed."""
-    auto = [s for s in plan.stages if s.workers == "auto" and _compute(s)]
+    auto = [s for s in plan.stages if s.workers == "auto" and _compute(s) and s.step is None]
     if not any(s.workers == "auto" for s in plan.stages):
         return plan
     fixed = sum(int(s.workers) for s in plan.stages if s.workers != "auto" and _compute(s))
     each = split_cores(cores, len(auto), fixed) if auto else 1
     nodes = tuple(
         PlanNode(
-            replace(n.stage, workers=each if _compute(n.stage) else 1)
+            replace(n.stage, workers=each if _compute(n.stage) and n.stage.step is None else 1)
             if n.stage.workers == "auto"
             else n.stage,
             n.inputs,

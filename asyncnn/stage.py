@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from .batching import Batching
+    from .stepping import Stepping
 
 from .executors import is_module
 
@@ -86,13 +87,19 @@ class Stage:
             device never idles between batches while memory stays bounded).
         batch: a :class:`~asyncnn.Batching` to merge many requests into one call; without it
             the stage always receives one request's payload.
+        step: a :class:`~asyncnn.Stepping`: ``fn`` is a step model (batched ``admit`` and
+            ``step``, optional ``evict``; see ``asyncnn.stepping``) that the stage advances one
+            step at a time over every active request, admitting new ones between steps; each
+            step's output is a part of its request, streamed like a generator's. Runs on the
+            stage's thread.
         inference_mode: run the stage's calls under ``torch.inference_mode()`` (default
             ``True``) wherever they run off the event loop: on its threads, on a device, on Ray
             replicas (and modules run inline). Set ``False`` for a stage that needs autograd
             (it then also accepts inference tensors only where torch allows it).
 
     Raises:
-        TypeError: ``fn`` is not callable, is an async generator, or does not fit ``executor``.
+        TypeError: ``fn`` is not callable, does not fit ``executor``, or a generator or step
+            model is declared with what it cannot do (batch=, device=, Ray).
         ValueError: ``workers`` is not a whole number >= 1, or ``executor`` is unknown.
 
     Example::
@@ -109,13 +116,14 @@ class Stage:
     device: str | torch.device | None = None
     max_inflight: int = 2
     batch: Batching | None = None
+    step: Stepping | None = None
     replicas: int = 1
     resources: Mapping[str, float] | None = None
     inference_mode: bool = True
 
     def __post_init__(self) -> None:
         fn = self.fn
-        if not callable(fn):
+        if not callable(fn) and self.step is None:  # a step model need not be callable
             raise TypeError(
                 f"Stage(fn={fn!r}): fn must be an async def, a function or an nn.Module, "
                 f"not {type(fn).__name__}"
@@ -141,7 +149,9 @@ class Stage:
             )
         if self.executor == "ray":
             self._check_ray()
-        if self.yields:
+        if self.step is not None:
+            self._check_step()
+        elif self.yields:
             self._check_generator()
         m = self.max_inflight
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -164,6 +174,26 @@ class Stage:
                     "event loop); move the device work out of the async def or the inline stage"
                 )
             object.__setattr__(self, "device", dev)
+
+    def _check_step(self) -> None:
+        from .stepping import Stepping, check_step_model
+
+        if not isinstance(self.step, Stepping):
+            raise TypeError(
+                f"stage {self.name!r}: step={self.step!r} must be asyncnn.Stepping(...)"
+            )
+        check_step_model(self.name, self.fn)
+        if self.workers not in (1, "auto"):
+            raise ValueError(
+                f"stage {self.name!r}: a step stage runs one step loop (workers=1); for more "
+                "throughput raise Stepping(max_active=...), or add a second stage"
+            )
+        if self.batch is not None or self.device is not None or self.executor != "auto":
+            raise TypeError(
+                f"stage {self.name!r}: a step stage forms its own batches on its own thread; "
+                "drop batch=, device= and executor= (place tensors on the device inside the "
+                "model's admit and step)"
+            )
 
     def _check_generator(self) -> None:
         kind = "an async generator" if _is_async_gen(self.fn) else "a generator"
@@ -221,8 +251,9 @@ class Stage:
 
     @property
     def yields(self) -> bool:
-        """True when ``fn`` is a generator (sync or async): each input yields 0..N parts."""
-        return _is_gen(self.fn) or _is_async_gen(self.fn)
+        """True when each input yields 0..N parts: ``fn`` is a generator (sync or async), or a
+        step model (``step=``)."""
+        return self.step is not None or _is_gen(self.fn) or _is_async_gen(self.fn)
 
     @property
     def runs_on(self) -> Literal["loop", "inline", "thread", "ray"]:

@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .runtime import RuntimeView
+from .runtime import RuntimeView, StepStats
 
-__all__ = ["HasStats", "PipelineStats", "StageStats", "snapshot"]
+__all__ = ["HasStats", "PipelineStats", "StageStats", "StepStats", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class StageStats:
     parts of failed batches that failed whole because ``Batching(max_retries=...)`` ran out. A
     padded batching stage also counts ``real_tokens`` (rows x each request's length) and
     ``padded_tokens`` (rows x the padded length of its batch); ``padding_waste`` is the share of
-    padding in what it computed.
+    padding in what it computed. A step stage (``step=``) has ``stepping``: its
+    :class:`StepStats` (steps/s, mean active requests and admissions per step, time to first
+    output and between outputs).
     """
 
     name: str
@@ -61,6 +63,7 @@ class StageStats:
     retries_exhausted: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    stepping: StepStats | None = None
 
     @property
     def padding_waste(self) -> float:
@@ -152,6 +155,7 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             retries_exhausted=s.retries_exhausted,
             real_tokens=s.real_tokens,
             padded_tokens=s.padded_tokens,
+            stepping=s.stepping,
         )
     return PipelineStats(
         stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight, run

@@ -89,6 +89,11 @@ class PartStream:
             finally:
                 self._credit_waiter = None
 
+    def notify(self, waiter: asyncio.Future[None]) -> None:
+        """Set ``waiter``'s result when a credit comes back or the reader leaves (a step stage
+        waits on one future for all its paused requests)."""
+        self._credit_waiter = waiter
+
     def add_part(self, future: asyncio.Future[Any]) -> int:
         """A new part, in flight with ``future``: its id (for its ``Request``). Takes a credit."""
         index = self.produced

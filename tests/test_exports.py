@@ -16,6 +16,9 @@ PUBLIC = {
     "Stage",
     "StageError",
     "StageStats",
+    "StepModel",
+    "StepStats",
+    "Stepping",
     "WorkerLost",
     "__version__",
 }

@@ -3,6 +3,6 @@ module per stage kind, a supervisor for tasks and threads, and the :class:`Runti
 them. See ARCHITECTURE.md for the layers and one request's path."""
 
 from .runtime import Runtime
-from .view import RuntimeView, StageView
+from .view import RuntimeView, StageView, StepStats
 
-__all__ = ["Runtime", "RuntimeView", "StageView"]
+__all__ = ["Runtime", "RuntimeView", "StageView", "StepStats"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from anyio import WouldBlock
 from ..batching import Envelope, Request
 from ..channels import EMPTY, END, Channel, ChannelStatistics
 from ..stage import Stage
+from ..streams import PartStream
 from .ledger import Ledger
 from .probe import StageProbe
 
@@ -119,6 +121,45 @@ class StageContext:
         """A call of this stage failed: end ``requests`` with a ``StageError`` naming it."""
         self.probe.failed(cause, len(requests))
         self.ledger.fail_stage(self.stage.name, requests, cause, message)
+
+    # -- streaming requests (generator and step stages) ------------------------------------------
+
+    def start_stream(self, req: Request) -> PartStream:
+        """The stream of ``req``'s parts from this stage; ``req`` ends once, when every part is
+        in (its result: the parts, or None for a reader) or at the first error."""
+        stream = req.stream
+        if stream is None:  # admitted without one (a caller that collects): keep every part
+            stream = req.stream = PartStream()
+        stream.on_end = lambda error: self._end_stream(req, stream, error)
+        return stream
+
+    async def send_part(self, stream: PartStream, value: Any) -> None:
+        """Send one part of ``stream``'s request on, as a request of its own."""
+        fut = asyncio.get_running_loop().create_future()
+        part = Request(stream.add_part(fut), fut)
+        self.ledger.admit(part)
+        self.probe.items += 1
+        await self.outbox.send(Envelope(value, [part]))
+
+    def part_failed(self, stream: PartStream, cause: Exception) -> None:
+        """The stage's function failed for this request: it ends with a ``StageError`` after
+        the parts it already made."""
+        self.probe.failed(cause, 1)
+        stream.end(self.ledger.stage_error(self.name, cause))
+
+    def cancel_stream(self, req: Request, stream: PartStream) -> None:
+        """``req`` ended early: its parts in flight are dropped at the next boundary, and it is
+        counted once (cancelled, unless something ended it before)."""
+        for fut in stream.abandon():
+            fut.cancel()
+        self.ledger.drop(req)
+
+    def _end_stream(self, req: Request, stream: PartStream, error: BaseException | None) -> None:
+        if error is None:
+            self.ledger.complete(req, stream.result())
+        else:
+            self.ledger.fail(req, error)
+            self.cancel_stream(req, stream)
 
 
 async def next_live(inbox: Channel[Envelope], ledger: Ledger) -> Envelope:

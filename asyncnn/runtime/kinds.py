@@ -20,6 +20,7 @@ from .workers.batched import run_former, run_runner
 from .workers.edges import run_collector
 from .workers.placed import launched_channel, run_complete, run_launch
 from .workers.plain import run_plain
+from .workers.stepped import run_stepped
 from .workers.yielding import run_yielding
 
 __all__ = ["KINDS", "kind_of", "start_stage"]
@@ -29,6 +30,8 @@ StageKind = Callable[[StageContext, Supervisor], None]
 
 def kind_of(stage: Stage) -> str:
     """The kind that runs ``stage``: decided once, from its declaration."""
+    if stage.step is not None:
+        return "stepped"
     if stage.yields:
         return "yielding"
     if stage.batch is not None:
@@ -82,11 +85,17 @@ def _start_yielding(ctx: StageContext, sup: Supervisor) -> None:
     sup.spawn(f"{name}:read", run_yielding, ctx, sup, threads)
 
 
+def _start_stepped(ctx: StageContext, sup: Supervisor) -> None:
+    ctx.outbox.open(1)
+    sup.spawn(f"{ctx.name}:step", run_stepped, ctx, sup.thread(ctx.name))
+
+
 KINDS: dict[str, StageKind] = {
     "plain": _start_plain,
     "placed": _start_placed,
     "batched": _start_batched,
     "yielding": _start_yielding,
+    "stepped": _start_stepped,
 }
 
 

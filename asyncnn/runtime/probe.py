@@ -72,6 +72,7 @@ class StageProbe:
         "retries",
         "retries_exhausted",
         "rows",
+        "stepping",
         "timed",
     )
 
@@ -92,6 +93,7 @@ class StageProbe:
         self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
         self.real_tokens = 0  # padded stages: rows x each request's own length
         self.padded_tokens = 0  # rows x the batch's padded length
+        self.stepping: Any = None  # a step stage's StepCounters
 
     def timed_call(self, seconds: float, size: int) -> None:
         """A call of ``size`` requests took ``seconds``."""

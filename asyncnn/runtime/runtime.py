@@ -29,7 +29,7 @@ from .kinds import kind_of, start_stage
 from .ledger import Ledger
 from .probe import StageProbe
 from .supervisor import Supervisor
-from .view import RuntimeView, StageView
+from .view import RuntimeView, StageView, StepStats
 from .wiring import SINK, Target, wire
 from .workers.edges import Sink, run_input
 
@@ -190,7 +190,7 @@ class Runtime:
         elapsed = max(1e-9, time.perf_counter() - self.started_at) if self.started_at else 0.0
         k = self.ledger.counters
         return RuntimeView(
-            stages=tuple(self._stage_view(c) for c in self.stages),
+            stages=tuple(self._stage_view(c, elapsed) for c in self.stages),
             admitted=k.admitted,
             completed=k.completed,
             failed=k.failed,
@@ -199,7 +199,7 @@ class Runtime:
             elapsed=elapsed,
         )
 
-    def _stage_view(self, ctx: StageContext) -> StageView:
+    def _stage_view(self, ctx: StageContext, elapsed: float) -> StageView:
         p, st = ctx.probe, ctx.stage
         return StageView(
             name=st.name,
@@ -221,6 +221,7 @@ class Runtime:
             retries_exhausted=p.retries_exhausted,
             real_tokens=p.real_tokens,
             padded_tokens=p.padded_tokens,
+            stepping=None if p.stepping is None else _step_stats(p.stepping, elapsed),
         )
 
     def in_flight(self) -> int:
@@ -281,3 +282,17 @@ class Runtime:
         waiting_in = ctx.inbox.statistics().waiting_receivers
         blocked_out = sum(ch.statistics().waiting_senders for ch in ctx.outbox.channels)
         return max(0, ctx.workers - waiting_in - blocked_out)
+
+
+def _step_stats(c: Any, elapsed: float) -> StepStats:
+    steps = c.steps
+    return StepStats(
+        steps=steps,
+        steps_per_second=steps / elapsed if elapsed else 0.0,
+        mean_active=c.active / steps if steps else 0.0,
+        admissions_per_step=c.admitted / steps if steps else 0.0,
+        first_output_p50=c.first_output.quantile(0.5),
+        first_output_p99=c.first_output.quantile(0.99),
+        output_gap_p50=c.gaps.quantile(0.5),
+        output_gap_p99=c.gaps.quantile(0.99),
+    )

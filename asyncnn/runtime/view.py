@@ -6,13 +6,29 @@ from dataclasses import dataclass
 
 from ..channels import ChannelStatistics
 
-__all__ = ["RuntimeView", "StageView"]
+__all__ = ["RuntimeView", "StageView", "StepStats"]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A step stage's figures: steps run and per second, mean requests per step, mean
+    admissions per step, and seconds from a request's arrival at the stage to its first output
+    and between its outputs (p50/p99, over every request)."""
+
+    steps: int
+    steps_per_second: float
+    mean_active: float
+    admissions_per_step: float
+    first_output_p50: float
+    first_output_p99: float
+    output_gap_p50: float
+    output_gap_p99: float
 
 
 @dataclass(frozen=True)
 class StageView:
     name: str
-    kind: str  # plain, placed or batched
+    kind: str  # plain, placed, batched, yielding or stepped
     runs_on: str
     workers: int  # worker tasks, or replicas for a Ray stage
     inbox: ChannelStatistics
@@ -30,6 +46,7 @@ class StageView:
     retries_exhausted: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    stepping: StepStats | None = None
 
 
 @dataclass(frozen=True)

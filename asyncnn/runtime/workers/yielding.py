@@ -19,10 +19,9 @@ from typing import Any
 
 import anyio
 
-from ...batching import Envelope, Request
+from ...batching import Request
 from ...channels import END
 from ...executors import ThreadWorker
-from ...streams import PartStream
 from ..context import StageContext, next_live
 from ..supervisor import Supervisor
 
@@ -45,13 +44,6 @@ async def run_yielding(ctx: StageContext, sup: Supervisor, worker: ThreadWorker 
         ctx.outbox.sender_done()
 
 
-def _stream_of(req: Request) -> PartStream:
-    stream = req.stream
-    if stream is None:  # admitted before the pipeline knew it streams: collect its parts
-        stream = req.stream = PartStream()
-    return stream
-
-
 async def _drive(
     ctx: StageContext,
     req: Request,
@@ -61,8 +53,7 @@ async def _drive(
 ) -> None:
     """Run one request's generator to its end (or the request's), holding a slot while it
     computes."""
-    stream, ledger, probe = _stream_of(req), ctx.ledger, ctx.probe
-    stream.on_end = lambda error: _end_request(ctx, req, stream, error)
+    stream = ctx.start_stream(req)
     step, close = _stepper(ctx, payload, worker)
     holding = True
     try:
@@ -77,47 +68,23 @@ async def _drive(
             try:
                 part = await step()
             except Exception as exc:
-                probe.failed(exc, 1)
-                stream.end(ledger.stage_error(ctx.name, exc))
+                ctx.part_failed(stream, exc)
                 return
             if part is _DONE:
                 stream.end()
                 return
             if req.future.done():  # ended while the generator computed: drop the part
                 return
-            fut = asyncio.get_running_loop().create_future()
-            part_req = Request(stream.add_part(fut), fut)
-            ledger.admit(part_req)
-            probe.items += 1
-            probe.batches += 1
-            await ctx.outbox.send(Envelope(part, [part_req]))
+            ctx.probe.batches += 1
+            await ctx.send_part(stream, part)
     finally:
         if req.future.done() and not stream.complete:
-            _cancel_parts(ctx, req, stream)
+            ctx.cancel_stream(req, stream)
         with anyio.CancelScope(shield=True):
             await close()
         if holding:
             slots.release()
         ctx.outbox.sender_done()
-
-
-def _end_request(
-    ctx: StageContext, req: Request, stream: PartStream, error: BaseException | None
-) -> None:
-    """Every part is in (or one failed): end the parent request once."""
-    if error is None:
-        ctx.ledger.complete(req, stream.result())
-    else:
-        ctx.ledger.fail(req, error)
-        _cancel_parts(ctx, req, stream)
-
-
-def _cancel_parts(ctx: StageContext, req: Request, stream: PartStream) -> None:
-    """The request ended early: the parts still in flight are dropped at the next boundary;
-    a request whose future was cancelled while it generated is counted once, here."""
-    for fut in stream.abandon():
-        fut.cancel()
-    ctx.ledger.drop(req)
 
 
 def _stepper(
