@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-quick bench-loaders lint gpu-check stress soak clean
+.PHONY: install test bench bench-quick bench-loaders bench-generate lint gpu-check stress soak clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ bench-quick: $(STAMP)
 # The loader against DataLoader and torchdata on local files and over HTTP (~15 minutes).
 bench-loaders: $(STAMP)
 	$(PY) -m asyncnn.bench --workload loader --workload files --workload remote
+
+# Step-level batching of a small KV-cache decoder against static batching and per-request (~1 min).
+bench-generate: $(STAMP)
+	$(PY) -m asyncnn.bench --workload generate
 
 lint: $(STAMP)
 	$(PY) -m ruff check asyncnn tests benchmarks examples

@@ -142,9 +142,11 @@ class PartStream:
     # -- parts finishing -------------------------------------------------------------------------
 
     def _part_done(self, index: int, fut: asyncio.Future[Any]) -> None:
-        if self._outstanding.pop(index, None) is None:
-            return  # abandoned
         if fut.cancelled():
+            self._outstanding.pop(index, None)
+            return
+        if self._outstanding.pop(index, None) is None:
+            fut.exception()  # abandoned: nobody reads it (and asyncio need not warn about it)
             return
         exc = fut.exception()
         if exc is not None:
@@ -170,6 +172,10 @@ class PartStream:
         if end is not None and (self.complete or self.failed is not None):
             self.on_end = None
             end(self.failed)
+        self._wake()
+
+    def wake(self) -> None:
+        """Wake whoever waits on the stream (its request ended some other way)."""
         self._wake()
 
     def _wake(self) -> None:
@@ -219,6 +225,7 @@ class StreamReader:
         self._future = future  # the parent request's outcome
         self._leave = leave  # leave(): cancel the request and what is in flight for it
         self._finished = False
+        future.add_done_callback(lambda _: stream.wake())  # however it ends, the reader hears
 
     def __aiter__(self) -> StreamReader:
         return self
@@ -245,14 +252,11 @@ class StreamReader:
                 if exc is not None:
                     raise exc
                 break
-            waiter = asyncio.ensure_future(stream.changed())
             try:
-                await asyncio.wait([waiter, fut], return_when=asyncio.FIRST_COMPLETED)
+                await stream.changed()  # a part, the end, an error, or the request ending
             except BaseException:
-                waiter.cancel()
                 self.close()
                 raise
-            waiter.cancel()
         raise StopAsyncIteration
 
     def close(self) -> None:

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 import anyio
 import torch
 
-from asyncnn import Batching, Graph, Pipeline, PipelineClosed, Stage, StageError
+from asyncnn import Batching, Graph, Pipeline, PipelineClosed, Stage, StageError, Stepping
 
 KINDS = ("async", "thread", "inline", "batched-thread", "batched-async")
+# A streaming case puts one of these right after the input: every request becomes 0..N parts
+# (1..N for a step model), each going through the rest of the graph as a request of its own.
+GENERATORS = ("gen-async", "gen-thread", "step")
 
 
 @dataclass
@@ -34,7 +37,12 @@ class Case:
     cancel: dict[int, int]  # request id -> loop turns before its caller is cancelled
     deadline: dict[int, float]  # request id -> send(timeout=...)
     shutdown: tuple[int, float] | None  # (loop turns, aclose timeout) or None: normal drain
+    gen: str | None = None  # a generator stage after the input (GENERATORS), or None
     notes: list[str] = field(default_factory=list)
+
+    def parts(self, rid: int) -> int:
+        """How many parts request ``rid`` streams (its value goes up by one a part)."""
+        return rid % 3 + (self.gen == "step")
 
 
 def make_case(seed: int) -> Case:
@@ -57,7 +65,10 @@ def make_case(seed: int) -> Case:
         for r in rng.sample(rids, k=rng.randint(0, min(3, reqs)))
     }
     shutdown = (rng.randint(0, 30), rng.choice((0.0, 0.001, 0.05))) if rng.random() < 0.3 else None
-    return Case(seed, nodes, outputs, reqs, rng.randint(1, 4), fail, cancel, deadline, shutdown)
+    gen = rng.choice(GENERATORS) if rng.random() < 0.3 else None
+    return Case(
+        seed, nodes, outputs, reqs, rng.randint(1, 4), fail, cancel, deadline, shutdown, gen
+    )
 
 
 def _fn(i: int, kind: str, add: int, fail_on: set[int]):
@@ -80,16 +91,53 @@ def _fn(i: int, kind: str, add: int, fail_on: set[int]):
     return compute
 
 
-def reference(case: Case, rid: int) -> list[float]:
-    vals: dict[int, float] = {-1: float(rid)}
+def reference(case: Case, rid: int, start: float | None = None) -> list[float]:
+    vals: dict[int, float] = {-1: float(rid) if start is None else start}
     for i, (_, _, parents, add) in enumerate(case.nodes):
         vals[i] = sum(vals[p] for p in parents) + add
     return [vals[o] for o in case.outputs]
 
 
+class _Parts:
+    """The chaos step model: request [[rid, v]] steps out [[rid, v]], [[rid, v + 1]], ..."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    def admit(self, inputs: list[torch.Tensor]) -> list[list[float]]:
+        return [[float(x[0, 0]), float(x[0, 1]), 0] for x in inputs]
+
+    def step(self, states: list[list[float]]) -> tuple[list[torch.Tensor], list[bool]]:
+        outs, done = [], []
+        for st in states:
+            rid, v, j = st
+            outs.append(torch.tensor([[rid, v + j]]))
+            st[2] = j + 1
+            done.append(st[2] >= self.case.parts(int(rid)))
+        return outs, done
+
+
+def _generator(case: Case) -> Stage:
+    def parts(x: torch.Tensor):
+        rid, v = float(x[0, 0]), float(x[0, 1])
+        for j in range(case.parts(int(rid))):
+            yield torch.tensor([[rid, v + j]])
+
+    async def aparts(x: torch.Tensor):
+        for part in parts(x):
+            await asyncio.sleep(0)
+            yield part
+
+    if case.gen == "step":
+        return Stage(_Parts(case), name="gen", step=Stepping(max_active=3))
+    return Stage(aparts if case.gen == "gen-async" else parts, name="gen", workers=2)
+
+
 def build(case: Case) -> Pipeline:
     g = Graph()
     handles = {-1: g.input()}
+    if case.gen is not None:  # every path goes through the one generator stage
+        handles[-1] = g.add(_generator(case), handles[-1])
     for i, (kind, workers, parents, add) in enumerate(case.nodes):
         batch = Batching(max_size=4, max_delay=0.001) if kind.startswith("batched") else None
         executor = "inline" if kind == "inline" else "auto"
@@ -154,11 +202,12 @@ async def run_case(case: Case) -> float:
     stats = pipe.stats()
     assert set(outcomes) == set(range(case.n_requests)), "a request never ended"
     for rid, (kind, value) in outcomes.items():
-        if kind == "ok":
-            want = reference(case, rid)
-            got = value if isinstance(value, tuple) else (value,)
-            assert [float(t[0, 1]) for t in got] == want, f"request {rid}: {got} != {want}"
-            assert all(float(t[0, 0]) == rid for t in got), f"request {rid} got another's rows"
+        if kind == "ok" and case.gen is not None:
+            assert isinstance(value, list) and len(value) == case.parts(rid), (rid, value)
+            for j, part in enumerate(value):
+                _check(case, rid, part, reference(case, rid, float(rid + j)))
+        elif kind == "ok":
+            _check(case, rid, value, reference(case, rid))
         elif kind == "error":
             assert rid in case.fail[int(str(value)[1:])], f"request {rid} failed at {value}"
         elif kind == "closed":
@@ -176,6 +225,12 @@ async def run_case(case: Case) -> float:
     assert kinds.count("error") <= stats.failed, (kinds.count("error"), stats)
     assert stats.admitted <= case.n_requests, stats
     return time.perf_counter() - t0
+
+
+def _check(case: Case, rid: int, value: object, want: list[float]) -> None:
+    got = value if isinstance(value, tuple) else (value,)
+    assert [float(t[0, 1]) for t in got] == want, f"request {rid}: {got} != {want}"  # type: ignore[index]
+    assert all(float(t[0, 0]) == rid for t in got), f"request {rid} got another's rows"  # type: ignore[index]
 
 
 def main(argv: list[str] | None = None) -> int:

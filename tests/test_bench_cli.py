@@ -200,3 +200,21 @@ def test_a_wrong_asyncnn_result_is_caught_in_every_workload(workload, monkeypatc
     monkeypatch.setattr(runtime, "prepare_call", corrupting)
     assert main(["--quick", "--workload", workload, "--repeats", "1", "--loop", "asyncio"]) == 1
     assert f"{workload}: correctness check FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.hang_guard(120)
+def test_the_generate_workload_runs_and_catches_a_wrong_token(monkeypatch, capsys):
+    assert main(["--quick", "--workload", "generate", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "asyncnn step-level batching" in out and "static batching (64)" in out
+    import asyncnn.runtime.workers.stepped as stepped
+
+    real = stepped._outputs
+
+    def off_by_one(ctx, group, result):
+        outputs, done = real(ctx, group, result)
+        return [t + 1 for t in outputs], done
+
+    monkeypatch.setattr(stepped, "_outputs", off_by_one)
+    assert main(["--quick", "--workload", "generate", "--repeats", "1"]) == 1
+    assert "generate: correctness check FAILED" in capsys.readouterr().err

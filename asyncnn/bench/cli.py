@@ -14,6 +14,7 @@ from .models import load_user_model
 from .workloads_core import overhead, reqresp
 from .workloads_devices import gpu, overlap
 from .workloads_files import files
+from .workloads_generate import generate
 from .workloads_loader import loader
 from .workloads_memory import memory
 from .workloads_remote import remote
@@ -69,6 +70,13 @@ WORKLOADS: dict[str, Workload] = {
             "DataLoader 0-4, torchdata",
             remote,
             default=False,  # ~3 minutes (DataLoader waits 20 ms a read): `make bench-loaders`
+        ),
+        Workload(
+            "generate",
+            "256 callers stream generations (mean ~40 tokens, long tail) from a KV-cache decoder: "
+            "step-level batching vs static batching and per-request",
+            generate,
+            default=False,  # ~1 minute on the 2-core VM: `make bench-generate`
         ),
         Workload(
             "memory",

@@ -139,7 +139,11 @@ class StageContext:
         part = Request(stream.add_part(fut), fut)
         self.ledger.admit(part)
         self.probe.items += 1
-        await self.outbox.send(Envelope(value, [part]))
+        env, single = Envelope(value, [part]), self.outbox.single
+        if single is not None and single.has_room():
+            single.send_nowait(env)  # the common case: no coroutine
+        else:
+            await self.outbox.send(env)
 
     def part_failed(self, stream: PartStream, cause: Exception) -> None:
         """The stage's function failed for this request: it ends with a ``StageError`` after

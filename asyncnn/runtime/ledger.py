@@ -39,16 +39,22 @@ class Counters:
 class Ledger:
     """Requests in flight (oldest first) and the counts of how they ended."""
 
-    __slots__ = ("counters", "inflight", "parked")
+    __slots__ = ("counters", "inflight", "parked", "parts")
 
     def __init__(self) -> None:
         self.inflight: dict[int, Request] = {}
         self.counters = Counters()
         self.parked: dict[int, list[Parking]] = {}  # request id -> tables holding a part of it
+        # Parts of streaming requests (negative ids) end here too, but the counts are of the
+        # callers' requests: parts in flight are counted apart.
+        self.parts = 0
 
     def admit(self, req: Request) -> None:
         self.inflight[req.id] = req
-        self.counters.admitted += 1
+        if req.id >= 0:
+            self.counters.admitted += 1
+        else:
+            self.parts += 1
 
     def park(self, req: Request, table: Parking) -> None:
         """``table`` now holds a part of ``req``; it is forgotten there when ``req`` ends."""
@@ -65,6 +71,8 @@ class Ledger:
         """Take ``req`` out of flight; True for the one caller that gets to count its outcome."""
         if self.inflight.pop(req.id, None) is None:
             return False
+        if req.id < 0:
+            self.parts -= 1
         if self.parked:
             for table in self.parked.pop(req.id, ()):
                 table.forget(req.id)
@@ -97,7 +105,7 @@ class Ledger:
 
     def drop(self, req: Request) -> None:
         """A boundary found ``req`` already ended; count a cancellation once."""
-        if self._release(req) and req.future.cancelled():
+        if self._release(req) and req.future.cancelled() and req.id >= 0:
             self.counters.cancelled += 1
 
     # -- outcomes ----------------------------------------------------------------------------------
@@ -107,11 +115,13 @@ class Ledger:
         if not self._release(req):
             return False
         fut = req.future
+        counted = req.id >= 0  # a part of a streaming request is not counted
         if fut.done():  # cancelled between the last boundary and now
-            if fut.cancelled():
+            if fut.cancelled() and counted:
                 self.counters.cancelled += 1
             return False
-        self.counters.completed += 1
+        if counted:
+            self.counters.completed += 1
         fut.set_result(value)
         return True
 
@@ -120,10 +130,11 @@ class Ledger:
         if not self._release(req):
             return False
         fut = req.future
+        counted = req.id >= 0
         if fut.cancelled():
-            self.counters.cancelled += 1
+            self.counters.cancelled += counted
             return False
-        self.counters.failed += 1
+        self.counters.failed += counted
         if not fut.done():
             fut.set_exception(exc)
         return True
@@ -158,4 +169,5 @@ class Ledger:
         return next(iter(self.inflight.values()), None)
 
     def __len__(self) -> int:
-        return len(self.inflight)
+        """Requests in flight (not counting the parts of streaming requests)."""
+        return len(self.inflight) - self.parts

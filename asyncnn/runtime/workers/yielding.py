@@ -55,7 +55,7 @@ async def _drive(
     computes."""
     stream = ctx.start_stream(req)
     step, close = _stepper(ctx, payload, worker)
-    holding = True
+    holding, forced = True, False
     try:
         while not req.future.done():
             if not stream.has_credit():
@@ -77,10 +77,13 @@ async def _drive(
                 return
             ctx.probe.batches += 1
             await ctx.send_part(stream, part)
+    except anyio.get_cancelled_exc_class():
+        forced = True  # a forced stop: nothing more may be awaited here
+        raise
     finally:
         if req.future.done() and not stream.complete:
             ctx.cancel_stream(req, stream)
-        with anyio.CancelScope(shield=True):
+        if not forced:  # (after a forced stop the generator is closed when it is collected)
             await close()
         if holding:
             slots.release()
