@@ -306,6 +306,11 @@ def test_auto_says_why_it_keeps_threads():
 
 async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    # The spin holds a core for 0.5 ms of wall time; on a shared VM the hypervisor may take
+    # the core for part of it (steal time, which Linux's schedstat does not show), so the
+    # measured share of computing can fall below the production threshold. Any share above a
+    # tenth is computing for this test: what it checks is the hand-off itself.
+    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)
     loader = AsyncLoader(Samples(160, spin=0.0005), batch_size=8)  # 4 ms a batch: decoding
     got = await batches(loader)
     assert [i for b in got for i in b["i"].tolist()] == list(range(160))
