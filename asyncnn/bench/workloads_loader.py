@@ -138,7 +138,13 @@ def loader(ctx: Context) -> list[Row]:
         return Measure(rows, time.perf_counter() - t0)
 
     runners: dict[str, Any] = {k: functools.partial(timed, k) for k in systems}
-    runs = interleave(ctx.repeats, runners, ctx.progress)
+    runs = interleave(
+        ctx.repeats,
+        runners,
+        ctx.progress,
+        warm_up=False,  # the checks above ran every system (and built its workers) once
+        once=[ONE_WORKER],  # a reference row, outside the verdict
+    )
     rows_out = [summarize("loader", k, ctx.loop, runs[k]) for k in systems]
     by_name = {r.system: r for r in rows_out}
     ours, one = by_name[OURS], by_name[ONE_WORKER]
