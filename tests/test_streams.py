@@ -261,3 +261,37 @@ async def test_buffer_must_be_a_whole_number():
     async with Pipeline([Stage(agen)]) as pipe:
         with pytest.raises(ValueError, match="buffer=0"):
             pipe.send_stream(1, buffer=0)
+
+
+@pytest.mark.parametrize("kind", ["generator", "step"])
+async def test_a_send_timeout_ends_a_streaming_request_and_its_generation(kind):
+    from asyncnn import Stepping
+
+    closed = []  # set from the loop (the generator) or from the stage thread (evict)
+
+    async def slow(x):
+        try:
+            while True:
+                await asyncio.sleep(0.005)
+                yield x
+        finally:
+            closed.append(x)
+
+    class Forever:
+        def admit(self, inputs):
+            return [{"x": x} for x in inputs]
+
+        def step(self, states):
+            threading.Event().wait(0.005)
+            return [s["x"] for s in states], [False] * len(states)
+
+        def evict(self, states):
+            closed.extend(s["x"] for s in states)
+
+    stage = Stage(slow) if kind == "generator" else Stage(Forever(), step=Stepping())
+    async with Pipeline([stage]) as pipe:
+        with pytest.raises(TimeoutError):
+            await pipe.send(1, timeout=0.05)
+        await until(lambda: closed == [1] and pipe.stats().in_flight == 0)
+        stats = pipe.stats()
+    assert stats.cancelled == 1 and stats.completed == 0
