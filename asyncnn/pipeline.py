@@ -1,8 +1,9 @@
 """The face of asyncnn: build a pipeline, run it with ``async with``, send it work.
 
 ``Pipeline`` is a facade: arguments are checked in ``options``, ``from_module`` plans in
-``partition``, ``stream`` windows live in ``streaming``, statistics in ``stats``, and the running
-graph is a :class:`~asyncnn.runtime.Runtime`.
+``partition``, requests enter through ``entry`` (``send``, ``submit``, ``send_stream``,
+``stream``), statistics come from ``stats``, and the running graph is a
+:class:`~asyncnn.runtime.Runtime`.
 """
 
 from __future__ import annotations
@@ -10,24 +11,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-import anyio
-
-from .batching import Request
-from .errors import AsyncnnError, PipelineClosed, PipelineFull, first_of
+from .entry import Requests
+from .errors import AsyncnnError, first_of
 from .events import EventBus, Watchdog
 from .graph import Graph, to_dot, to_mermaid
 from .lifecycle import Run, uncancel
-from .options import check_devices, check_request_rows, options
+from .options import check_devices, options
 from .partition import layer_stages
 from .runtime import Runtime
 from .stage import Stage
 from .stats import PipelineStats, snapshot
-from .streaming import OrderedWindow, UnorderedWindow, stream
-from .streams import PartStream, StreamReader, one_part
 
 __all__ = ["Pipeline"]
 
@@ -37,7 +34,7 @@ if sys.version_info < (3, 11):
 _State = Literal["new", "running", "closing", "closed"]
 
 
-class Pipeline:
+class Pipeline(Requests):
     """A graph of stages run as asyncio tasks joined by bounded queues.
 
     Args:
@@ -259,7 +256,7 @@ class Pipeline:
         if ours and self._run is not None and self._run.error is not None:
             raise self._run.error  # already raised to another closer: raise it here too
 
-    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def aclose(self, timeout: float | None = None) -> None:
         """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds (``None``:
         no bound), then end the rest with ``PipelineClosed`` and stop every task and thread.
 
@@ -272,7 +269,7 @@ class Pipeline:
         """
         await self._stop(timeout)
 
-    async def _stop(self, timeout: float | None) -> None:  # noqa: ASYNC109
+    async def _stop(self, timeout: float | None) -> None:
         if self._run is None:
             return
         try:
@@ -284,166 +281,3 @@ class Pipeline:
             if urgent is not None:
                 raise urgent from None
             raise
-
-    # -- requests --------------------------------------------------------------------------------
-
-    def _running(self) -> bool:
-        run = self._run
-        return run is not None and run.state == "running"
-
-    def _closed_error(self) -> PipelineClosed:
-        if self.state == "new":
-            return PipelineClosed("pipeline is not running: enter it first with `async with pipe:`")
-        return PipelineClosed(f"pipeline is {self.state}: it accepts no new requests")
-
-    def submit_nowait(self, x: Any) -> asyncio.Future[Any]:
-        """Admit ``x`` now and return a future of its result.
-
-        Raises:
-            PipelineFull: the admission queue is full (shed the load, or use ``submit``).
-            PipelineClosed: the pipeline is not running.
-        """
-        if not self._running():
-            raise self._closed_error()
-        if not self._runtime.admission.has_room():
-            raise PipelineFull(
-                f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
-                "retry later, use `await pipe.submit(x)` to wait, or raise queue_size"
-            )
-        return self._admit(x)
-
-    def _admit(self, x: Any, *, over: bool = False) -> asyncio.Future[Any]:
-        # Callers checked that the pipeline runs, and that admission has room unless `over`.
-        return self._admit_request(x, over=over).future
-
-    def _admit_request(self, x: Any, *, over: bool, stream: PartStream | None = None) -> Request:
-        if self._check_rows:
-            check_request_rows(x, self.max_request_rows, self.microbatch)
-        req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
-        if self._yields:  # its parts come back through a stream, collected into a list
-            req.stream = stream if stream is not None else PartStream()
-        self._runtime.admit(req, x, over=over)
-        return req
-
-    def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
-        """``submit``'s future when it would not wait (running, with room), else None. The
-        stream feeder's path for every item: one call, no coroutine."""
-        run = self._run
-        if run is None or run.state != "running" or not self._runtime.admission.has_room():
-            return None
-        return self._admit(x)
-
-    async def submit(self, x: Any) -> asyncio.Future[Any]:
-        """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
-
-        Raises:
-            PipelineClosed: the pipeline is not running, or closed while we waited.
-        """
-        admission = self._runtime.admission
-        while self._running() and not admission.has_room():
-            await admission.wait_room()
-        if not self._running():
-            raise self._closed_error()
-        return self._admit(x)
-
-    async def send(self, x: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
-        """Run one request through the pipeline and return its result.
-
-        Args:
-            x: the request's payload.
-            timeout: seconds to wait for admission and the result together; at the deadline
-                the request is dropped (before compute if it has not started) and the built-in
-                ``TimeoutError`` is raised.
-
-        Raises:
-            StageError: a stage raised on this request (``.stage`` names it, the cause is chained).
-            PipelineClosed: the pipeline is not running, or closed before the request finished.
-            TimeoutError: ``timeout`` passed.
-
-        Cancelling the caller drops the request at the next stage boundary. Without a
-        ``timeout`` the request is admitted at once even when the first queue is full: it waits
-        past the bound, in order and ahead of ``submit`` callers, and its caller waits once, for
-        the result. What waits there is bounded by the callers, who hold their requests anyway.
-        """
-        if timeout is not None:
-            return await self._send_within(x, timeout)
-        if not self._running() or self._runtime.admission.closed:
-            return await (await self.submit(x))  # raises PipelineClosed
-        return await self._admit(x, over=True)  # past a full first queue: see the docstring
-
-    async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        fut: asyncio.Future[Any] | None = None
-        try:
-            with anyio.fail_after(timeout):
-                fut = await self.submit(x)
-                return await fut
-        except TimeoutError:
-            raise TimeoutError(
-                f"request timed out after {timeout:g} s: {self._runtime.where(fut)}"
-            ) from None
-
-    def send_stream(self, x: Any, *, buffer: int = 16) -> AsyncIterator[Any]:
-        """Run one request and yield its parts as they are produced, in order: the outputs of
-        the pipeline's generator stage, each through the stages after it (a pipeline without
-        one yields its one result). ``async for part in pipe.send_stream(x)``.
-
-        ``buffer``: parts produced and not yet read; when it is full the generator waits for
-        this reader (only this request pauses). Leaving early (``break``, ``aclose()``,
-        cancellation) ends the request: its generator is closed at its next yield and its parts
-        in flight are dropped. Errors are raised in order, after the parts before them.
-
-        Raises:
-            PipelineClosed: the pipeline is not running.
-            ValueError: ``buffer`` is not a whole number >= 1.
-        """
-        if not self._running() or self._runtime.admission.closed:
-            raise self._closed_error()
-        stream = PartStream(buffer)  # checks buffer before anything is admitted
-        if not self._yields:
-            return one_part(self._admit(x, over=True))
-        req = self._admit_request(x, over=True, stream=stream)
-        ledger = self._runtime.ledger
-
-        def leave() -> None:
-            req.future.cancel()
-            for part in stream.abandon():
-                part.cancel()
-            ledger.drop(req)  # counted once, wherever the request was
-
-        return StreamReader(stream, req.future, leave)
-
-    def stream(
-        self,
-        inputs: Iterable[Any] | AsyncIterable[Any],
-        *,
-        ordered: bool = True,
-        return_exceptions: bool = False,
-    ) -> AsyncIterator[Any]:
-        """Run every item of ``inputs`` (a sync or async iterable) and yield the results.
-
-        Results come in input order, or in completion order with ``ordered=False``. A failed item
-        raises its ``StageError`` from the iteration (ending it) unless ``return_exceptions=True``,
-        which yields the exception in its place. At most about the pipeline's capacity of items
-        are in flight, so memory stays flat however long ``inputs`` is. Leaving the loop early
-        cancels the items still in flight (use ``contextlib.aclosing`` to leave promptly).
-        """
-
-        def open_window() -> OrderedWindow | UnorderedWindow:
-            # Checked when iteration starts, not when stream() is called.
-            if not self._running():
-                raise self._closed_error()
-            size = self._runtime.capacity
-            return OrderedWindow(size) if ordered else UnorderedWindow(size)
-
-        return stream(
-            inputs,
-            self.submit,
-            open_window,
-            self._start_feeder,
-            return_exceptions,
-            self._submit_now,
-        )
-
-    def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
-        assert self._run is not None
-        self._run.spawn("stream-feed", feed)  # a task of the run: cancelled when it stops

@@ -38,6 +38,7 @@ LAYERS = [
     {"loader"},
     {"events"},
     {"metrics", "streaming", "lifecycle"},
+    {"entry"},
     {"pipeline"},
     {"bench", "bench.*"},
 ]

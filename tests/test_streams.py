@@ -101,15 +101,13 @@ async def test_leaving_early_closes_the_generator_and_frees_its_slot(on_thread):
             closed.append(x)
             where.append(threading.current_thread().name)
 
-    async def async_forever(x):
+    async def async_forever(x):  # the same, on the loop: closing it closes the sync one
+        inner = sync_forever(x)
         try:
-            i = 0
-            while True:
-                made.append(i)
+            for i in inner:
                 yield i
-                i += 1
         finally:
-            closed.append(x)
+            inner.close()
 
     fn = sync_forever if on_thread else async_forever
     async with Pipeline([Stage(fn, workers=1)]) as pipe:

@@ -151,19 +151,12 @@ class StageContext:
         self.probe.failed(cause, 1)
         stream.end(self.ledger.stage_error(self.name, cause))
 
-    def cancel_stream(self, req: Request, stream: PartStream) -> None:
-        """``req`` ended early: its parts in flight are dropped at the next boundary, and it is
-        counted once (cancelled, unless something ended it before)."""
-        for fut in stream.abandon():
-            fut.cancel()
-        self.ledger.drop(req)
-
     def _end_stream(self, req: Request, stream: PartStream, error: BaseException | None) -> None:
         if error is None:
             self.ledger.complete(req, stream.result())
         else:
             self.ledger.fail(req, error)
-            self.cancel_stream(req, stream)
+            self.ledger.abandon(req)
 
 
 async def next_live(inbox: Channel[Envelope], ledger: Ledger) -> Envelope:

@@ -103,6 +103,15 @@ class Ledger:
             return False
         return True
 
+    def abandon(self, req: Request) -> None:
+        """A streaming request ended early (its reader left; it failed or was cancelled while
+        generating): its parts in flight are cancelled, so the next boundary drops them, and it
+        is counted once (cancelled, unless something ended it before)."""
+        if req.stream is not None:
+            for fut in req.stream.abandon():
+                fut.cancel()
+        self.drop(req)
+
     def drop(self, req: Request) -> None:
         """A boundary found ``req`` already ended; count a cancellation once."""
         if self._release(req) and req.future.cancelled() and req.id >= 0:

@@ -92,7 +92,7 @@ async def _leave(ctx: StageContext, stepper: Stepper, call: Call) -> None:
     """Requests that ended early leave (their parts in flight dropped); active ones are evicted."""
     waiting, active = stepper.leave_ended()
     for slot in (*waiting, *active):
-        ctx.cancel_stream(slot.req, slot.req.stream)
+        ctx.ledger.abandon(slot.req)
     await _evict(ctx, call, active)
 
 

@@ -82,7 +82,7 @@ async def _drive(
         raise
     finally:
         if req.future.done() and not stream.complete:
-            ctx.cancel_stream(req, stream)
+            ctx.ledger.abandon(req)
         if not forced:  # (after a forced stop the generator is closed when it is collected)
             await close()
         if holding:
