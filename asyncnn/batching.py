@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,13 +27,31 @@ class Request:
     """One admitted request. ``future`` is its single outcome; once it is done the request is dead
     and every stage boundary drops it (this is how caller cancellation reaches the pipeline)."""
 
-    __slots__ = ("future", "id", "stream")
+    __slots__ = ("deadline", "future", "id", "priority", "since", "stream")
 
-    def __init__(self, rid: int, future: asyncio.Future[Any], stream: Any = None) -> None:
+    def __init__(
+        self,
+        rid: int,
+        future: asyncio.Future[Any],
+        stream: Any = None,
+        deadline: float | None = None,
+        priority: int = 0,
+        since: float = 0.0,
+    ) -> None:
         self.id = rid
         self.future = future
         # A request through a generator stage: its parts, in order (a ``streams.PartStream``).
         self.stream = stream
+        # When it must be done, on the loop's clock (None: no deadline); lower priority is more
+        # urgent; ``since``: when it was admitted (for aging). See ``urgency``.
+        self.deadline = deadline
+        self.priority = priority
+        self.since = since
+
+    @property
+    def urgent(self) -> bool:
+        """It has a deadline or a priority: queues that hold it rank their items."""
+        return self.deadline is not None or self.priority != 0
 
     def __repr__(self) -> str:
         f = self.future
@@ -85,7 +104,14 @@ class Batching:
 
     Args:
         max_size: the most rows in one call of the stage (>= 1).
-        max_delay: the longest the oldest waiting request is held for more to arrive (>= 0 s).
+        max_delay: the longest the oldest waiting request is held for more to arrive (>= 0 s),
+            or ``"auto"``: the stage decides from what it measures (``pacing.Pacer``): a batch
+            is released when waiting longer would cost its most urgent request the deadline
+            (``send(x, timeout=...)``), when a runner is idle and batches of that size keep up
+            with the arrivals, or after one full batch's service time at most.
+        target_latency: with ``max_delay="auto"`` (implied when this is set), seconds from a
+            request's arrival at this stage to the release of its batch, for requests without
+            a deadline of their own.
         preferred_sizes: on a delay, release the largest of these sizes that is available and
             keep the rest waiting (for compiled models and CUDA graphs).
         pad: pad variable-length requests to the longest in the batch, so that sequences of
@@ -125,7 +151,8 @@ class Batching:
     """
 
     max_size: int = 64
-    max_delay: float = 0.005
+    max_delay: float | Literal["auto"] = 0.005
+    target_latency: float | None = None
     preferred_sizes: tuple[int, ...] | None = None
     pad: float | int | Mapping[Any, float | int | None] | Sequence[float | int | None] | None = None
     pad_dim: int = 1
@@ -141,9 +168,7 @@ class Batching:
 
     def __post_init__(self) -> None:
         m = check_whole(self.max_size, "Batching: max_size")
-        d = self.max_delay
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
-            raise ValueError(f"Batching: max_delay={d!r} must be a number of seconds >= 0")
+        self._check_delay()
         if self.preferred_sizes is not None:
             sizes = _whole_numbers(self.preferred_sizes, "preferred_sizes")
             if sizes[-1] > m:
@@ -162,6 +187,31 @@ class Batching:
             )
         if self.collate is not None and self.pad is not None:
             raise ValueError("Batching: collate=/split= hooks do their own padding: drop pad=")
+
+    @property
+    def auto(self) -> bool:
+        """Batches are released by the stage's pacer (``max_delay="auto"``)."""
+        return self.max_delay == "auto"
+
+    def _check_delay(self) -> None:
+        d, t = self.max_delay, self.target_latency
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+                raise ValueError(f"Batching: target_latency={t!r} must be a number of seconds > 0")
+            if d == Batching.max_delay:  # left at its default: the target implies "auto"
+                object.__setattr__(self, "max_delay", "auto")
+            elif d != "auto":
+                raise ValueError(
+                    f"Batching: target_latency= paces batches itself: drop max_delay={d!r} "
+                    "(or set max_delay='auto')"
+                )
+            return
+        if d == "auto":
+            return
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
+            raise ValueError(
+                f"Batching: max_delay={d!r} must be a number of seconds >= 0, or 'auto'"
+            )
 
     def _check_padding(self) -> None:
         pad = self.pad
@@ -244,12 +294,17 @@ class Item:
         self.length = length  # along pad_dim, for padded batches
 
 
-Reason = Literal["full", "delay", "drain"]
+Reason = Literal["full", "preferred", "deadline", "idle", "delay", "drain"]
+REASONS: tuple[Reason, ...] = ("full", "preferred", "deadline", "idle", "delay", "drain")
 
 
 @dataclass
 class Batch:
-    """Items released together, and why (``full``, ``delay`` or ``drain``)."""
+    """Items released together, and why: ``full`` (max_size or max_tokens), ``preferred`` (a
+    delay or the pacer released it, cut to a preferred size), ``deadline`` (waiting longer
+    would cost its most urgent request the deadline), ``idle`` (a runner was free and the batch
+    keeps up with arrivals), ``delay`` (the timer: the oldest waited ``max_delay``, or one full
+    batch's time under ``"auto"``) or ``drain`` (shutdown)."""
 
     items: list[Item]
     reason: Reason
@@ -259,49 +314,70 @@ class Batch:
         return sum(i.rows for i in self.items)
 
 
+def _rank(item: Item) -> tuple[int, float, float]:
+    req = item.request
+    deadline = req.deadline
+    return req.priority, math.inf if deadline is None else deadline, item.arrived
+
+
 class Batcher:
     """Forms batches from arriving requests. Sync and clock-free: callers pass ``now``.
 
     ``add`` files an item into the bucket of its key (its signature and length bucket);
     ``pop`` returns the next batch that is due (a bucket with ``max_size`` rows or ``max_tokens``
-    padded tokens, or whose oldest item has waited ``max_delay``, or anything when draining);
-    ``next_deadline`` says when to look again. A batch never takes more than ``max_size`` rows or
-    ``max_tokens`` rows x padded length (a single request larger than that goes alone).
+    padded tokens, or whose oldest item has waited ``max_delay``, or anything when draining;
+    under ``max_delay="auto"`` the ``pacer`` decides); ``next_deadline`` says when to look
+    again. A batch never takes more than ``max_size`` rows or ``max_tokens`` rows x padded
+    length (a single request larger than that goes alone). Once an urgent request (a deadline
+    or a priority) arrives, each bucket keeps its items most urgent first (priority, then
+    deadline, then arrival), so a batch takes the most urgent compatible requests.
     """
 
-    def __init__(self, spec: Batching) -> None:
+    def __init__(self, spec: Batching, pacer: Any = None) -> None:
         self.spec = spec
+        self.pacer = pacer  # a pacing.Pacer when spec.auto
         self._buckets: dict[Any, deque[Item]] = {}
         self._rows: dict[Any, int] = {}
+        self._due: dict[Any, float] = {}  # earliest deadline in a bucket (ranked buckets)
         self.pending_rows = 0
+        self.ranked = False
+        self._recheck: float | None = None
 
     def add(self, item: Item, key: Any) -> None:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = deque()
             self._rows[key] = 0
-        bucket.append(item)
+        if item.request.urgent:
+            self.ranked = True
+            deadline = item.request.deadline
+            if deadline is not None and deadline < self._due.get(key, math.inf):
+                self._due[key] = deadline
+        if self.ranked and bucket and _rank(bucket[-1]) > _rank(item):
+            bisect.insort(bucket, item, key=_rank)
+        else:
+            bucket.append(item)
         self._rows[key] += item.rows
         self.pending_rows += item.rows
 
     def next_deadline(self) -> float | None:
+        if self.pacer is not None:
+            return self._recheck
         oldest = [b[0].arrived for b in self._buckets.values() if b]
-        return min(oldest) + self.spec.max_delay if oldest else None
+        return min(oldest) + self.spec.max_delay if oldest else None  # type: ignore[operator]
 
-    def pop(self, now: float, draining: bool = False) -> Batch | None:
+    def pop(self, now: float, draining: bool = False, idle: bool = True) -> Batch | None:
         """The next batch due at time ``now``, or None. A full bucket goes first; then the
-        bucket whose oldest item has waited longest."""
+        bucket whose oldest item has waited longest. ``idle``: a runner waits for work now."""
         spec = self.spec
         best: tuple[int, float, Any, Reason] | None = None
+        self._recheck = None
         for key, bucket in self._buckets.items():
-            oldest = bucket[0].arrived
-            if self._rows[key] >= spec.max_size or self._over_budget(bucket):
-                reason: Reason = "full"
-            elif now - oldest >= spec.max_delay:
-                reason = "delay"
-            elif draining:
+            oldest = min(i.arrived for i in bucket) if self.ranked else bucket[0].arrived
+            reason = self._due_now(key, bucket, now, oldest, idle)
+            if reason is None and draining:
                 reason = "drain"
-            else:
+            if reason is None:
                 continue
             rank = (0 if reason == "full" else 1, oldest)
             if best is None or rank < best[:2]:
@@ -313,7 +389,26 @@ class Batcher:
         if reason != "full" and spec.preferred_sizes is not None:
             fitting = [p for p in spec.preferred_sizes if p <= self._rows[key]]
             limit = fitting[-1] if fitting else spec.max_size
+            if limit < self._rows[key] and reason != "drain":
+                reason = "preferred"
         return Batch(self._take(key, limit), reason)
+
+    def most_urgent(self) -> int | float:
+        """The most urgent priority waiting (``math.inf`` when nothing waits)."""
+        return min((b[0].request.priority for b in self._buckets.values() if b), default=math.inf)
+
+    def _due_now(
+        self, key: Any, bucket: deque[Item], now: float, oldest: float, idle: bool
+    ) -> Reason | None:
+        spec = self.spec
+        if self._rows[key] >= spec.max_size or self._over_budget(bucket):
+            return "full"
+        if self.pacer is None:
+            return "delay" if now - oldest >= spec.max_delay else None  # type: ignore[operator]
+        reason, recheck = self.pacer.decide(now, self._rows[key], oldest, self._due.get(key), idle)
+        if recheck is not None and (self._recheck is None or recheck < self._recheck):
+            self._recheck = recheck
+        return reason  # type: ignore[no-any-return]
 
     def _over_budget(self, bucket: deque[Item]) -> bool:
         budget = self.spec.max_tokens
@@ -340,6 +435,12 @@ class Batcher:
             longest = grown
         self._rows[key] -= rows
         self.pending_rows -= rows
+        if key in self._due:
+            left = [i.request.deadline for i in bucket if i.request.deadline is not None]
+            if left:
+                self._due[key] = min(left)
+            else:
+                del self._due[key]
         self._prune()
         return items
 

@@ -27,6 +27,8 @@ from typing import Any, Generic, TypeVar
 
 from anyio import ClosedResourceError, EndOfStream, WouldBlock
 
+from .urgency import Key, RankedBuffer
+
 __all__ = ["EMPTY", "END", "Channel", "ChannelStatistics"]
 
 T = TypeVar("T")
@@ -203,6 +205,40 @@ class Channel(Generic[T]):
         return items
 
     # -- lifecycle -------------------------------------------------------------------------------
+
+    def rank(self, key: Key, aging: float, clock: Callable[[], float]) -> None:
+        """From now on hand items out most urgent first (``urgency.RankedBuffer``: priority
+        class, then deadline, with aging), the buffer and the overflow alike. Items already
+        waiting are re-filed. Irreversible; a no-op when the channel already ranks."""
+        if isinstance(self._buf, RankedBuffer):
+            return
+        buf: RankedBuffer[T] = RankedBuffer(key, aging, clock)
+        over: RankedBuffer[T] = RankedBuffer(key, aging, clock)
+        buf.extend(self._buf)
+        over.extend(self._overflow)
+        self._buf, self._overflow = buf, over  # type: ignore[assignment]
+
+    @property
+    def inversions(self) -> int:
+        """Items handed out ahead of a more urgent class by aging (0 for a plain FIFO)."""
+        buf, over = self._buf, self._overflow
+        if isinstance(buf, RankedBuffer) and isinstance(over, RankedBuffer):
+            return buf.inversions + over.inversions
+        return 0
+
+    def receivers_waiting(self) -> bool:
+        """A receiver waits for an item now."""
+        return any(not f.done() for f in self._getters)
+
+    def nudge(self) -> None:
+        """Wake the first waiting receiver without an item (it looks again, see ``wake_up``)."""
+        self._wake(self._getters)
+
+    async def wake_up(self) -> None:
+        """Wait once: for an item, the end of the stream, or a ``nudge``. (For a consumer that
+        decides on more than the items: it looks at everything again after any of them.)"""
+        if not self._buf and not self._closed:
+            await self._wait(self._getters)
 
     def close(self) -> None:
         """End the stream: receivers drain the buffer then see ``EndOfStream``; senders fail."""

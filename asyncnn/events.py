@@ -1,7 +1,8 @@
 """What happened inside a pipeline, for subscribers: small frozen records on an event bus.
 
-Kinds: ``stage_started``, ``batch_formed`` (size, reason: full/delay/drain), ``batch_done``
-(size, seconds), ``request_failed`` (error, requests), ``backpressure`` (seconds blocked),
+Kinds: ``stage_started``, ``batch_formed`` (size, reason: full/preferred/deadline/idle/delay/
+drain), ``batch_done`` (size, seconds), ``request_failed`` (error, requests), ``deadline_miss``
+(reason: expired/hopeless: a request ended before compute), ``backpressure`` (seconds blocked),
 ``stall`` (where the oldest request is held), ``pipeline_closed`` (the request counts).
 
 Emitting costs nothing but an attribute check while nobody listens: the runtime only calls the
@@ -44,6 +45,7 @@ KINDS = frozenset(
         "batch_formed",
         "batch_done",
         "request_failed",
+        "deadline_miss",
         "backpressure",
         "stall",
         "pipeline_closed",

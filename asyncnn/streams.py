@@ -50,6 +50,7 @@ class PartStream:
         "error",
         "limit",
         "on_end",
+        "parent",
         "produced",
         "total",
     )
@@ -74,6 +75,7 @@ class PartStream:
         self._credit_waiter: asyncio.Future[None] | None = None  # the generator stage waits
         # on_end(error): called once, when every part is in (error None) or the stream failed.
         self.on_end: Callable[[BaseException | None], None] | None = None
+        self.parent: Any = None  # the request whose parts these are: they share its urgency
 
     # -- the generator stage's side --------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def test_preferred_sizes_on_delay():
     for i in range(45):
         b.add(item(i, at=0.0 if i < 44 else 0.02), KEY)
     first = b.pop(now=0.015)
-    assert first.reason == "delay" and first.rows == 32  # the largest preferred size available
+    assert first.reason == "preferred" and first.rows == 32  # the largest preferred size available
     second = b.pop(now=0.015)
     assert second.rows == 8  # 13 left: the next preferred size, the rest keep waiting
     third = b.pop(now=0.015)

@@ -13,10 +13,11 @@ PKG = Path(__file__).resolve().parent.parent / "asyncnn"
 # Bottom to top, as in ARCHITECTURE.md. "x.*" stands for every module under package x.
 LAYERS = [
     {"errors"},
+    {"urgency"},
     {"channels"},
     {"payload"},
     {"padding"},
-    {"batching", "streams", "stepping"},
+    {"batching", "streams", "stepping", "pacing"},
     {"batchrun"},
     {"devices"},
     {"executors", "executors_ray"},

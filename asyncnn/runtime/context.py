@@ -131,12 +131,17 @@ class StageContext:
         if stream is None:  # admitted without one (a caller that collects): keep every part
             stream = req.stream = PartStream()
         stream.on_end = lambda error: self._end_stream(req, stream, error)
+        stream.parent = req
         return stream
 
     async def send_part(self, stream: PartStream, value: Any) -> None:
         """Send one part of ``stream``'s request on, as a request of its own."""
         fut = asyncio.get_running_loop().create_future()
-        part = Request(stream.add_part(fut), fut)
+        p = stream.parent  # a part is as urgent as its request
+        if p is None:
+            part = Request(stream.add_part(fut), fut)
+        else:
+            part = Request(stream.add_part(fut), fut, None, p.deadline, p.priority, p.since)
         self.ledger.admit(part)
         self.probe.items += 1
         env, single = Envelope(value, [part]), self.outbox.single
@@ -159,11 +164,13 @@ class StageContext:
             self.ledger.abandon(req)
 
 
-async def next_live(inbox: Channel[Envelope], ledger: Ledger) -> Envelope:
-    """The next envelope with a live request (dead ones are dropped), or ``END``."""
+async def next_live(ctx: StageContext) -> Envelope:
+    """The next envelope with a live request for ``ctx``'s stage to compute (ended ones are
+    dropped, those out of time ended), or ``END``."""
+    inbox, ledger, probe = ctx.inbox, ctx.ledger, ctx.probe
     while True:
         env = inbox.poll()
         if env is EMPTY:
             env = await inbox.next()
-        if env is END or ledger.live(env):
+        if env is END or ledger.live(env, probe):
             return env

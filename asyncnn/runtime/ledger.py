@@ -10,14 +10,25 @@ plain futures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..batching import Envelope, Request
 from ..errors import PipelineClosed, StageError
 
-__all__ = ["Counters", "Ledger", "Parking"]
+__all__ = ["Counters", "Ledger", "Parking", "Probe"]
+
+
+class Probe(Protocol):
+    """What a deadline check needs of the stage about to compute (a ``StageProbe``)."""
+
+    name: str
+
+    def need(self, rows: int = 1) -> float: ...
+
+    def missed(self, reason: str) -> None: ...
 
 
 class Parking(Protocol):
@@ -34,25 +45,32 @@ class Counters:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    timed_out: int = 0  # of the cancelled: ended by their deadline (TimeoutError)
 
 
 class Ledger:
     """Requests in flight (oldest first) and the counts of how they ended."""
 
-    __slots__ = ("counters", "inflight", "parked", "parts")
+    __slots__ = ("by_priority", "clock", "counters", "inflight", "parked", "parts")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # the loop's clock, which deadlines are on
         self.inflight: dict[int, Request] = {}
         self.counters = Counters()
         self.parked: dict[int, list[Parking]] = {}  # request id -> tables holding a part of it
         # Parts of streaming requests (negative ids) end here too, but the counts are of the
         # callers' requests: parts in flight are counted apart.
         self.parts = 0
+        # Callers' requests in flight per priority, kept once admission control asks for it.
+        self.by_priority: dict[int, int] | None = None
 
     def admit(self, req: Request) -> None:
         self.inflight[req.id] = req
         if req.id >= 0:
             self.counters.admitted += 1
+            if self.by_priority is not None:
+                p = req.priority
+                self.by_priority[p] = self.by_priority.get(p, 0) + 1
         else:
             self.parts += 1
 
@@ -73,6 +91,8 @@ class Ledger:
             return False
         if req.id < 0:
             self.parts -= 1
+        elif self.by_priority is not None:
+            self.by_priority[req.priority] -= 1
         if self.parked:
             for table in self.parked.pop(req.id, ()):
                 table.forget(req.id)
@@ -80,28 +100,59 @@ class Ledger:
 
     # -- checks at stage boundaries ----------------------------------------------------------------
 
-    def live(self, env: Envelope) -> bool:
-        """Drop the requests of ``env`` that already ended; False when none is left to compute."""
+    def live(self, env: Envelope, probe: Probe | None = None) -> bool:
+        """Drop the requests of ``env`` that already ended; False when none is left to compute.
+        With ``probe`` (the stage about to compute), also end the requests whose deadline has
+        passed or is closer than the stage's service time (see ``alive``)."""
         reqs = env.requests
         if len(reqs) == 1:
-            if reqs[0].future.done():
-                self.drop(reqs[0])
-                return False
-            return True
-        live = [r for r in reqs if not r.future.done()]
+            return self.alive(reqs[0], probe)
+        live = [r for r in reqs if self.alive(r, probe)]
         if len(live) != len(reqs):
-            for r in reqs:
-                if r.future.done():
-                    self.drop(r)
             env.requests = live
         return bool(live)
 
-    def alive(self, req: Request) -> bool:
-        """False (and dropped) when ``req`` already ended: cancelled by its caller, or failed."""
+    def alive(self, req: Request, probe: Probe | None = None) -> bool:
+        """False (and dropped) when ``req`` already ended: cancelled by its caller, or failed.
+        With ``probe``, a request whose deadline has passed, or is nearer than a call of that
+        stage takes, is ended here with ``TimeoutError`` (counted as the stage's miss)."""
         if req.future.done():
             self.drop(req)
             return False
-        return True
+        if req.deadline is None or probe is None:
+            return True
+        left, need = req.deadline - self.clock(), probe.need()
+        if left > need:
+            return True
+        reason = "expired" if left <= 0 else "hopeless"
+        probe.missed(reason)
+        if left <= 0:
+            why = f"its deadline passed {-left * 1e3:.2f} ms before the stage took it"
+        else:
+            why = f"{left * 1e3:.2f} ms were left and a call takes ~{need * 1e3:.2f} ms"
+        self.expire(
+            req,
+            TimeoutError(
+                f"request missed its deadline at stage {probe.name!r} ({reason}): {why}; it was "
+                "not computed (allow a longer timeout=, or shed load earlier with max_in_flight=)"
+            ),
+        )
+        return False
+
+    def expire(self, req: Request, exc: TimeoutError) -> None:
+        """End ``req`` by its deadline (counted as cancelled and timed out); a no-op when it
+        already ended. A streaming request's parts in flight are dropped."""
+        if req.id not in self.inflight:
+            return
+        if req.stream is not None:
+            for fut in req.stream.abandon():
+                fut.cancel()
+        self._release(req)
+        if req.id >= 0:
+            self.counters.cancelled += 1
+            self.counters.timed_out += 1
+        if not req.future.done():
+            req.future.set_exception(exc)
 
     def abandon(self, req: Request) -> None:
         """A streaming request ended early (its reader left; it failed or was cancelled while

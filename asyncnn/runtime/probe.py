@@ -12,6 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..batching import REASONS
+from ..pacing import ServiceTimes
+
 __all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]
 
 LOOP_SAMPLE = 64  # loop and inline stages time one call in this many
@@ -63,7 +66,9 @@ class StageProbe:
         "busy",
         "failures",
         "items",
+        "inversions",
         "latency",
+        "misses",
         "name",
         "observe",
         "padded_tokens",
@@ -72,6 +77,8 @@ class StageProbe:
         "retries",
         "retries_exhausted",
         "rows",
+        "service",
+        "slack",
         "stepping",
         "timed",
     )
@@ -90,7 +97,13 @@ class StageProbe:
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
         self.retries_exhausted = 0  # parts failed whole because max_retries ran out
-        self.released = {"full": 0, "delay": 0, "drain": 0}  # why batches were formed
+        self.released = dict.fromkeys(REASONS, 0)  # why batches were formed
+        # Requests ended before compute because of their deadline: passed ("expired"), or
+        # closer than this stage's service time ("hopeless").
+        self.misses = {"expired": 0, "hopeless": 0}
+        self.slack = LatencyHistogram()  # seconds to their deadline at dispatch (batching)
+        self.inversions = 0  # dispatches ahead of a more urgent waiting request (aging, buckets)
+        self.service = ServiceTimes()  # seconds per call by its size, fitted online
         self.real_tokens = 0  # padded stages: rows x each request's own length
         self.padded_tokens = 0  # rows x the batch's padded length
         self.stepping: Any = None  # a step stage's StepCounters
@@ -100,6 +113,7 @@ class StageProbe:
         self.busy += seconds
         self.timed += 1
         self.latency.add(seconds)
+        self.service.observe(size, seconds)
         obs = self.observe
         if obs is not None:
             obs("batch_done", self.name, size=size, seconds=seconds)
@@ -130,6 +144,18 @@ class StageProbe:
         for item, n in zip(items, lengths, strict=True):
             self.real_tokens += item.rows * n
             self.padded_tokens += item.rows * target
+
+    def need(self, rows: int = 1) -> float:
+        """Seconds a call of ``rows`` takes here, as measured so far (0.0 before 8 calls)."""
+        service = self.service
+        return service.estimate(rows) if service.calls >= 8 else 0.0
+
+    def missed(self, reason: str) -> None:
+        """A request was ended here, before compute, by its deadline (``expired``/``hopeless``)."""
+        self.misses[reason] += 1
+        obs = self.observe
+        if obs is not None:
+            obs("deadline_miss", self.name, reason=reason)
 
     def progress(self) -> int:
         """Grows whenever the stage finishes or fails a call (for the stall watchdog)."""

@@ -23,9 +23,11 @@ from ...channels import EMPTY, END, Channel
 from ...devices import Completion, Device, open_device
 from ...errors import WorkerLost
 from ...executors import ThreadWorker
+from ...pacing import Pacer
 from ...padding import pad_signature, padded_length, request_length
 from ...payload import RowMismatch, concat_rows, count_rows, signature, split_rows
 from ..context import StageContext
+from ..probe import StageProbe
 from .placed import Launched
 
 __all__ = ["batch_call", "file_request", "run_former", "run_runner"]
@@ -59,14 +61,16 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
     if total == 0:
         ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
         return
-    alive = ctx.ledger.alive
+    alive, probe = ctx.ledger.alive, ctx.probe
+    if batcher.pacer is not None:
+        batcher.pacer.arrivals.add(now, total)
     if env.rows is None:
-        if alive(env.requests[0]):
+        if alive(env.requests[0], probe):
             batcher.add(Item(env.requests[0], env.payload, 0, total, now, length), key)
         return
     start = 0
     for req, n in zip(env.requests, env.rows, strict=True):
-        if alive(req):
+        if alive(req, probe):
             batcher.add(Item(req, env.payload, start, start + n, now, length), key)
         start += n
 
@@ -74,11 +78,15 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
 async def run_former(
     ctx: StageContext, batches: Channel[Batch], clock: Callable[[], float] | None = None
 ) -> None:
-    """Form batches: pull arrivals, release on size, delay or drain, when a runner is free."""
+    """Form batches: pull arrivals, release on size, delay, the pacer's rule (``"auto"``) or
+    drain, when the slot before the runners is free."""
     spec = ctx.stage.batch
     assert spec is not None
-    batcher = Batcher(spec)
     inbox, probe = ctx.inbox, ctx.probe
+    pacer = None
+    if spec.auto:
+        pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, probe.service)
+    batcher = Batcher(spec, pacer)
     now = clock or asyncio.get_running_loop().time
     closed = False
     try:
@@ -94,15 +102,19 @@ async def run_former(
             if not batches.has_room():
                 await batches.wait_room()  # every runner is busy: arrivals wait in the inbox
                 continue
-            batch = batcher.pop(now(), draining=closed)
+            t = now()
+            batch = batcher.pop(t, draining=closed, idle=batches.receivers_waiting())
             if batch is not None:
-                probe.formed(batch.rows, batch.reason)
+                _dispatch(probe, batcher, batch, t)
                 batches.send_nowait(batch)
                 continue
             if closed:
                 return  # drained: pop(draining=True) left nothing behind
             deadline = batcher.next_deadline()
             with anyio.move_on_after(math.inf if deadline is None else max(0.0, deadline - now())):
+                if pacer is not None:
+                    await inbox.wake_up()  # an arrival, the end, or a runner gone idle
+                    continue
                 env = await inbox.next()
                 if env is END:
                     closed = True
@@ -110,6 +122,22 @@ async def run_former(
                     file_request(ctx, batcher, env, now())
     finally:
         batches.close()
+
+
+def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
+    """Count a released batch: why, its requests' slack, and whether a more urgent request
+    stays behind (in another bucket: it could not share this batch)."""
+    probe.formed(batch.rows, batch.reason)
+    if not batcher.ranked:
+        return
+    worst = 0
+    for item in batch.items:
+        req = item.request
+        if req.deadline is not None:
+            probe.slack.add(max(0.0, req.deadline - now))
+        worst = max(worst, req.priority)
+    if batcher.most_urgent() < worst:
+        probe.inversions += 1
 
 
 def batch_call(ctx: StageContext, worker: ThreadWorker | None, device: Device | None) -> BatchCall:
@@ -173,9 +201,15 @@ async def run_runner(
             assert worker is not None
             device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
         call = batch_call(ctx, worker, device)
-        while (batch := await batches.next()) is not END:
-            # Cancelled or timed out while waiting: not computed.
-            items = [i for i in batch.items if alive(i.request)]
+        nudge = ctx.inbox.nudge if spec.auto else None
+        while True:
+            if nudge is not None and not len(batches):
+                nudge()  # the pacer releases on an idle runner: wake the former to decide
+            batch = await batches.next()
+            if batch is END:
+                break
+            # Cancelled, or out of time while waiting: not computed.
+            items = [i for i in batch.items if alive(i.request, probe)]
             if items:
                 probe.batches += 1
                 probe.rows += sum(i.rows for i in items)

@@ -40,7 +40,7 @@ async def run_launch(ctx: StageContext, worker: ThreadWorker, launched: Channel[
     probe, join, to_host, call = ctx.probe, ctx.join is not None, ctx.to_host, ctx.call
     try:
         device: Device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
-        while (env := await next_live(ctx.inbox, ctx.ledger)) is not END:
+        while (env := await next_live(ctx)) is not END:
             args = env.payload if join else (env.payload,)
             t0 = time.perf_counter()
             probe.active += 1

@@ -37,10 +37,11 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
             if env is END:
                 return
             reqs = env.requests
-            # Inlined for the common case (one live request); ledger.live does the rest.
+            # Inlined for the common case (one live request, no deadline); ledger.live does
+            # the rest.
             n = len(reqs)
-            if n != 1 or reqs[0].future.done():
-                if not live(env):
+            if n != 1 or reqs[0].future.done() or reqs[0].deadline is not None:
+                if not live(env, probe):
                     continue
                 n = len(env.requests)
             tick -= 1

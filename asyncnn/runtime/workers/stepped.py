@@ -78,7 +78,7 @@ def _arrivals(ctx: StageContext, stepper: Stepper, ended: bool) -> bool:
             return True
         for one in env.split():
             (req,) = one.requests
-            if not ctx.ledger.alive(req):
+            if not ctx.ledger.alive(req, ctx.probe):
                 continue
             stream = ctx.start_stream(req)
             try:

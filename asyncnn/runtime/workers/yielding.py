@@ -34,7 +34,7 @@ async def run_yielding(ctx: StageContext, sup: Supervisor, worker: ThreadWorker 
     """The stage's reader: one driver per request, ``ctx.workers`` generating at once."""
     slots = asyncio.Semaphore(ctx.workers)
     try:
-        while (env := await next_live(ctx.inbox, ctx.ledger)) is not END:
+        while (env := await next_live(ctx)) is not END:
             for one in env.split():  # one request per envelope (a merged batch is split)
                 (req,) = one.requests
                 await slots.acquire()  # waiting for input holds none: a paused driver resumes
