@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .batching import Request
-from .errors import PipelineClosed, PipelineFull
+from .errors import Overloaded, PipelineClosed, PipelineFull
 from .options import check_request_rows
 from .streaming import OrderedWindow, UnorderedWindow, stream
 from .streams import PartStream, StreamReader, one_part
@@ -24,6 +24,28 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 __all__ = ["Requests"]
+
+# (timeout, deadline on the loop's clock, priority, now) of one request
+Urgency = tuple["float | None", "float | None", int, float]
+
+
+def _urgency(loop: Any, timeout: float | None, priority: int) -> Urgency:
+    """A request's timeout and priority, checked, with its deadline on the loop's clock."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority={priority!r} must be a whole number (lower is more urgent)")
+    now = loop.time()
+    if timeout is None:
+        return None, None, priority, now
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(f"timeout={timeout!r} must be seconds >= 0, or None (no deadline)")
+    return timeout, now + timeout, priority, now
+
+
+def _expire(runtime: Runtime, req: Request, timeout: float) -> None:
+    """A request's deadline came: end it wherever it is (a no-op when it already ended)."""
+    if req.id in runtime.ledger.inflight:
+        where = runtime.where_request(req)
+        runtime.ledger.expire(req, TimeoutError(f"request timed out after {timeout:g} s: {where}"))
 
 
 class Requests:
@@ -36,6 +58,7 @@ class Requests:
     _ids: Iterator[int]
     _check_rows: bool
     _yields: bool  # a generator or step stage: requests carry a PartStream
+    aging: float
     max_request_rows: int | None
     microbatch: int | None
     queue_size: int
@@ -54,11 +77,15 @@ class Requests:
             return PipelineClosed("pipeline is not running: enter it first with `async with pipe:`")
         return PipelineClosed(f"pipeline is {self.state}: it accepts no new requests")
 
-    def submit_nowait(self, x: Any) -> asyncio.Future[Any]:
-        """Admit ``x`` now and return a future of its result.
+    def submit_nowait(
+        self, x: Any, *, timeout: float | None = None, priority: int = 0
+    ) -> asyncio.Future[Any]:
+        """Admit ``x`` now and return a future of its result (``timeout``/``priority``: as
+        for ``send``; at the deadline the future ends with ``TimeoutError``).
 
         Raises:
             PipelineFull: the admission queue is full (shed the load, or use ``submit``).
+            Overloaded: admission control refused it (see ``Pipeline(max_in_flight=...)``).
             PipelineClosed: the pipeline is not running.
         """
         if not self._running():
@@ -68,14 +95,51 @@ class Requests:
                 f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
                 "retry later, use `await pipe.submit(x)` to wait, or raise queue_size"
             )
-        return self._admit(x).future
+        return self._admit(x, urgency=_urgency(self._loop, timeout, priority)).future
 
-    def _admit(self, x: Any, *, over: bool = False, stream: PartStream | None = None) -> Request:
+    def _admit(
+        self,
+        x: Any,
+        *,
+        over: bool = False,
+        stream: PartStream | None = None,
+        urgency: Urgency | None = None,
+    ) -> Request:
         """Admit ``x`` as a request (callers checked that the pipeline runs, and that admission
-        has room unless ``over``: the request may wait past a full first queue)."""
+        has room unless ``over``: the request may wait past a full first queue). ``urgency``:
+        its (timeout, deadline, priority, now), from ``_urgency``."""
         if self._check_rows:
             check_request_rows(x, self.max_request_rows, self.microbatch)
-        req = Request(next(self._ids), self._loop.create_future())  # type: ignore[union-attr]
+        runtime = self._runtime
+        loop = self._loop
+        assert loop is not None
+        if urgency is None:
+            if runtime.control is not None:
+                urgency = _urgency(loop, None, 0)  # admission control needs the time
+            elif runtime.ranked:  # aging in ranked queues counts from admission
+                req = Request(next(self._ids), loop.create_future(), since=loop.time())
+                return self._enter(req, x, over, stream)
+            else:
+                return self._enter(Request(next(self._ids), loop.create_future()), x, over, stream)
+        timeout, deadline, priority, now = urgency
+        if runtime.control is not None:
+            refusal = runtime.control.check(now, priority, deadline)
+            if refusal is not None:
+                why, retry_after = refusal
+                raise Overloaded(
+                    f"pipeline is overloaded: {why}; retry after {retry_after:.3f} s (raise "
+                    "max_in_flight, allow a longer timeout, or add capacity)",
+                    retry_after,
+                )
+        req = Request(next(self._ids), loop.create_future(), None, deadline, priority, now)
+        if req.urgent and not runtime.ranked:
+            runtime.rank(self.aging)
+        self._enter(req, x, over, stream)
+        if deadline is not None:
+            loop.call_at(deadline, _expire, runtime, req, timeout)
+        return req
+
+    def _enter(self, req: Request, x: Any, over: bool, stream: PartStream | None) -> Request:
         if self._yields:  # its parts come back through a stream, collected into a list
             req.stream = stream if stream is not None else PartStream()
         self._runtime.admit(req, x, over=over)
@@ -89,56 +153,79 @@ class Requests:
             return None
         return self._admit(x).future
 
-    async def submit(self, x: Any) -> asyncio.Future[Any]:
+    async def submit(
+        self, x: Any, *, timeout: float | None = None, priority: int = 0
+    ) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
+        ``timeout``/``priority``: as for ``send`` (the wait for room counts toward the timeout).
 
         Raises:
             PipelineClosed: the pipeline is not running, or closed while we waited.
+            Overloaded: admission control refused it (see ``Pipeline(max_in_flight=...)``).
+            TimeoutError: ``timeout`` passed while waiting for room.
         """
+        urgency = _urgency(self._loop, timeout, priority) if self._running() else None
         admission = self._runtime.admission
+        if urgency is not None and urgency[1] is not None:
+            try:
+                with anyio.fail_after(max(0.0, urgency[1] - urgency[3])):
+                    while self._running() and not admission.has_room():
+                        await admission.wait_room()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"request timed out after {timeout:g} s: {self._runtime.where(None)}"
+                ) from None
         while self._running() and not admission.has_room():
             await admission.wait_room()
         if not self._running():
             raise self._closed_error()
-        return self._admit(x).future
+        if urgency is not None and urgency[1] is not None:
+            urgency = (*urgency[:3], self._loop.time())  # type: ignore[union-attr]
+        return self._admit(x, urgency=urgency).future
 
-    async def send(self, x: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+    async def send(
+        self,
+        x: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        priority: int = 0,
+    ) -> Any:
         """Run one request through the pipeline and return its result.
 
         Args:
             x: the request's payload.
-            timeout: seconds to wait for admission and the result together; at the deadline
-                the request is dropped (before compute if it has not started) and the built-in
-                ``TimeoutError`` is raised.
+            timeout: seconds from now to its deadline. The deadline travels with the request
+                through every stage: a stage that finds it passed, or nearer than a call of
+                that stage takes, ends the request before computing it; and at the deadline
+                the request is ended wherever it is. Either way ``TimeoutError`` is raised.
+            priority: lower is more urgent (default 0; negative numbers are allowed). Every
+                queue serves the most urgent class first, earliest deadline first within a
+                class; a waiting request rises one level every ``Pipeline(aging=...)``
+                seconds, so no class starves. A batch takes the most urgent compatible
+                requests first.
 
         Raises:
             StageError: a stage raised on this request (``.stage`` names it, the cause is chained).
             PipelineClosed: the pipeline is not running, or closed before the request finished.
             TimeoutError: ``timeout`` passed.
+            Overloaded: admission control refused it at once (``Pipeline(max_in_flight=...)``:
+                too many in flight, or it could not finish by its deadline); ``.retry_after``.
 
-        Cancelling the caller drops the request at the next stage boundary. Without a
-        ``timeout`` the request is admitted at once even when the first queue is full: it waits
-        past the bound, in order and ahead of ``submit`` callers, and its caller waits once, for
-        the result. What waits there is bounded by the callers, who hold their requests anyway.
+        Cancelling the caller drops the request at the next stage boundary. The request is
+        admitted at once even when the first queue is full: it waits past the bound, in order
+        and ahead of ``submit`` callers, and its caller waits once, for the result. What waits
+        there is bounded by the callers, who hold their requests anyway.
         """
-        if timeout is not None:
-            return await self._send_within(x, timeout)
         if not self._running() or self._runtime.admission.closed:
             return await (await self.submit(x))  # raises PipelineClosed
-        return await self._admit(x, over=True).future  # past a full first queue: see above
+        urgency = None
+        if timeout is not None or priority:
+            urgency = _urgency(self._loop, timeout, priority)
+        return await self._admit(x, over=True, urgency=urgency).future
 
-    async def _send_within(self, x: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        fut: asyncio.Future[Any] | None = None
-        try:
-            with anyio.fail_after(timeout):
-                fut = await self.submit(x)
-                return await fut
-        except TimeoutError:
-            raise TimeoutError(
-                f"request timed out after {timeout:g} s: {self._runtime.where(fut)}"
-            ) from None
-
-    def send_stream(self, x: Any, *, buffer: int = 16) -> AsyncIterator[Any]:
+    def send_stream(
+        self, x: Any, *, buffer: int = 16, timeout: float | None = None, priority: int = 0
+    ) -> AsyncIterator[Any]:
         """Run one request and yield its parts as they are produced, in order: the outputs of
         the pipeline's generator stage, each through the stages after it (a pipeline without
         one yields its one result). ``async for part in pipe.send_stream(x)``.
@@ -147,17 +234,23 @@ class Requests:
         this reader (only this request pauses). Leaving early (``break``, ``aclose()``,
         cancellation) ends the request: its generator is closed at its next yield and its parts
         in flight are dropped. Errors are raised in order, after the parts before them.
+        ``timeout``/``priority``: as for ``send``, for the whole stream (at the deadline the
+        iteration raises ``TimeoutError`` after the parts already delivered).
 
         Raises:
             PipelineClosed: the pipeline is not running.
+            Overloaded: admission control refused it.
             ValueError: ``buffer`` is not a whole number >= 1.
         """
         if not self._running() or self._runtime.admission.closed:
             raise self._closed_error()
         stream = PartStream(buffer)  # checks buffer before anything is admitted
+        urgency = None
+        if timeout is not None or priority:
+            urgency = _urgency(self._loop, timeout, priority)
         if not self._yields:
-            return one_part(self._admit(x, over=True).future)
-        req = self._admit(x, over=True, stream=stream)
+            return one_part(self._admit(x, over=True, urgency=urgency).future)
+        req = self._admit(x, over=True, stream=stream, urgency=urgency)
         ledger = self._runtime.ledger
 
         def leave() -> None:  # counted once, wherever the request was

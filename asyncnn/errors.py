@@ -7,6 +7,7 @@ Everything asyncnn raises on purpose derives from :class:`AsyncnnError`::
     ├── StageError      a user stage raised; ``.stage`` names it, the cause is chained
     ├── PipelineClosed  the pipeline is not running (never started, closing, closed)
     ├── PipelineFull    ``submit_nowait`` found the admission queue full
+    │   └── Overloaded  admission control refused a request (``.retry_after`` seconds)
     ├── WorkerLost      the worker holding a call was lost (a dead Ray replica): never re-run
     └── LoaderError     an ``AsyncLoader`` could not fetch a sample; the cause is chained
 
@@ -25,6 +26,7 @@ __all__ = [
     "AsyncnnError",
     "GraphError",
     "LoaderError",
+    "Overloaded",
     "PipelineClosed",
     "PipelineFull",
     "StageError",
@@ -63,6 +65,20 @@ class PipelineClosed(AsyncnnError):
 
 class PipelineFull(AsyncnnError):
     """``submit_nowait`` found the admission queue full; retry later or shed the load (HTTP 503)."""
+
+
+class Overloaded(PipelineFull):
+    """Admission control (``Pipeline(max_in_flight=...)``) refused a request at once: too many
+    in flight, or it could not finish by its deadline behind the work already queued ahead of
+    it. ``retry_after``: seconds after which trying again is expected to succeed (an HTTP 503's
+    ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type[Overloaded], tuple[str, float]]:
+        return (Overloaded, (str(self), self.retry_after))
 
 
 class LoaderError(AsyncnnError):

@@ -62,6 +62,11 @@ _STAGE_METRICS = {
     "busy_fraction": ("gauge", "busy_ratio", "Share of worker time in calls"),
     "queue_depth": ("gauge", "queue_depth", "Items waiting at a stage now"),
     "peak_queue_depth": ("gauge", "queue_peak_depth", "Most items ever waiting at a stage"),
+    "priority_inversions": (
+        "counter",
+        "priority_inversions",
+        "Requests dispatched ahead of a more urgent waiting one",
+    ),
 }
 
 
@@ -99,10 +104,11 @@ class _Collector:
                 fam.add_metric([s.name], float(getattr(s, attr)))
             yield fam
         yield _latency(core, st)
+        yield from _deadlines(core, st)
         req = core.CounterMetricFamily(
             "asyncnn_requests", "Requests by outcome", labels=["outcome"]
         )
-        for outcome in ("admitted", "completed", "failed", "cancelled"):
+        for outcome in ("admitted", "completed", "failed", "cancelled", "timed_out", "overloaded"):
             req.add_metric([outcome], float(getattr(st, outcome)))
         yield req
         yield core.GaugeMetricFamily(
@@ -128,6 +134,33 @@ def _latency(core: Any, st: PipelineStats) -> Any:
                 "asyncnn_stage_latency_seconds", {"stage": s.name, "quantile": str(q)}, v
             )
     return lat
+
+
+def _deadlines(core: Any, st: PipelineStats) -> Iterator[Any]:
+    """Why batches were released, deadline misses by reason, slack at dispatch."""
+    released = core.CounterMetricFamily(
+        "asyncnn_stage_released_batches",
+        "Batches a batching stage released, by reason",
+        labels=["stage", "reason"],
+    )
+    misses = core.CounterMetricFamily(
+        "asyncnn_stage_deadline_misses",
+        "Requests a stage ended by their deadline before computing them, by reason",
+        labels=["stage", "reason"],
+    )
+    slack = core.SummaryMetricFamily(
+        "asyncnn_stage_slack_seconds",
+        "Seconds left to the deadline when a batching stage dispatched a request",
+        labels=["stage"],
+    )
+    for s in st.values():
+        for reason in ("full", "preferred", "deadline", "idle", "delay", "drain"):
+            released.add_metric([s.name, reason], float(getattr(s, f"released_{reason}")))
+        for reason, n in s.deadline_misses.items():
+            misses.add_metric([s.name, reason], float(n))
+        for q, v in ((0.5, s.slack_p50), (0.99, s.slack_p99)):
+            slack.add_sample("asyncnn_stage_slack_seconds", {"stage": s.name, "quantile": str(q)}, v)
+    yield from (released, misses, slack)
 
 
 class PrometheusServer:

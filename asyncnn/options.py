@@ -32,6 +32,8 @@ class PipelineOptions:
     microbatch: int | None
     max_request_rows: int | None
     stall_timeout: float | None
+    max_in_flight: int | None = None
+    aging: float = 1.0
 
 
 def as_plan(stages: Sequence[Stage | Callable[..., Any]] | Graph) -> Plan:
@@ -63,9 +65,18 @@ def options(
     microbatch: int | None,
     max_request_rows: int | None,
     stall_timeout: float | None,
+    max_in_flight: int | None = None,
+    aging: float = 1.0,
 ) -> tuple[Plan, PipelineOptions]:
     """Check every argument of ``Pipeline``; raise on the first bad one. Returns the plan."""
     check_whole(queue_size, "Pipeline: queue_size")
+    if max_in_flight is not None:
+        check_whole(max_in_flight, "Pipeline: max_in_flight")
+    if isinstance(aging, bool) or not isinstance(aging, (int, float)) or not aging > 0:
+        raise ValueError(
+            f"Pipeline: aging={aging!r} must be seconds > 0 (how long a request waits to rise "
+            "one priority level)"
+        )
     if drain_timeout is not None and not drain_timeout >= 0:
         raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
     plan = resolve_workers(as_plan(stages), usable_cores())
@@ -86,6 +97,8 @@ def options(
         microbatch=microbatch,
         max_request_rows=max_request_rows,
         stall_timeout=stall_timeout,
+        max_in_flight=max_in_flight,
+        aging=aging,
     )
 
 

@@ -60,6 +60,13 @@ class Pipeline(Requests):
         stall_timeout: when requests are in flight and no stage makes progress for this many
             seconds, emit a ``stall`` event and log a warning that names the stage holding the
             oldest request (``None``: no watchdog).
+        max_in_flight: admission control. At most this many requests in flight; and a request
+            with a deadline (``timeout=``) that cannot finish in time behind the work already
+            in flight ahead of it is refused at once. Either way ``send``/``submit`` raise
+            ``Overloaded`` (a ``PipelineFull`` with ``retry_after`` seconds) instead of
+            queueing (``None``: no limit, every request is queued).
+        aging: seconds a request waits to rise one priority level in a queue, so that a less
+            urgent class is delayed, never starved (``send(x, priority=...)``; default 1.0).
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -85,6 +92,8 @@ class Pipeline(Requests):
         microbatch: int | None = None,
         max_request_rows: int | None = None,
         stall_timeout: float | None = None,
+        max_in_flight: int | None = None,
+        aging: float = 1.0,
     ) -> None:
         self._plan, opts = options(
             stages,
@@ -95,8 +104,12 @@ class Pipeline(Requests):
             microbatch=microbatch,
             max_request_rows=max_request_rows,
             stall_timeout=stall_timeout,
+            max_in_flight=max_in_flight,
+            aging=aging,
         )
         self._opts = opts
+        self.max_in_flight = max_in_flight
+        self.aging = aging
         self.queue_size = queue_size
         self.drain_timeout = drain_timeout
         self.microbatch = microbatch
@@ -121,6 +134,7 @@ class Pipeline(Requests):
             output_device=o.output_device,
             torch_threads=o.torch_threads,
             microbatch=o.microbatch,
+            max_in_flight=o.max_in_flight,
         )
 
     def _observe(self, emit: Callable[..., None] | None) -> None:

@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from .runtime import RuntimeView, StepStats
 
 __all__ = ["HasStats", "PipelineStats", "StageStats", "StepStats", "snapshot"]
+
+_NO_MISSES: Mapping[str, int] = MappingProxyType({"expired": 0, "hopeless": 0})
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,18 @@ class StageStats:
     batching stage: the batches it formed and ran; ``retries`` counts apart the re-runs of parts
     of a failed batch), ``failures`` the calls that raised; ``queue_depth``/``peak_queue_depth``
     describe its input. A batching stage also counts ``rows`` and why each batch was released:
-    ``released_full`` (max_size reached), ``released_delay`` (max_delay passed),
-    ``released_drain`` (the pipeline was closing).
+    ``released_full`` (max_size reached), ``released_preferred`` (cut to a preferred size),
+    ``released_deadline`` (waiting longer would have cost its most urgent request the
+    deadline), ``released_idle`` (``max_delay="auto"``: a runner was free and the batch keeps
+    up), ``released_delay`` (the timer: max_delay passed, or one full batch's time under
+    ``"auto"``), ``released_drain`` (the pipeline was closing).
+
+    Deadlines (``send(x, timeout=...)``): ``deadline_misses`` counts the requests this stage
+    ended with ``TimeoutError`` before computing them, by reason (``expired``: the deadline had
+    passed; ``hopeless``: less time was left than a call takes); ``slack_p50``/``slack_p99``:
+    seconds left to their deadline when a batching stage dispatched them; and
+    ``priority_inversions``: requests dispatched ahead of a more urgent waiting one (by aging,
+    or a batch that could not hold the urgent request).
 
     ``busy_fraction``: the share of its workers' time spent inside calls since the pipeline
     started (on a GPU stage, overlapping batches can push it above 1); ``blocked_seconds``: time
@@ -54,6 +67,9 @@ class StageStats:
     released_full: int = 0
     released_delay: int = 0
     released_drain: int = 0
+    released_preferred: int = 0
+    released_deadline: int = 0
+    released_idle: int = 0
     busy_fraction: float = 0.0
     blocked_seconds: float = 0.0
     latency_p50: float = 0.0
@@ -64,6 +80,10 @@ class StageStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     stepping: StepStats | None = None
+    deadline_misses: Mapping[str, int] = field(default_factory=lambda: _NO_MISSES)
+    slack_p50: float = 0.0
+    slack_p99: float = 0.0
+    priority_inversions: int = 0
 
     @property
     def padding_waste(self) -> float:
@@ -84,7 +104,9 @@ class StageStats:
 class PipelineStats(Mapping[str, StageStats]):
     """Per-stage snapshots by name, plus ``admitted``, ``completed``, ``failed``, ``cancelled``
     and ``in_flight`` for the whole pipeline, and ``run``: which run of the pipeline they
-    describe (1 for the first start, 2 after a restart, ...; 0 before any start)."""
+    describe (1 for the first start, 2 after a restart, ...; 0 before any start).
+    ``timed_out``: the cancelled requests that their deadline ended (``TimeoutError``);
+    ``overloaded``: requests refused at admission with ``Overloaded`` (never admitted)."""
 
     _stages: dict[str, StageStats]
     admitted: int
@@ -93,6 +115,8 @@ class PipelineStats(Mapping[str, StageStats]):
     cancelled: int
     in_flight: int
     run: int = 0
+    timed_out: int = 0
+    overloaded: int = 0
 
     def __getitem__(self, name: str) -> StageStats:
         try:
@@ -156,7 +180,22 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             real_tokens=s.real_tokens,
             padded_tokens=s.padded_tokens,
             stepping=s.stepping,
+            released_preferred=s.released["preferred"],
+            released_deadline=s.released["deadline"],
+            released_idle=s.released["idle"],
+            deadline_misses=MappingProxyType(dict(s.misses or _NO_MISSES)),
+            slack_p50=s.slack[0] if s.slack else 0.0,
+            slack_p99=s.slack[1] if s.slack else 0.0,
+            priority_inversions=s.inversions,
         )
     return PipelineStats(
-        stages, view.admitted, view.completed, view.failed, view.cancelled, view.in_flight, run
+        stages,
+        view.admitted,
+        view.completed,
+        view.failed,
+        view.cancelled,
+        view.in_flight,
+        run,
+        view.timed_out,
+        view.overloaded,
     )

@@ -9,6 +9,7 @@ PUBLIC = {
     "LoaderError",
     "LoaderStats",
     "Node",
+    "Overloaded",
     "Pipeline",
     "PipelineClosed",
     "PipelineFull",
@@ -52,3 +53,4 @@ def test_exception_tree():
     ):
         assert issubclass(exc, asyncnn.AsyncnnError)
     assert issubclass(asyncnn.GraphError, ValueError)
+    assert issubclass(asyncnn.Overloaded, asyncnn.PipelineFull)

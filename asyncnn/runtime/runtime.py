@@ -14,6 +14,7 @@ drained when the senders of every sink are done.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..batching import Envelope, Request
 from ..channels import Channel
 from ..executors import prepare_call
 from ..graph import Plan
+from .admission import Admission
 from .context import Outbox, Outlet, StageContext
 from .joins import PartTable
 from .kinds import kind_of, start_stage
@@ -34,6 +36,14 @@ from .wiring import SINK, Target, wire
 from .workers.edges import Sink, run_input
 
 __all__ = ["Runtime"]
+
+
+def _urgency(env: Envelope) -> tuple[int, float, float]:
+    """An envelope's place in a ranked queue: its first request's (a merged batch's requests
+    were taken most urgent first)."""
+    req = env.requests[0]
+    d = req.deadline
+    return req.priority, math.inf if d is None else d, req.since
 
 
 class Runtime:
@@ -51,6 +61,7 @@ class Runtime:
         output_device: Any = "cpu",
         torch_threads: int | None = None,
         microbatch: int | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.plan = plan
         self.torch_threads = torch_threads
@@ -106,6 +117,10 @@ class Runtime:
         )
         self._sup: Supervisor | None = None
         self.started_at = 0.0
+        self.ranked = False  # queues hand out the most urgent request first (``rank``)
+        self.control = (  # predictive admission: None without max_in_flight
+            None if max_in_flight is None else Admission(max_in_flight, self.ledger, self.need)
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -134,6 +149,7 @@ class Runtime:
     def start(self, tg: anyio.abc.TaskGroup) -> Supervisor:
         sup = self._sup = Supervisor(tg, self.torch_threads)
         self.started_at = time.perf_counter()
+        self.ledger.clock = asyncio.get_running_loop().time  # deadlines are on the loop's clock
         if self.wiring.input_task:
             self._input_outbox.open(1)
             sup.spawn(
@@ -147,6 +163,36 @@ class Runtime:
     def crash(self) -> BaseException | None:
         """The first exception a runtime task died of (a bug), or None."""
         return None if self._sup is None else self._sup.crash
+
+    def rank(self, aging: float) -> None:
+        """Every request queue hands out the most urgent request first from now on (the first
+        urgent request calls this once; see ``urgency``)."""
+        if self.ranked:
+            return
+        self.ranked = True
+        clock = self.ledger.clock
+        queues = {id(self.admission): self.admission}
+        for ctx in self.stages:
+            queues.update((id(c), c) for c in (*ctx.ports, ctx.inbox))
+        for ch in queues.values():
+            ch.rank(_urgency, aging, clock)
+
+    def need(self) -> float:
+        """Seconds one request's calls take through every stage, as measured so far."""
+        return sum(c.probe.need() for c in self.stages)
+
+    def where_request(self, req: Request) -> str:
+        """Where ``req`` is, in words, for the message of a request that ran out of time (a
+        scan of the queues, skipped when very many requests are in flight)."""
+        if req.id not in self.ledger.inflight:
+            return "it had just finished"
+        if len(self.ledger) > 256:
+            return f"it was one of {len(self.ledger)} requests in flight"
+        at = self.locate(req)
+        if at["stage"] is None:
+            return "it was between stages"
+        state = "queued for" if at["where"].startswith("waiting") else "in"
+        return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
 
     def admit(self, req: Request, payload: Any, *, over: bool = False) -> None:
         """Admit ``req``: the caller checked that admission has room, or (``over``) its caller
@@ -195,6 +241,8 @@ class Runtime:
             completed=k.completed,
             failed=k.failed,
             cancelled=k.cancelled,
+            timed_out=k.timed_out,
+            overloaded=0 if self.control is None else self.control.refused,
             in_flight=len(self.ledger),
             elapsed=elapsed,
         )
@@ -222,6 +270,9 @@ class Runtime:
             real_tokens=p.real_tokens,
             padded_tokens=p.padded_tokens,
             stepping=None if p.stepping is None else _step_stats(p.stepping, elapsed),
+            misses=dict(p.misses),
+            slack=(p.slack.quantile(0.5), p.slack.quantile(0.99)) if p.slack.total else None,
+            inversions=p.inversions + ctx.inbox.inversions,
         )
 
     def in_flight(self) -> int:
@@ -265,13 +316,7 @@ class Runtime:
         if future is None:
             return "it was still waiting for admission (the pipeline was full)"
         req = next((r for r in self.ledger.inflight.values() if r.future is future), None)
-        if req is None:
-            return "it had just finished"
-        at = self.locate(req)
-        if at["stage"] is None:
-            return "it was between stages"
-        state = "queued for" if at["where"].startswith("waiting") else "in"
-        return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
+        return "it had just finished" if req is None else self.where_request(req)
 
     @staticmethod
     def _running_calls(ctx: StageContext) -> int:

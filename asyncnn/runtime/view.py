@@ -47,6 +47,9 @@ class StageView:
     real_tokens: int = 0
     padded_tokens: int = 0
     stepping: StepStats | None = None
+    misses: dict[str, int] | None = None  # deadline misses before compute, by reason
+    slack: tuple[float, float] | None = None  # p50, p99 seconds to the deadline at dispatch
+    inversions: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,5 @@ class RuntimeView:
     cancelled: int
     in_flight: int
     elapsed: float  # seconds since the run started; 0 before it
+    timed_out: int = 0  # of the cancelled: ended by their deadline
+    overloaded: int = 0  # refused at admission with Overloaded
