@@ -1,0 +1,270 @@
+"""Deadlines, priorities and admission control end to end, through the public API only."""
+
+import asyncio
+import threading
+import time
+
+import anyio
+import pytest
+import torch
+
+from asyncnn import Batching, Graph, Overloaded, Pipeline, PipelineFull, Stage
+from asyncnn.metrics import collector
+
+
+def prometheus_text(pipe):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector(pipe))
+    return generate_latest(registry).decode()
+
+
+async def until(cond):
+    with anyio.fail_after(5):
+        while not cond():  # noqa: ASYNC110 - polled: a thread may change it
+            await asyncio.sleep(0.001)
+
+
+def gated(name, seen):
+    """An async stage that records what it computes and holds its first call on a gate."""
+    gate = asyncio.Event()
+
+    async def fn(x):
+        seen.append(x)
+        if len(seen) == 1:
+            await gate.wait()
+        return x
+
+    return Stage(fn, name=name, workers=1), gate
+
+
+def recorder(name, seen):
+    def fn(x):
+        seen.append(x)
+        return x
+
+    return Stage(fn, name=name, executor="inline")
+
+
+async def test_priority_orders_every_queue_and_survives_every_hop():
+    first, second, third = [], [], []
+    a, gate = gated("a", first)
+    b_seen = []
+    b, gate_b = gated("b", b_seen)
+    async with Pipeline([a, b, recorder("c", third)]) as pipe:
+        blocker = asyncio.ensure_future(pipe.send(-1))
+        await until(lambda: first == [-1])
+        sends = [asyncio.ensure_future(pipe.send(i, priority=1)) for i in range(5)]
+        sends += [asyncio.ensure_future(pipe.send(10 + i, priority=0)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        gate.set()  # stage a now serves its queue; b holds its first call, so b's queue fills
+        await until(lambda: len(first) == 11)
+        gate_b.set()
+        assert sorted(await asyncio.gather(blocker, *sends)) == sorted([-1, *range(5), *range(10, 15)])
+        second = b_seen
+    urgent_first = [10, 11, 12, 13, 14, 0, 1, 2, 3, 4]
+    assert first[1:] == urgent_first
+    assert second[1:] == urgent_first
+    assert third[1:] == urgent_first
+
+
+async def test_a_lower_number_is_more_urgent_and_negative_priorities_work():
+    seen = []
+    a, gate = gated("a", seen)
+    async with Pipeline([a]) as pipe:
+        blocker = asyncio.ensure_future(pipe.send("first"))
+        await until(lambda: seen == ["first"])
+        calls = [asyncio.ensure_future(pipe.send(p, priority=p)) for p in (3, 0, -2, 1)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(blocker, *calls)
+    assert seen == ["first", -2, 0, 1, 3]
+
+
+async def test_earliest_deadline_first_within_a_class():
+    seen = []
+    a, gate = gated("a", seen)
+    async with Pipeline([a]) as pipe:
+        blocker = asyncio.ensure_future(pipe.send("first"))
+        await until(lambda: seen == ["first"])
+        calls = [asyncio.ensure_future(pipe.send(t, timeout=t)) for t in (9.0, 3.0, 5.0)]
+        calls.append(asyncio.ensure_future(pipe.send("none")))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(blocker, *calls)
+    assert seen == ["first", 3.0, 5.0, 9.0, "none"]
+
+
+async def test_a_request_past_its_deadline_never_reaches_compute_through_a_join_and_a_batch():
+    computed = {"b": [], "c": [], "d": []}
+    gate = threading.Event()
+
+    def a(x):
+        if x[0, 0].item() == 0:
+            gate.wait(5)
+        return x
+
+    def branch(name):
+        def fn(x):
+            computed[name].extend(x[:, 0].tolist())
+            return x
+
+        return Stage(fn, name=name)
+
+    def d(p, q):
+        computed["d"].extend(p[:, 0].tolist())
+        return p + q
+
+    g = Graph()
+    x = g.input()
+    ha = g.add(Stage(a, name="a"), x)
+    hb = g.add(branch("b"), ha)
+    hc = g.add(branch("c"), ha)
+    hd = g.add(Stage(d, name="d", batch=Batching(max_size=8, max_delay=0.001)), hb, hc)
+    g.output(hd)
+    async with Pipeline(g) as pipe:
+        held = asyncio.ensure_future(pipe.send(torch.zeros(1, 2)))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="timed out after 0.05 s: it was queued for stage 'a'"):
+            await pipe.send(torch.ones(1, 2), timeout=0.05)
+        waited = time.monotonic() - t0
+        gate.set()
+        assert (await held).sum().item() == 0
+        ok = await pipe.send(torch.full((1, 2), 2.0), timeout=5)
+        assert ok[0, 0].item() == 4.0
+        stats = pipe.stats()
+    assert waited < 1.0  # ended at its deadline, not when the held call let go
+    assert 1.0 not in computed["b"] + computed["c"] + computed["d"]
+    assert computed["d"] == [0.0, 2.0]
+    assert stats.timed_out == 1 and stats.cancelled == 1 and stats.completed == 2
+
+
+async def test_a_stage_ends_a_request_whose_time_left_is_below_its_service_time():
+    def slow(x):
+        time.sleep(0.02)
+        return x
+
+    async with Pipeline([Stage(slow, name="slow", executor="thread")]) as pipe:
+        for i in range(10):  # the stage learns it needs ~20 ms a call
+            await pipe.send(i)
+        blocked = pipe.submit_nowait(100)  # occupies the stage ~20 ms
+        await until(lambda: pipe.stats()["slow"].running == 1)
+        with pytest.raises(TimeoutError, match=r"stage 'slow' \((expired|hopeless)\)"):
+            await pipe.send(1, timeout=0.025)
+        await blocked
+        st = pipe.stats()["slow"]
+    assert st.items == 11  # the late request was not computed
+    assert sum(st.deadline_misses.values()) == 1
+
+
+async def test_submit_nowait_and_submit_end_their_futures_at_the_deadline():
+    seen = []
+    a, gate = gated("a", seen)
+    async with Pipeline([a]) as pipe:
+        blocker = asyncio.ensure_future(pipe.send(0))
+        await until(lambda: seen == [0])
+        fut = pipe.submit_nowait(1, timeout=0.02, priority=2)
+        fut2 = await pipe.submit(2, timeout=0.02)
+        with pytest.raises(TimeoutError):
+            await fut
+        with pytest.raises(TimeoutError):
+            await fut2
+        gate.set()
+        await blocker
+        assert pipe.stats().timed_out == 2
+    assert seen == [0]
+
+
+async def test_a_streams_timeout_ends_it_after_the_parts_delivered():
+    async def parts(x):
+        for i in range(100):
+            yield i
+            await asyncio.sleep(0.01)
+
+    async with Pipeline([Stage(parts)]) as pipe:
+        got = []
+        with pytest.raises(TimeoutError):
+            async for p in pipe.send_stream(0, timeout=0.1):
+                got.append(p)
+        assert 1 <= len(got) < 100 and got == list(range(len(got)))
+        await until(lambda: pipe.stats().in_flight == 0)
+        assert pipe.stats().timed_out == 1
+
+
+async def test_max_in_flight_refuses_with_overloaded_and_retry_after():
+    seen = []
+    a, gate = gated("a", seen)
+    async with Pipeline([a], max_in_flight=3) as pipe:
+        held = [asyncio.ensure_future(pipe.send(i)) for i in range(3)]
+        await until(lambda: seen == [0])
+        with pytest.raises(Overloaded, match="max_in_flight=3") as info:
+            await pipe.send(9)
+        assert isinstance(info.value, PipelineFull) and info.value.retry_after > 0
+        with pytest.raises(Overloaded):
+            pipe.submit_nowait(9)
+        gate.set()
+        assert await asyncio.gather(*held) == [0, 1, 2]
+        assert await pipe.send(3) == 3
+        st = pipe.stats()
+    assert st.overloaded == 2 and st.admitted == 4
+
+
+async def test_overloaded_at_once_when_the_work_ahead_cannot_finish_by_the_deadline():
+    def slow(x):
+        time.sleep(0.01)  # at most 100 requests/s
+        return x
+
+    async with Pipeline([Stage(slow, name="slow", executor="thread")], max_in_flight=1000) as pipe:
+        warm = [asyncio.ensure_future(pipe.send(i)) for i in range(20)]
+        await asyncio.gather(*warm)  # the pipeline has measured how fast requests end
+        backlog = [asyncio.ensure_future(pipe.send(i)) for i in range(30)]
+        await asyncio.sleep(0.06)  # a rate sample while busy
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="past its deadline") as info:
+            await pipe.send(99, timeout=0.05)  # 20+ ahead at <= 100/s: >= 0.2 s
+        assert time.monotonic() - t0 < 0.05  # refused at once, not after queueing
+        assert info.value.retry_after > 0
+        assert await pipe.send(7, timeout=60) == 7  # a loose deadline is admitted
+        await asyncio.gather(*backlog)
+
+
+async def test_auto_batching_answers_correctly_and_says_why_it_released():
+    def model(x):
+        return x * 2
+
+    spec = Batching(max_size=16, max_delay="auto")
+    async with Pipeline([Stage(model, name="m", batch=spec)]) as pipe:
+        xs = [torch.full((1, 3), float(i)) for i in range(200)]
+        ys = await asyncio.gather(*(pipe.send(x, timeout=5) for x in xs))
+        for x, y in zip(xs, ys, strict=True):
+            assert torch.equal(y, x * 2)
+        st = pipe.stats()["m"]
+        text = prometheus_text(pipe)
+    reasons = (
+        st.released_full,
+        st.released_preferred,
+        st.released_deadline,
+        st.released_idle,
+        st.released_delay,
+        st.released_drain,
+    )
+    assert sum(reasons) == st.batches and st.rows == 200
+    assert st.slack_p99 > 0 and st.priority_inversions == 0
+    assert 'asyncnn_stage_released_batches_total{reason="idle",stage="m"}' in text
+    assert 'asyncnn_stage_deadline_misses_total{reason="expired",stage="m"}' in text
+    assert 'asyncnn_requests_total{outcome="timed_out"}' in text
+
+
+async def test_bad_timeouts_and_priorities_are_refused_before_admission():
+    async with Pipeline([recorder("a", [])]) as pipe:
+        with pytest.raises(TypeError, match="priority=True"):
+            await pipe.send(1, priority=True)
+        with pytest.raises(ValueError, match="timeout=-1"):
+            await pipe.send(1, timeout=-1)
+        assert pipe.stats().admitted == 0
+    with pytest.raises(ValueError, match="aging"):
+        Pipeline([recorder("a", [])], aging=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        Pipeline([recorder("a", [])], max_in_flight=0)

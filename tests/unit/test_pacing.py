@@ -1,0 +1,136 @@
+"""Latency-target batching, sync with an injected clock: the service-time fit, the arrival
+rate, the pacer's release rule and reasons, and a batcher that takes the most urgent first."""
+
+import asyncio
+import math
+
+import pytest
+
+from asyncnn import Batching
+from asyncnn.batching import Batcher, Item, Request
+from asyncnn.pacing import GUARD, ArrivalRate, Pacer, ServiceTimes
+
+
+def req(i, deadline=None, priority=0):
+    loop = asyncio.new_event_loop()
+    r = Request(i, loop.create_future(), None, deadline, priority, 0.0)
+    loop.close()
+    return r
+
+
+def item(i, at=0.0, deadline=None, priority=0):
+    return Item(req(i, deadline, priority), None, 0, 1, at)
+
+
+def test_service_times_fit_a_fixed_and_a_per_row_cost():
+    s = ServiceTimes()
+    assert s.estimate(10) == 0.0  # nothing measured: no cost assumed
+    for rows in (1, 8, 32, 64) * 5:
+        s.observe(rows, 0.002 + 0.0001 * rows)
+    fixed, per_row = s.line()
+    assert fixed == pytest.approx(0.002, rel=1e-6) and per_row == pytest.approx(1e-4, rel=1e-6)
+    assert s.estimate(16) == pytest.approx(0.0036)
+
+
+def test_service_times_with_one_size_scale_by_rows_and_follow_a_slowdown():
+    s = ServiceTimes(forget=0.5)
+    for _ in range(10):
+        s.observe(64, 0.0064)
+    assert s.estimate(32) == pytest.approx(0.0032)
+    for _ in range(20):
+        s.observe(64, 0.0128)  # the machine got twice as slow
+    assert s.estimate(64) == pytest.approx(0.0128, rel=1e-3)
+
+
+def test_arrival_rate_folds_windows():
+    a = ArrivalRate(window=0.01, alpha=1.0)
+    t = 0.0
+    for _ in range(100):
+        a.add(t, 1)
+        t += 0.001  # 1000 rows/s
+    assert a.current(t) == pytest.approx(1000, rel=0.15)
+
+
+def pacer(fixed=0.001, per_row=0.0001, rate=0.0, runners=1, target=None, max_size=64):
+    p = Pacer(max_size, runners, target)
+    for rows in (1, 64) * 4:
+        p.service.observe(rows, fixed + per_row * rows)
+    if rate:
+        t = -1.0
+        while t < 0:
+            p.arrivals.add(t, 1)
+            t += 1.0 / rate
+    return p
+
+
+def test_idle_runner_and_light_load_release_at_once():
+    p = pacer(rate=100)  # one row costs 1.1 ms, 100/s arrive: a batch of 1 keeps up
+    assert p.decide(0.0, 1, 0.0, None, idle=True) == ("idle", None)
+
+
+def test_heavy_load_waits_for_a_batch_that_keeps_up_then_the_timer():
+    p = pacer(rate=5000)  # 5000/s: a runner needs ~7 rows a call to keep up
+    assert p.rows_needed(0.0) == math.ceil(1.1 * 5000 * 0.001 / (1 - 1.1 * 5000 * 0.0001))
+    reason, recheck = p.decide(0.0, 2, 0.0, None, idle=True)
+    assert reason is None and 0.0 < recheck <= p.service.estimate(64)
+    assert p.decide(0.0, p.rows_needed(0.0), 0.0, None, idle=True)[0] == "idle"
+    # Nothing more arrives: after one full batch's time the timer releases what waits.
+    assert p.decide(p.service.estimate(64), 2, 0.0, None, idle=True)[0] == "delay"
+
+
+def test_no_idle_runner_no_release_until_the_deadline_needs_it():
+    p = pacer(rate=5000)
+    took = p.service.estimate(3)
+    reason, recheck = p.decide(0.0, 3, 0.0, 0.050, idle=False)
+    assert reason is None and recheck == pytest.approx(0.050 - took - GUARD)
+    assert p.decide(0.050 - took - GUARD, 3, 0.0, 0.050, idle=False) == ("deadline", None)
+
+
+def test_target_latency_is_a_deadline_for_requests_without_one():
+    p = pacer(rate=5000, target=0.010)
+    took = p.service.estimate(3)
+    assert p.decide(0.001, 3, 0.001, None, idle=False)[0] is None
+    assert p.decide(0.011 - took, 3, 0.001, None, idle=False)[0] == "deadline"
+
+
+def test_full_releases_at_max_size():
+    p = pacer(rate=5000, max_size=8)
+    assert p.decide(0.0, 8, 0.0, None, idle=False) == ("full", None)
+
+
+def test_a_ranked_batcher_takes_the_most_urgent_compatible_requests_first():
+    b = Batcher(Batching(max_size=3, max_delay=1.0))
+    b.add(item(0, at=0.0), "k")
+    b.add(item(1, at=0.1, priority=1), "k")
+    b.add(item(2, at=0.2, deadline=5.0), "k")
+    b.add(item(3, at=0.3, deadline=1.0), "k")
+    assert b.ranked
+    batch = b.pop(now=0.3)
+    assert batch.reason == "full" and [i.request.id for i in batch.items] == [3, 2, 0]
+    assert b.most_urgent() == 1
+
+
+def test_an_auto_batcher_reports_why_it_released():
+    spec = Batching(max_size=64, max_delay="auto")
+    p = pacer(rate=5000)
+    b = Batcher(spec, p)
+    b.add(item(0, at=0.0, deadline=0.020), "k")
+    assert b.pop(now=0.0, idle=False) is None
+    when = b.next_deadline()
+    assert when == pytest.approx(0.020 - p.service.estimate(1) - GUARD)
+    batch = b.pop(now=when)
+    assert batch.reason == "deadline" and len(batch.items) == 1
+    b.add(item(1, at=1.0), "k")
+    assert b.pop(now=1.0, draining=True).reason == "drain"
+
+
+def test_batching_auto_options():
+    assert Batching(max_delay="auto").auto
+    assert Batching(target_latency=0.02).auto  # implied
+    assert not Batching().auto
+    with pytest.raises(ValueError, match="target_latency="):
+        Batching(max_delay=0.01, target_latency=0.02)
+    with pytest.raises(ValueError, match="'auto'"):
+        Batching(max_delay="soon")
+    with pytest.raises(ValueError, match="target_latency"):
+        Batching(target_latency=0)

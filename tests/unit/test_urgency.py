@@ -1,0 +1,84 @@
+"""The queue discipline, sync with a manual clock: priority, then deadline, then arrival;
+aging lifts a waiting class; a channel switches to it in place."""
+
+import math
+
+import pytest
+
+from asyncnn.channels import Channel
+from asyncnn.urgency import RankedBuffer
+
+
+def key(item):
+    return item  # items are (priority, deadline, since) themselves
+
+
+def buffer(now, aging=1.0):
+    return RankedBuffer(key, aging, lambda: now[0])
+
+
+def test_strict_priority_then_earliest_deadline_then_arrival():
+    now = [0.0]
+    b = buffer(now)
+    items = [(1, 0.1, 0.0), (0, math.inf, 0.0), (0, 0.5, 0.0), (0, 0.2, 0.0), (-1, 9.0, 0.0)]
+    for it in items:
+        b.append(it)
+    assert len(b) == 5
+    got = [b.popleft() for _ in range(5)]
+    assert got == [(-1, 9.0, 0.0), (0, 0.2, 0.0), (0, 0.5, 0.0), (0, math.inf, 0.0), (1, 0.1, 0.0)]
+    assert b.inversions == 0 and not b
+    with pytest.raises(IndexError):
+        b.popleft()
+
+
+def test_no_deadline_keeps_arrival_order_within_a_class():
+    b = buffer([0.0])
+    for i in range(5):
+        b.append((0, math.inf, float(i)))
+    assert [b.popleft()[2] for _ in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_aging_lifts_a_waiting_class_one_level_per_aging_seconds():
+    now = [0.0]
+    b = buffer(now, aging=1.0)
+    low = (2, math.inf, 0.0)  # two levels below the urgent class
+    b.append(low)
+    now[0] = 1.5
+    b.append((0, math.inf, 1.5))
+    assert b.popleft() == (0, math.inf, 1.5)  # waited 1.5 s < 2 levels x 1 s: not yet
+    b.append((0, math.inf, 1.6))
+    now[0] = 2.01
+    assert b.popleft() == low  # waited 2.01 s: its turn comes ahead of the urgent one
+    assert b.inversions == 1
+    assert b.popleft() == (0, math.inf, 1.6)
+
+
+def test_a_class_is_never_starved_under_a_stream_of_urgent_work():
+    now = [0.0]
+    b = buffer(now, aging=0.5)
+    b.append((1, math.inf, 0.0))
+    served_low_at = None
+    for step in range(100):
+        now[0] = step * 0.01
+        b.append((0, math.inf, now[0]))
+        if b.popleft()[0] == 1:
+            served_low_at = now[0]
+            break
+    assert served_low_at is not None and 0.5 <= served_low_at <= 0.52
+
+
+def test_a_channel_ranks_in_place_buffer_and_overflow_alike():
+    now = [0.0]
+    ch = Channel(2, "c")
+    ch.send_nowait((0, math.inf, 0.0))
+    ch.send_nowait((0, 5.0, 0.0))
+    ch.send_over((0, 1.0, 0.0))  # past capacity: the overflow
+    ch.send_over((0, 9.0, 0.0))
+    ch.rank(key, 1.0, lambda: now[0])
+    assert ch.poll() == (0, 5.0, 0.0)  # the buffer's most urgent; room goes to the overflow's
+    assert ch.poll() == (0, 1.0, 0.0)
+    assert ch.poll() == (0, 9.0, 0.0)  # no deadline comes last
+    assert ch.poll() == (0, math.inf, 0.0)
+    ch.close()
+    assert repr(ch.poll()) == "END"
+    assert ch.inversions == 0
