@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-quick bench-loaders bench-generate lint gpu-check stress soak clean
+.PHONY: install test bench bench-quick bench-loaders bench-generate bench-slo lint gpu-check stress soak clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ bench-loaders: $(STAMP)
 # Step-level batching of a small KV-cache decoder against static batching and per-request (~1 min).
 bench-generate: $(STAMP)
 	$(PY) -m asyncnn.bench --workload generate
+
+# Goodput within deadlines at 30-150% load: max_delay="auto" vs fixed delays (~2 min).
+bench-slo: $(STAMP)
+	$(PY) -m asyncnn.bench --workload slo
 
 lint: $(STAMP)
 	$(PY) -m ruff check asyncnn tests benchmarks examples

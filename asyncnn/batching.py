@@ -401,6 +401,9 @@ class Batcher:
         self, key: Any, bucket: deque[Item], now: float, oldest: float, idle: bool
     ) -> Reason | None:
         spec = self.spec
+        if self.pacer is not None and not idle:
+            return None  # paced: a batch forms when a runner can take it, most urgent first
+            # (when draining, pop releases what is left anyway)
         if self._rows[key] >= spec.max_size or self._over_budget(bucket):
             return "full"
         if self.pacer is None:

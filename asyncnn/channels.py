@@ -82,6 +82,7 @@ class Channel(Generic[T]):
         "_capacity",
         "_closed",
         "_getters",
+        "_nudged",
         "_overflow",
         "_peak",
         "_putters",
@@ -99,6 +100,7 @@ class Channel(Generic[T]):
         self._putters: deque[asyncio.Future[None]] = deque()
         self._overflow: deque[T] = deque()  # send_over's items past capacity, in order
         self._closed = False
+        self._nudged = False
         self._peak = 0
         self._senders = 0
 
@@ -231,14 +233,21 @@ class Channel(Generic[T]):
         return any(not f.done() for f in self._getters)
 
     def nudge(self) -> None:
-        """Wake the first waiting receiver without an item (it looks again, see ``wake_up``)."""
+        """Wake the receiver in ``wake_up`` without an item; remembered until its next
+        ``wake_up`` when none waits now, so a nudge is never lost."""
+        self._nudged = True
         self._wake(self._getters)
 
-    async def wake_up(self) -> None:
-        """Wait once: for an item, the end of the stream, or a ``nudge``. (For a consumer that
-        decides on more than the items: it looks at everything again after any of them.)"""
-        if not self._buf and not self._closed:
+    async def wake_up(self, always: bool = False) -> None:
+        """Wait once: for an item, the end of the stream, or a ``nudge`` (``always``: even
+        while items are buffered, which the caller is not taking yet). For a consumer that
+        decides on more than the items: it looks at everything again after any of them."""
+        if self._nudged:
+            self._nudged = False
+            return
+        if not self._closed and (always or not self._buf):
             await self._wait(self._getters)
+        self._nudged = False
 
     def close(self) -> None:
         """End the stream: receivers drain the buffer then see ``EndOfStream``; senders fail."""

@@ -4,8 +4,10 @@ from what the stage has measured. Sync, with the clock passed in: tests drive it
 - :class:`ServiceTimes`: seconds per call as a function of its rows, ``a + b·rows``, fitted
   online (least squares with exponential forgetting, so it follows a machine that slows down).
 - :class:`ArrivalRate`: rows arriving per second, smoothed over short windows.
-- :class:`Pacer`: the release rule. A batch goes when it is full; when waiting longer would cost
-  its most urgent request the deadline (``deadline``: now + the batch's service time is at that
+- :class:`Pacer`: the release rule. Nothing is released while every runner is busy (a batch
+  formed early could not run sooner, and would hold requests that arrive more urgent); once a
+  runner is free, a batch goes when it is full; when waiting longer would cost its most urgent
+  request the deadline (``deadline``: now + the batch's service time is at that
   request's deadline, or ``target_latency`` after the oldest arrival); when a runner is idle and
   batches of the current size already keep up with the arrivals (``idle``: under light load
   that is at once, so latency stays at one call); or, so that nothing waits on arrivals that do
@@ -130,25 +132,26 @@ class Pacer:
 
         ``rows`` wait, the oldest since ``oldest``; ``deadline``: the most urgent one's (None:
         none has one); ``idle``: a runner waits for work now."""
+        if not idle:
+            return None, None  # nothing runs sooner for being formed early: decide when a
+            # runner is free (it wakes the former), with the most urgent requests of that time
+        if rows >= self.max_size:
+            return "full", None
         took = self.service.estimate(rows)
         due = deadline
         if self.target is not None:
             due = oldest + self.target if due is None else min(due, oldest + self.target)
         if due is not None and now + took + GUARD >= due:
             return "deadline", None
-        if rows >= self.max_size:
-            return "full", None
+        if self.keeps_up(rows, now):
+            return "idle", None
         cap = oldest + self.service.estimate(self.max_size)
-        if idle:
-            if self.keeps_up(rows, now):
-                return "idle", None
-            if now >= cap:
-                return "delay", None
-        checks = [cap] if idle else []
+        if now >= cap:
+            return "delay", None
+        checks = [cap]
         if due is not None:
             checks.append(due - took - GUARD)
-        if idle:  # the time the rows still missing should take to arrive
-            rate = self.arrivals.current(now)
-            if rate > 0.0:
-                checks.append(now + (self.rows_needed(now) - rows) / rate)
-        return None, min(checks) if checks else None
+        rate = self.arrivals.current(now)
+        if rate > 0.0:  # the time the rows still missing should take to arrive
+            checks.append(now + (self.rows_needed(now) - rows) / rate)
+        return None, min(checks)

@@ -88,4 +88,5 @@ class RankedBuffer(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         """Every item, most urgent class first (for scans and draining; not in exact order)."""
         for p in self._classes:
-            yield from (entry[3] for entry in sorted(self._heaps[p]))
+            for entry in self._heaps[p]:
+                yield entry[3]

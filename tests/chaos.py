@@ -1,5 +1,6 @@
-"""Exactly-once under chaos: random graphs, stage kinds, failures, cancellations, deadlines and
-shutdown points; every admitted request must end exactly once, correctly, without a hang.
+"""Exactly-once under chaos: random graphs, stage kinds, failures, cancellations, deadlines,
+priorities, admission limits and shutdown points; every admitted request must end exactly once,
+correctly, without a hang.
 
 Used by tests/test_chaos.py (a few hundred cases in CI) and by ``make stress``:
 
@@ -18,7 +19,16 @@ from dataclasses import dataclass, field
 import anyio
 import torch
 
-from asyncnn import Batching, Graph, Pipeline, PipelineClosed, Stage, StageError, Stepping
+from asyncnn import (
+    Batching,
+    Graph,
+    Overloaded,
+    Pipeline,
+    PipelineClosed,
+    Stage,
+    StageError,
+    Stepping,
+)
 
 KINDS = ("async", "thread", "inline", "batched-thread", "batched-async")
 # A streaming case puts one of these right after the input: every request becomes 0..N parts
@@ -38,6 +48,9 @@ class Case:
     deadline: dict[int, float]  # request id -> send(timeout=...)
     shutdown: tuple[int, float] | None  # (loop turns, aclose timeout) or None: normal drain
     gen: str | None = None  # a generator stage after the input (GENERATORS), or None
+    priority: dict[int, int] = field(default_factory=dict)  # request id -> send(priority=...)
+    auto: bool = False  # batching stages use max_delay="auto"
+    max_in_flight: int | None = None  # admission control: refusals end with Overloaded
     notes: list[str] = field(default_factory=list)
 
     def parts(self, rid: int) -> int:
@@ -66,9 +79,16 @@ def make_case(seed: int) -> Case:
     }
     shutdown = (rng.randint(0, 30), rng.choice((0.0, 0.001, 0.05))) if rng.random() < 0.3 else None
     gen = rng.choice(GENERATORS) if rng.random() < 0.3 else None
-    return Case(
+    case = Case(
         seed, nodes, outputs, reqs, rng.randint(1, 4), fail, cancel, deadline, shutdown, gen
     )
+    # Drawn after the rest, so that a seed keeps the graph it had before these existed.
+    if rng.random() < 0.4:
+        case.priority = {r: rng.choice((-1, 0, 1, 2)) for r in rids if rng.random() < 0.5}
+    case.auto = rng.random() < 0.3
+    if rng.random() < 0.2:
+        case.max_in_flight = rng.randint(1, 20)
+    return case
 
 
 def _fn(i: int, kind: str, add: int, fail_on: set[int]):
@@ -139,7 +159,8 @@ def build(case: Case) -> Pipeline:
     if case.gen is not None:  # every path goes through the one generator stage
         handles[-1] = g.add(_generator(case), handles[-1])
     for i, (kind, workers, parents, add) in enumerate(case.nodes):
-        batch = Batching(max_size=4, max_delay=0.001) if kind.startswith("batched") else None
+        delay = "auto" if case.auto else 0.001
+        batch = Batching(max_size=4, max_delay=delay) if kind.startswith("batched") else None
         executor = "inline" if kind == "inline" else "auto"
         stage = Stage(
             _fn(i, kind, add, case.fail[i]),
@@ -150,7 +171,9 @@ def build(case: Case) -> Pipeline:
         )
         handles[i] = g.add(stage, *[handles[p] for p in parents])
     g.output(*[handles[o] for o in case.outputs])
-    return Pipeline(g, queue_size=case.queue_size, drain_timeout=5.0)
+    return Pipeline(
+        g, queue_size=case.queue_size, drain_timeout=5.0, max_in_flight=case.max_in_flight
+    )
 
 
 async def run_case(case: Case) -> float:
@@ -164,7 +187,11 @@ async def run_case(case: Case) -> float:
             async def caller(rid: int) -> None:
                 x = torch.tensor([[float(rid), float(rid)]])
                 try:
-                    y = await pipe.send(x, timeout=case.deadline.get(rid))
+                    y = await pipe.send(
+                        x, timeout=case.deadline.get(rid), priority=case.priority.get(rid, 0)
+                    )
+                except Overloaded:
+                    outcomes[rid] = ("overloaded", None)
                 except StageError as e:
                     outcomes[rid] = ("error", e.stage)
                 except PipelineClosed:
@@ -214,6 +241,8 @@ async def run_case(case: Case) -> float:
             assert case.shutdown is not None, f"request {rid}: PipelineClosed without a shutdown"
         elif kind == "timeout":
             assert rid in case.deadline
+        elif kind == "overloaded":
+            assert case.max_in_flight is not None, f"request {rid}: Overloaded without a limit"
         else:
             assert rid in case.cancel
     assert stats.in_flight == 0, stats
@@ -224,6 +253,8 @@ async def run_case(case: Case) -> float:
     assert kinds.count("ok") <= stats.completed, (kinds.count("ok"), stats)
     assert kinds.count("error") <= stats.failed, (kinds.count("error"), stats)
     assert stats.admitted <= case.n_requests, stats
+    assert stats.overloaded == kinds.count("overloaded"), stats
+    assert stats.admitted + stats.overloaded <= case.n_requests, stats
     return time.perf_counter() - t0
 
 

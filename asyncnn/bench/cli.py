@@ -19,6 +19,7 @@ from .workloads_loader import loader
 from .workloads_memory import memory
 from .workloads_remote import remote
 from .workloads_serving import serving
+from .workloads_slo import slo
 from .workloads_transformer import transformer
 
 __all__ = ["WORKLOADS", "main"]
@@ -77,6 +78,13 @@ WORKLOADS: dict[str, Workload] = {
             "step-level batching vs static batching and per-request",
             generate,
             default=False,  # ~1 minute on the 2-core VM: `make bench-generate`
+        ),
+        Workload(
+            "slo",
+            "open-loop Poisson arrivals at 30-150% of capacity, 10% urgent: goodput within "
+            "deadlines, max_delay='auto' vs fixed 0/1/5/20 ms",
+            slo,
+            default=False,  # ~1.5 minutes on the 2-core VM: `make bench-slo`
         ),
         Workload(
             "memory",

@@ -27,7 +27,7 @@ Refusal = tuple[str, float]  # (why, retry_after seconds) of a refused request
 class Admission:
     """Whether one more request may enter. ``limit``: the most requests in flight."""
 
-    __slots__ = ("_base", "_ended", "_ledger", "_since", "limit", "rate", "refused")
+    __slots__ = ("_base", "_ended", "_ledger", "_since", "base", "limit", "rate", "refused")
 
     def __init__(self, limit: int, ledger: Ledger, base: Callable[[], float]) -> None:
         self.limit = limit
@@ -37,6 +37,7 @@ class Admission:
         self._since: float | None = None
         self._ended = 0
         self.rate = 0.0  # requests ended per second while busy
+        self.base = 0.0  # the pipeline's service time, sampled with the rate
         self.refused = 0
 
     def _ended_now(self) -> int:
@@ -46,6 +47,7 @@ class Admission:
     def _sample(self, now: float) -> None:
         if self._since is None or not len(self._ledger):  # idle: start a fresh window
             self._since, self._ended = now, self._ended_now()
+            self.base = self._base()
             return
         span = now - self._since
         if span >= WINDOW:
@@ -53,6 +55,7 @@ class Admission:
             if seen > 0.0:
                 self.rate = seen if not self.rate else self.rate + ALPHA * (seen - self.rate)
             self._since, self._ended = now, self._ended_now()
+            self.base = self._base()
 
     def check(self, now: float, priority: int, deadline: float | None) -> Refusal | None:
         """None to admit; else why not and when to retry."""
@@ -67,7 +70,7 @@ class Admission:
             return None
         counts = ledger.by_priority or {}
         ahead = sum(c for p, c in counts.items() if p <= priority)
-        finish = now + ahead / rate + self._base()
+        finish = now + ahead / rate + self.base
         if finish <= deadline:
             return None
         self.refused += 1

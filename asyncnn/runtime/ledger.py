@@ -112,16 +112,19 @@ class Ledger:
             env.requests = live
         return bool(live)
 
-    def alive(self, req: Request, probe: Probe | None = None) -> bool:
+    def alive(self, req: Request, probe: Probe | None = None, need: float | None = None) -> bool:
         """False (and dropped) when ``req`` already ended: cancelled by its caller, or failed.
         With ``probe``, a request whose deadline has passed, or is nearer than a call of that
-        stage takes, is ended here with ``TimeoutError`` (counted as the stage's miss)."""
+        stage takes (``need`` seconds: a call of one request unless given), is ended here with
+        ``TimeoutError`` (counted as the stage's miss)."""
         if req.future.done():
             self.drop(req)
             return False
         if req.deadline is None or probe is None:
             return True
-        left, need = req.deadline - self.clock(), probe.need()
+        left = req.deadline - self.clock()
+        if need is None:
+            need = probe.need()
         if left > need:
             return True
         reason = "expired" if left <= 0 else "hopeless"

@@ -78,24 +78,32 @@ def test_heavy_load_waits_for_a_batch_that_keeps_up_then_the_timer():
     assert p.decide(p.service.estimate(64), 2, 0.0, None, idle=True)[0] == "delay"
 
 
-def test_no_idle_runner_no_release_until_the_deadline_needs_it():
+def test_nothing_is_released_while_every_runner_is_busy():
     p = pacer(rate=5000)
+    # Not even a full batch, nor one at its deadline: it could not run sooner, and a request
+    # arriving more urgent meanwhile belongs in the batch formed when a runner is free.
+    assert p.decide(0.0, 64, 0.0, None, idle=False) == (None, None)
+    assert p.decide(1.0, 3, 0.0, 0.5, idle=False) == (None, None)
+
+
+def test_an_idle_runner_waits_for_more_rows_only_while_the_deadline_allows():
+    p = pacer(rate=5000)  # batches of 3 do not keep up: it would rather wait
     took = p.service.estimate(3)
-    reason, recheck = p.decide(0.0, 3, 0.0, 0.050, idle=False)
-    assert reason is None and recheck == pytest.approx(0.050 - took - GUARD)
-    assert p.decide(0.050 - took - GUARD, 3, 0.0, 0.050, idle=False) == ("deadline", None)
+    reason, recheck = p.decide(0.0, 3, 0.0, 0.004, idle=True)
+    assert reason is None and recheck <= 0.004 - took - GUARD
+    assert p.decide(0.004 - took - GUARD, 3, 0.0, 0.004, idle=True) == ("deadline", None)
 
 
 def test_target_latency_is_a_deadline_for_requests_without_one():
-    p = pacer(rate=5000, target=0.010)
+    p = pacer(rate=5000, target=0.003)
     took = p.service.estimate(3)
-    assert p.decide(0.001, 3, 0.001, None, idle=False)[0] is None
-    assert p.decide(0.011 - took, 3, 0.001, None, idle=False)[0] == "deadline"
+    assert p.decide(0.001, 3, 0.001, None, idle=True)[0] is None
+    assert p.decide(0.004 - took, 3, 0.001, None, idle=True)[0] == "deadline"
 
 
 def test_full_releases_at_max_size():
     p = pacer(rate=5000, max_size=8)
-    assert p.decide(0.0, 8, 0.0, None, idle=False) == ("full", None)
+    assert p.decide(0.0, 8, 0.0, None, idle=True) == ("full", None)
 
 
 def test_a_ranked_batcher_takes_the_most_urgent_compatible_requests_first():
@@ -114,11 +122,12 @@ def test_an_auto_batcher_reports_why_it_released():
     spec = Batching(max_size=64, max_delay="auto")
     p = pacer(rate=5000)
     b = Batcher(spec, p)
-    b.add(item(0, at=0.0, deadline=0.020), "k")
-    assert b.pop(now=0.0, idle=False) is None
+    b.add(item(0, at=0.0, deadline=0.004), "k")
+    assert b.pop(now=0.0, idle=False) is None  # every runner busy: it waits
+    assert b.pop(now=0.0, idle=True) is None  # a runner is free: more rows are worth it
     when = b.next_deadline()
-    assert when == pytest.approx(0.020 - p.service.estimate(1) - GUARD)
-    batch = b.pop(now=when)
+    assert when <= 0.004 - p.service.estimate(1) - GUARD
+    batch = b.pop(now=0.004 - p.service.estimate(1) - GUARD, idle=True)
     assert batch.reason == "deadline" and len(batch.items) == 1
     b.add(item(1, at=1.0), "k")
     assert b.pop(now=1.0, draining=True).reason == "drain"

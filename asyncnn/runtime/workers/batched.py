@@ -62,15 +62,19 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
         ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
         return
     alive, probe = ctx.ledger.alive, ctx.probe
+    need = None  # a call of one request
     if batcher.pacer is not None:
         batcher.pacer.arrivals.add(now, total)
+        # Paced, it is filed when a runner is free, into the batch about to form: it must
+        # have time for that batch's call, not only for a call of its own.
+        need = probe.need(min(spec.max_size, batcher.pending_rows + total))
     if env.rows is None:
-        if alive(env.requests[0], probe):
+        if alive(env.requests[0], probe, need):
             batcher.add(Item(env.requests[0], env.payload, 0, total, now, length), key)
         return
     start = 0
     for req, n in zip(env.requests, env.rows, strict=True):
-        if alive(req, probe):
+        if alive(req, probe, need):
             batcher.add(Item(req, env.payload, start, start + n, now, length), key)
         start += n
 
@@ -78,32 +82,29 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
 async def run_former(
     ctx: StageContext, batches: Channel[Batch], clock: Callable[[], float] | None = None
 ) -> None:
-    """Form batches: pull arrivals, release on size, delay, the pacer's rule (``"auto"``) or
-    drain, when the slot before the runners is free."""
+    """Form batches: pull arrivals, release on size, delay or drain, when the slot before the
+    runners is free (``max_delay="auto"``: see ``_run_paced``)."""
     spec = ctx.stage.batch
     assert spec is not None
     inbox, probe = ctx.inbox, ctx.probe
-    pacer = None
+    now = clock or asyncio.get_running_loop().time
     if spec.auto:
         pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, probe.service)
-    batcher = Batcher(spec, pacer)
-    now = clock or asyncio.get_running_loop().time
+        try:
+            await _run_paced(ctx, batches, Batcher(spec, pacer), now)
+        finally:
+            batches.close()
+        return
+    batcher = Batcher(spec)
     closed = False
     try:
         while True:
-            while not closed and batcher.pending_rows < spec.max_size:
-                env = inbox.poll()
-                if env is EMPTY:
-                    break
-                if env is END:
-                    closed = True
-                    break
-                file_request(ctx, batcher, env, now())
+            closed = _pull(ctx, batcher, now) or closed
             if not batches.has_room():
                 await batches.wait_room()  # every runner is busy: arrivals wait in the inbox
                 continue
             t = now()
-            batch = batcher.pop(t, draining=closed, idle=batches.receivers_waiting())
+            batch = batcher.pop(t, draining=closed)
             if batch is not None:
                 _dispatch(probe, batcher, batch, t)
                 batches.send_nowait(batch)
@@ -112,9 +113,6 @@ async def run_former(
                 return  # drained: pop(draining=True) left nothing behind
             deadline = batcher.next_deadline()
             with anyio.move_on_after(math.inf if deadline is None else max(0.0, deadline - now())):
-                if pacer is not None:
-                    await inbox.wake_up()  # an arrival, the end, or a runner gone idle
-                    continue
                 env = await inbox.next()
                 if env is END:
                     closed = True
@@ -122,6 +120,50 @@ async def run_former(
                     file_request(ctx, batcher, env, now())
     finally:
         batches.close()
+
+
+def _pull(ctx: StageContext, batcher: Batcher, now: Callable[[], float]) -> bool:
+    """File what waits in the inbox, up to a full batch; True once the input has ended."""
+    spec, inbox = batcher.spec, ctx.inbox
+    while batcher.pending_rows < spec.max_size:
+        env = inbox.poll()
+        if env is EMPTY:
+            return False
+        if env is END:
+            return True
+        file_request(ctx, batcher, env, now())
+    return False
+
+
+async def _run_paced(
+    ctx: StageContext, batches: Channel[Batch], batcher: Batcher, now: Callable[[], float]
+) -> None:
+    """``max_delay="auto"``: while every runner is busy, arrivals wait in the inbox (a ranked
+    queue once requests are urgent), so that the batch formed when a runner is free holds the
+    most urgent requests of that moment; then the pacer decides whether to wait for more. A
+    runner that goes idle nudges the inbox."""
+    inbox, probe = ctx.inbox, ctx.probe
+    closed = False
+    while True:
+        idle = batches.receivers_waiting()
+        if idle and not closed:
+            closed = _pull(ctx, batcher, now)
+        if not batches.has_room():
+            await batches.wait_room()
+            continue
+        t = now()
+        batch = batcher.pop(t, draining=closed, idle=idle)
+        if batch is not None:
+            _dispatch(probe, batcher, batch, t)
+            batches.send_nowait(batch)
+            continue
+        if closed:
+            return  # drained: pop(draining=True) left nothing behind
+        recheck = batcher.next_deadline() if idle else None
+        with anyio.move_on_after(math.inf if recheck is None else max(0.0, recheck - now())):
+            # Busy: only a runner going idle (its nudge) matters. Idle and waiting for more
+            # rows: an arrival, a nudge or the pacer's next look.
+            await inbox.wake_up(always=not idle)
 
 
 def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
@@ -209,7 +251,8 @@ async def run_runner(
             if batch is END:
                 break
             # Cancelled, or out of time while waiting: not computed.
-            items = [i for i in batch.items if alive(i.request, probe)]
+            need = probe.need(batch.rows)  # what this batch's call is expected to take
+            items = [i for i in batch.items if alive(i.request, probe, need)]
             if items:
                 probe.batches += 1
                 probe.rows += sum(i.rows for i in items)
