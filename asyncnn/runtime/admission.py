@@ -2,8 +2,8 @@
 ``Overloaded`` and a ``retry_after``, when it cannot finish in time, instead of queueing it to
 time out later. Sync, with the clock passed in: tests drive it without a loop.
 
-The estimate is Little's law on what the ledger already counts: requests end at ``rate`` per
-second (an exponential average over windows while work is in flight), so the ``ahead`` requests
+The estimate is Little's law on what the ledger already counts: requests are served (completed
+or failed; not those cancelled or timed out, which cost little) at ``rate`` per second (an exponential average over windows while work is in flight), so the ``ahead`` requests
 in flight that are at least as urgent as a new one (strict priority serves them first) end in
 about ``ahead / rate`` seconds; add the pipeline's service time (``base``: the sum of its
 stages' measured call times) and compare with the request's deadline.
@@ -41,8 +41,10 @@ class Admission:
         self.refused = 0
 
     def _ended_now(self) -> int:
+        # Requests served: those ended by a deadline or a cancellation took little or no
+        # work, and counting them would make the pipeline look faster than it is.
         k = self._ledger.counters
-        return k.completed + k.failed + k.cancelled
+        return k.completed + k.failed
 
     def _sample(self, now: float) -> None:
         if self._since is None or not len(self._ledger):  # idle: start a fresh window
