@@ -408,10 +408,11 @@ class Batcher:
             return "full"
         if self.pacer is None:
             return "delay" if now - oldest >= spec.max_delay else None  # type: ignore[operator]
+        reason: Reason | None
         reason, recheck = self.pacer.decide(now, self._rows[key], oldest, self._due.get(key), idle)
         if recheck is not None and (self._recheck is None or recheck < self._recheck):
             self._recheck = recheck
-        return reason  # type: ignore[no-any-return]
+        return reason
 
     def _over_budget(self, bucket: deque[Item]) -> bool:
         budget = self.spec.max_tokens

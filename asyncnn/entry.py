@@ -41,7 +41,7 @@ def _urgency(loop: Any, timeout: float | None, priority: int) -> Urgency:
     return timeout, now + timeout, priority, now
 
 
-def _expire(runtime: Runtime, req: Request, timeout: float) -> None:
+def _expire(runtime: Runtime, req: Request, timeout: float | None) -> None:
     """A request's deadline came: end it wherever it is (a no-op when it already ended)."""
     if req.id in runtime.ledger.inflight:
         where = runtime.where_request(req)
@@ -154,7 +154,11 @@ class Requests:
         return self._admit(x).future
 
     async def submit(
-        self, x: Any, *, timeout: float | None = None, priority: int = 0
+        self,
+        x: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        priority: int = 0,
     ) -> asyncio.Future[Any]:
         """Admit ``x``, waiting while the pipeline is full, and return a future of its result.
         ``timeout``/``priority``: as for ``send`` (the wait for room counts toward the timeout).

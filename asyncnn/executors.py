@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sys
 import threading
@@ -19,7 +20,15 @@ from typing import Any
 
 Invoke = Callable[[Any], Awaitable[Any]]
 
-__all__ = ["Invoke", "ThreadWorker", "invoker", "is_module", "prepare_call", "returned_coroutine"]
+__all__ = [
+    "Invoke",
+    "ThreadWorker",
+    "invoker",
+    "is_module",
+    "prepare_call",
+    "returned_coroutine",
+    "yield_cpu",
+]
 
 log = logging.getLogger("asyncnn")
 
@@ -105,6 +114,20 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
             fut.set_exception(value)
 
 
+def yield_cpu(nice: int) -> bool:
+    """Lower the calling thread's scheduling priority by ``nice`` (Linux: niceness is per
+    thread), so that where cores are oversubscribed the event loop's thread runs first and the
+    compute threads take the rest. False where the OS has no per-thread priority (a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        return False
+    return True
+
+
 class ThreadWorker:
     """Dedicated daemon thread(s) that run the calls handed to them.
 
@@ -113,8 +136,11 @@ class ThreadWorker:
     whose future was cancelled before a thread reached it is skipped.
     """
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, threads: int = 1) -> None:
+    def __init__(
+        self, name: str, loop: asyncio.AbstractEventLoop, threads: int = 1, nice: int = 0
+    ) -> None:
         self.name = name
+        self._nice = nice  # added to each thread's niceness when it starts (``yield_cpu``)
         self._loop = loop
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stopped: asyncio.Future[None] = loop.create_future()
@@ -163,6 +189,8 @@ class ThreadWorker:
 
     def _main(self) -> None:
         loop = self._loop
+        if self._nice:
+            yield_cpu(self._nice)
         try:
             while True:
                 job = self._jobs.get()

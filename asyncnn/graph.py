@@ -258,7 +258,9 @@ def _label(stage: Stage) -> str:
     if stage.device is not None:
         parts.append(str(stage.device))
     if stage.batch is not None:
-        parts.append(f"batch {stage.batch.max_size} / {stage.batch.max_delay * 1e3:g} ms")
+        d = stage.batch.max_delay
+        delay = "auto" if isinstance(d, str) else f"{d * 1e3:g} ms"
+        parts.append(f"batch {stage.batch.max_size} / {delay}")
     return "\n".join(parts)
 
 

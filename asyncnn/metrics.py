@@ -159,7 +159,9 @@ def _deadlines(core: Any, st: PipelineStats) -> Iterator[Any]:
         for reason, n in s.deadline_misses.items():
             misses.add_metric([s.name, reason], float(n))
         for q, v in ((0.5, s.slack_p50), (0.99, s.slack_p99)):
-            slack.add_sample("asyncnn_stage_slack_seconds", {"stage": s.name, "quantile": str(q)}, v)
+            slack.add_sample(
+                "asyncnn_stage_slack_seconds", {"stage": s.name, "quantile": str(q)}, v
+            )
     yield from (released, misses, slack)
 
 

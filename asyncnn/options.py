@@ -34,6 +34,7 @@ class PipelineOptions:
     stall_timeout: float | None
     max_in_flight: int | None = None
     aging: float = 1.0
+    compute_nice: int = 0
 
 
 def as_plan(stages: Sequence[Stage | Callable[..., Any]] | Graph) -> Plan:
@@ -67,11 +68,17 @@ def options(
     stall_timeout: float | None,
     max_in_flight: int | None = None,
     aging: float = 1.0,
+    compute_nice: int = 0,
 ) -> tuple[Plan, PipelineOptions]:
     """Check every argument of ``Pipeline``; raise on the first bad one. Returns the plan."""
     check_whole(queue_size, "Pipeline: queue_size")
     if max_in_flight is not None:
         check_whole(max_in_flight, "Pipeline: max_in_flight")
+    if isinstance(compute_nice, bool) or not isinstance(compute_nice, int) or compute_nice < 0:
+        raise ValueError(
+            f"Pipeline: compute_nice={compute_nice!r} must be a whole number >= 0 (0: leave "
+            "the compute threads' priority alone)"
+        )
     if isinstance(aging, bool) or not isinstance(aging, (int, float)) or not aging > 0:
         raise ValueError(
             f"Pipeline: aging={aging!r} must be seconds > 0 (how long a request waits to rise "
@@ -99,6 +106,7 @@ def options(
         stall_timeout=stall_timeout,
         max_in_flight=max_in_flight,
         aging=aging,
+        compute_nice=compute_nice,
     )
 
 

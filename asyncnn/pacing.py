@@ -18,8 +18,11 @@ from what the stage has measured. Sync, with the clock passed in: tests drive it
 from __future__ import annotations
 
 import math
+from typing import Literal
 
-__all__ = ["ArrivalRate", "Pacer", "ServiceTimes"]
+__all__ = ["ArrivalRate", "Pacer", "Release", "ServiceTimes"]
+
+Release = Literal["full", "deadline", "idle", "delay"]  # a pacer's reasons to release a batch
 
 KEEP_UP = 1.1  # batches must serve arrivals with this much to spare
 GUARD = 0.0005  # seconds kept in hand before a deadline (the release itself takes time)
@@ -127,7 +130,7 @@ class Pacer:
 
     def decide(
         self, now: float, rows: int, oldest: float, deadline: float | None, idle: bool
-    ) -> tuple[str | None, float | None]:
+    ) -> tuple[Release | None, float | None]:
         """(why to release now, or None; when to decide again if not: None = on an event).
 
         ``rows`` wait, the oldest since ``oldest``; ``deadline``: the most urgent one's (None:

@@ -67,6 +67,11 @@ class Pipeline(Requests):
             queueing (``None``: no limit, every request is queued).
         aging: seconds a request waits to rise one priority level in a queue, so that a less
             urgent class is delayed, never starved (``send(x, priority=...)``; default 1.0).
+        compute_nice: added to the scheduling niceness of the threads that run compute stages
+            (Linux, where niceness is per thread; elsewhere nothing changes), so that where the
+            cores are oversubscribed the event loop's thread runs first: its latency (timers,
+            deadlines, results handed back) stays low under load, and the compute threads take
+            every cycle it leaves. 0 leaves the threads alone.
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -94,6 +99,7 @@ class Pipeline(Requests):
         stall_timeout: float | None = None,
         max_in_flight: int | None = None,
         aging: float = 1.0,
+        compute_nice: int = 10,
     ) -> None:
         self._plan, opts = options(
             stages,
@@ -106,6 +112,7 @@ class Pipeline(Requests):
             stall_timeout=stall_timeout,
             max_in_flight=max_in_flight,
             aging=aging,
+            compute_nice=compute_nice,
         )
         self._opts = opts
         self.max_in_flight = max_in_flight
@@ -135,6 +142,7 @@ class Pipeline(Requests):
             torch_threads=o.torch_threads,
             microbatch=o.microbatch,
             max_in_flight=o.max_in_flight,
+            compute_nice=o.compute_nice,
         )
 
     def _observe(self, emit: Callable[..., None] | None) -> None:

@@ -6,6 +6,10 @@ Then: curl -s -X POST localhost:8000/predict -H 'content-type: application/json'
 
 - The pipeline starts and drains with the app (lifespan), so in-flight requests finish on exit.
 - A full pipeline answers 503 with Retry-After instead of queueing without bound (load shedding).
+- A request may carry a deadline and a priority (``"timeout_ms": 50, "priority": 0``; lower is
+  more urgent): urgent requests go first at every queue, one that cannot finish in time is
+  refused at once with 503 and a Retry-After computed from the work ahead of it (admission
+  control, ``max_in_flight``), and one whose deadline passes answers 504.
 - It binds 127.0.0.1 by default: put a reverse proxy in front to expose it.
 - Bodies over 64 KiB are refused with 413 before they are parsed; rows must have exactly 8
   features and there are at most 64 of them (422 otherwise), before any tensor is made.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -94,18 +99,27 @@ Row = Annotated[list[float], Field(min_length=FEATURES, max_length=FEATURES)]
 
 class PredictIn(BaseModel):
     features: list[Row] = Field(min_length=1, max_length=MAX_ROWS)
+    timeout_ms: float | None = Field(default=None, gt=0, le=60_000)
+    priority: int = Field(default=0, ge=-10, le=10)
 
 
 class PredictOut(BaseModel):
     scores: list[list[float]]
 
 
-def create_app(model: torch.nn.Module | None = None, *, queue_size: int = 256) -> FastAPI:
+def create_app(
+    model: torch.nn.Module | None = None, *, queue_size: int = 256, max_in_flight: int = 1024
+) -> FastAPI:
     model = model if model is not None else make_model()
     pipeline = asyncnn.Pipeline(
-        [asyncnn.Stage(model, name="model", batch=asyncnn.Batching(max_size=128, max_delay=0.002))],
+        [
+            asyncnn.Stage(
+                model, name="model", batch=asyncnn.Batching(max_size=128, max_delay="auto")
+            )
+        ],
         queue_size=queue_size,
         max_request_rows=MAX_ROWS,
+        max_in_flight=max_in_flight,
     )
 
     @contextlib.asynccontextmanager
@@ -123,15 +137,29 @@ def create_app(model: torch.nn.Module | None = None, *, queue_size: int = 256) -
             {"detail": "busy, retry shortly"}, status_code=503, headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(asyncnn.Overloaded)
+    async def overloaded(request: object, exc: asyncnn.Overloaded) -> JSONResponse:
+        # Retry-After is whole seconds in HTTP; the body has the estimate itself.
+        wait = exc.retry_after
+        return JSONResponse(
+            {"detail": "overloaded: it would not finish in time", "retry_after_ms": wait * 1e3},
+            status_code=503,
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
     @app.post("/predict", response_model=PredictOut)
     async def predict(body: PredictIn) -> PredictOut:
         rows = {len(r) for r in body.features}
         if rows != {FEATURES}:
             raise HTTPException(422, f"each row needs {FEATURES} features, got {sorted(rows)}")
         x = torch.tensor(body.features, dtype=torch.float32)
-        fut = pipeline.submit_nowait(x)  # PipelineFull -> 503 (handler above)
+        timeout = None if body.timeout_ms is None else body.timeout_ms / 1e3
+        # PipelineFull / Overloaded -> 503 (handlers above)
+        fut = pipeline.submit_nowait(x, timeout=timeout, priority=body.priority)
         try:
             y = await fut
+        except TimeoutError as exc:
+            raise HTTPException(504, "deadline passed before the answer was ready") from exc
         except asyncnn.StageError as exc:
             log.exception("model failed on a request")  # the details stay in the server's log
             raise HTTPException(500, "model failed") from exc

@@ -1,6 +1,8 @@
 """Deadlines, priorities and admission control end to end, through the public API only."""
 
 import asyncio
+import os
+import sys
 import threading
 import time
 
@@ -61,7 +63,9 @@ async def test_priority_orders_every_queue_and_survives_every_hop():
         gate.set()  # stage a now serves its queue; b holds its first call, so b's queue fills
         await until(lambda: len(first) == 11)
         gate_b.set()
-        assert sorted(await asyncio.gather(blocker, *sends)) == sorted([-1, *range(5), *range(10, 15)])
+        assert sorted(await asyncio.gather(blocker, *sends)) == sorted(
+            [-1, *range(5), *range(10, 15)]
+        )
         second = b_seen
     urgent_first = [10, 11, 12, 13, 14, 0, 1, 2, 3, 4]
     assert first[1:] == urgent_first
@@ -127,7 +131,9 @@ async def test_a_request_past_its_deadline_never_reaches_compute_through_a_join_
         held = asyncio.ensure_future(pipe.send(torch.zeros(1, 2)))
         await asyncio.sleep(0.01)
         t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="timed out after 0.05 s: it was queued for stage 'a'"):
+        with pytest.raises(
+            TimeoutError, match=r"timed out after 0\.05 s: it was queued for stage 'a'"
+        ):
             await pipe.send(torch.ones(1, 2), timeout=0.05)
         waited = time.monotonic() - t0
         gate.set()
@@ -268,3 +274,18 @@ async def test_bad_timeouts_and_priorities_are_refused_before_admission():
         Pipeline([recorder("a", [])], aging=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         Pipeline([recorder("a", [])], max_in_flight=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_compute_threads_yield_the_cpu_to_the_loop():
+    def niceness(x):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    async with Pipeline([Stage(niceness, executor="thread")]) as pipe:
+        assert await pipe.send(0) == min(19, base + 10)
+    async with Pipeline([Stage(niceness, executor="thread")], compute_nice=0) as pipe:
+        assert await pipe.send(0) == base
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the loop's
+    with pytest.raises(ValueError, match="compute_nice"):
+        Pipeline([Stage(niceness)], compute_nice=-1)

@@ -90,3 +90,35 @@ def test_one_module_level_app_serves_two_test_clients_in_turn():
             stats = client.get("/stats").json()
             assert stats["completed"] == 1 and isinstance(stats["completed"], int)
     assert app.state.pipeline.stats().run == 2
+
+
+async def test_deadlines_and_admission_control_answer_504_and_503_with_retry_after():
+    ex = load_example("serve_fastapi")
+    release = threading.Event()
+
+    class Held(torch.nn.Module):
+        def forward(self, x):
+            release.wait(10)
+            return x[:, :3]
+
+    app = ex.create_app(Held(), max_in_flight=2)
+    x = torch.zeros(1, ex.FEATURES).tolist()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            late = await client.post("/predict", json={"features": x, "timeout_ms": 20})
+            held = [
+                asyncio.ensure_future(client.post("/predict", json={"features": x, "priority": p}))
+                for p in (1, 0)
+            ]
+            while app.state.pipeline.stats().in_flight < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+            refused = await client.post("/predict", json={"features": x})
+            release.set()
+            answers = await asyncio.gather(*held)
+            bad = await client.post("/predict", json={"features": x, "priority": 99})
+    assert late.status_code == 504
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["retry_after_ms"] > 0
+    assert [r.status_code for r in answers] == [200, 200]
+    assert bad.status_code == 422

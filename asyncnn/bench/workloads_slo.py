@@ -58,9 +58,7 @@ class Tally:
     missed: int = 0  # ended by their deadline (TimeoutError)
     shed: int = 0  # refused at admission (Overloaded)
     late: float = 0.0  # the most seconds any request was ended past its deadline
-    latencies: dict[str, list[float]] = field(
-        default_factory=lambda: {"urgent": [], "normal": []}
-    )
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"urgent": [], "normal": []})
 
     def goodput(self, cls: str | None = None) -> float:
         n = sum(self.in_time.values()) if cls is None else self.in_time[cls]
@@ -71,7 +69,7 @@ def _schedule(rate: float, seconds: float, seed: int) -> list[tuple[float, bool]
     """Poisson arrival times over ``seconds`` and whether each is urgent (same seed, same
     schedule: every setting sees the same arrivals)."""
     rng = random.Random(seed)
-    t, out = 0.0, []
+    t, out = 0.0, list[tuple[float, bool]]()
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:
@@ -80,8 +78,12 @@ def _schedule(rate: float, seconds: float, seed: int) -> list[tuple[float, bool]
 
 
 async def _open_loop(
-    pipe: Pipeline, rows: list[torch.Tensor], plan: list[tuple[float, bool]], tight: float,
-    loose: float, seconds: float,
+    pipe: Pipeline,
+    rows: list[torch.Tensor],
+    plan: list[tuple[float, bool]],
+    tight: float,
+    loose: float,
+    seconds: float,
 ) -> Tally:
     loop = asyncio.get_running_loop()
     tally = Tally(seconds)
@@ -229,7 +231,9 @@ def _rows(
                 ok &= late <= LATE_TOLERANCE
                 row.verdict = "meets" if ok else "MISSES"
             out.append(row)
-    summary = Row("slo", "auto over all loads", ctx.loop, total["auto"], 0.0, 0.0, unit="good req/s")
+    summary = Row(
+        "slo", "auto over all loads", ctx.loop, total["auto"], 0.0, 0.0, unit="good req/s"
+    )
     best_other = max(total[n] for n in names[1:])
     summary.ratio = total["auto"] / best_other
     summary.ratio_label = "vs the best single fixed setting"

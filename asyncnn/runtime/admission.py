@@ -3,9 +3,10 @@
 time out later. Sync, with the clock passed in: tests drive it without a loop.
 
 The estimate is Little's law on what the ledger already counts: requests are served (completed
-or failed; not those cancelled or timed out, which cost little) at ``rate`` per second (an exponential average over windows while work is in flight), so the ``ahead`` requests
-in flight that are at least as urgent as a new one (strict priority serves them first) end in
-about ``ahead / rate`` seconds; add the pipeline's service time (``base``: the sum of its
+or failed; not those cancelled or timed out, which cost little) at ``rate`` per second (an
+exponential average over windows while work is in flight), so the ``ahead`` requests in flight
+that are at least as urgent as a new one (strict priority serves them first) end in about
+``ahead / rate`` seconds; add the pipeline's service time (``base``: the sum of its
 stages' measured call times) and compare with the request's deadline.
 """
 

@@ -65,8 +65,8 @@ class StageProbe:
         "blocked",
         "busy",
         "failures",
-        "items",
         "inversions",
+        "items",
         "latency",
         "misses",
         "name",
@@ -97,7 +97,7 @@ class StageProbe:
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
         self.retries_exhausted = 0  # parts failed whole because max_retries ran out
-        self.released = dict.fromkeys(REASONS, 0)  # why batches were formed
+        self.released: dict[str, int] = dict.fromkeys(REASONS, 0)  # why batches were formed
         # Requests ended before compute because of their deadline: passed ("expired"), or
         # closer than this stage's service time ("hopeless").
         self.misses = {"expired": 0, "hopeless": 0}

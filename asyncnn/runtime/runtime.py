@@ -62,8 +62,10 @@ class Runtime:
         torch_threads: int | None = None,
         microbatch: int | None = None,
         max_in_flight: int | None = None,
+        compute_nice: int = 0,
     ) -> None:
         self.plan = plan
+        self.compute_nice = compute_nice
         self.torch_threads = torch_threads
         self.microbatch = microbatch
         self.ledger = Ledger()
@@ -147,7 +149,7 @@ class Runtime:
                 ctx.pool.release()
 
     def start(self, tg: anyio.abc.TaskGroup) -> Supervisor:
-        sup = self._sup = Supervisor(tg, self.torch_threads)
+        sup = self._sup = Supervisor(tg, self.torch_threads, self.compute_nice)
         self.started_at = time.perf_counter()
         self.ledger.clock = asyncio.get_running_loop().time  # deadlines are on the loop's clock
         if self.wiring.input_task:

@@ -23,13 +23,16 @@ class Supervisor:
     thread count, which is process-wide, is restored when the threads stop.
     """
 
-    def __init__(self, tg: anyio.abc.TaskGroup, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, tg: anyio.abc.TaskGroup, torch_threads: int | None = None, compute_nice: int = 0
+    ) -> None:
         self._tg = tg
         self._loop = asyncio.get_running_loop()
         self._scopes: set[anyio.CancelScope] = set()  # of the tasks still running
         self.threads: list[ThreadWorker] = []
         self.crash: BaseException | None = None
         self.torch_threads = torch_threads
+        self.compute_nice = compute_nice  # compute threads yield the CPU to the loop's thread
         self._saved_threads: int | None = None
         if torch_threads is not None:
             import torch
@@ -56,7 +59,7 @@ class Supervisor:
     def thread(self, name: str, compute: bool = True, threads: int = 1) -> ThreadWorker:
         """A dedicated thread (``threads`` of them sharing one queue of calls), stopped with the
         run; ``compute`` threads get torch's count."""
-        worker = ThreadWorker(name, self._loop, threads)
+        worker = ThreadWorker(name, self._loop, threads, self.compute_nice if compute else 0)
         self.threads.append(worker)
         if compute and self.torch_threads is not None:
             import torch

@@ -10,7 +10,14 @@ def test_nothing_is_built_for_events_while_nobody_listens():
     p.failed(ValueError("x"), 2)
     p.formed(8, "full")
     assert (p.busy, p.timed, p.blocked, p.failures) == (0.002, 1, 0.5, 1)
-    assert p.released == {"full": 1, "preferred": 0, "deadline": 0, "idle": 0, "delay": 0, "drain": 0}
+    assert p.released == {
+        "full": 1,
+        "preferred": 0,
+        "deadline": 0,
+        "idle": 0,
+        "delay": 0,
+        "drain": 0,
+    }
     assert p.latency.total == 1
 
 
