@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol
 
 from .runtime import RuntimeView, StepStats
 
 __all__ = ["HasStats", "PipelineStats", "StageStats", "StepStats", "snapshot"]
 
-_NO_MISSES: Mapping[str, int] = MappingProxyType({"expired": 0, "hopeless": 0})
+_NO_MISSES = {"expired": 0, "hopeless": 0}
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class StageStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     stepping: StepStats | None = None
-    deadline_misses: Mapping[str, int] = field(default_factory=lambda: _NO_MISSES)
+    deadline_misses: dict[str, int] = field(default_factory=lambda: dict(_NO_MISSES))
     slack_p50: float = 0.0
     slack_p99: float = 0.0
     priority_inversions: int = 0
@@ -183,7 +182,7 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             released_preferred=s.released["preferred"],
             released_deadline=s.released["deadline"],
             released_idle=s.released["idle"],
-            deadline_misses=MappingProxyType(dict(s.misses or _NO_MISSES)),
+            deadline_misses=dict(s.misses or _NO_MISSES),
             slack_p50=s.slack[0] if s.slack else 0.0,
             slack_p99=s.slack[1] if s.slack else 0.0,
             priority_inversions=s.inversions,

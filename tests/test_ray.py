@@ -217,3 +217,26 @@ async def test_a_batch_whose_replica_dies_is_not_run_again(tmp_path):
     for v in runs.read_text().split():
         counts[v] = counts.get(v, 0) + 1
     assert counts == {"0": 1, "1": 1, "2": 1, "3": 1}  # each request's work ran exactly once
+
+
+async def test_deadlines_and_priorities_pass_through_a_ray_stage():
+    gate = asyncio.Event()
+
+    async def hold(x):
+        if x.sum() == 0:
+            await gate.wait()
+        return x
+
+    remote = Stage(double, executor="ray", replicas=1, resources={"num_cpus": 0.5})
+    async with Pipeline([Stage(hold, workers=1), remote]) as pipe:
+        held = asyncio.ensure_future(pipe.send(torch.zeros(1, 2)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):
+            await pipe.send(torch.ones(1, 2), timeout=0.05)
+        gate.set()
+        await held
+        y = await pipe.send(torch.ones(1, 2), timeout=60, priority=-1)
+        st = pipe.stats()
+    torch.testing.assert_close(y, torch.full((1, 2), 2.0))
+    assert st["double"].items == 2  # the late request never reached the replica
+    assert st.timed_out == 1
