@@ -239,13 +239,14 @@ class Channel(Generic[T]):
         self._wake(self._getters)
 
     async def wake_up(self, always: bool = False) -> None:
-        """Wait once: for an item, the end of the stream, or a ``nudge`` (``always``: even
-        while items are buffered, which the caller is not taking yet). For a consumer that
-        decides on more than the items: it looks at everything again after any of them."""
+        """Wait once: for an item, the end of the stream, or a ``nudge``; ``always``: for a
+        nudge (or a sender's wake-up) even while items are buffered or the stream has ended,
+        which the caller is not taking yet. For a consumer that decides on more than the
+        items: it looks at everything again after any of them."""
         if self._nudged:
             self._nudged = False
             return
-        if not self._closed and (always or not self._buf):
+        if always or not (self._buf or self._closed):  # ``always``: only a nudge ends it
             await self._wait(self._getters)
         self._nudged = False
 
