@@ -108,9 +108,19 @@ class _Collector:
         req = core.CounterMetricFamily(
             "asyncnn_requests", "Requests by outcome", labels=["outcome"]
         )
-        for outcome in ("admitted", "completed", "failed", "cancelled", "timed_out", "overloaded"):
+        for outcome in ("admitted", "completed", "failed", "cancelled"):
             req.add_metric([outcome], float(getattr(st, outcome)))
         yield req
+        yield core.CounterMetricFamily(
+            "asyncnn_requests_timed_out",
+            "Requests their deadline ended (counted among the cancelled)",
+            value=st.timed_out,
+        )
+        yield core.CounterMetricFamily(
+            "asyncnn_requests_overloaded",
+            "Requests refused at admission with Overloaded (never admitted)",
+            value=st.overloaded,
+        )
         yield core.GaugeMetricFamily(
             "asyncnn_requests_in_flight", "Requests admitted and not ended", value=st.in_flight
         )

@@ -260,7 +260,8 @@ async def test_auto_batching_answers_correctly_and_says_why_it_released():
     assert st.slack_p99 > 0 and st.priority_inversions == 0
     assert 'asyncnn_stage_released_batches_total{reason="idle",stage="m"}' in text
     assert 'asyncnn_stage_deadline_misses_total{reason="expired",stage="m"}' in text
-    assert 'asyncnn_requests_total{outcome="timed_out"}' in text
+    assert "asyncnn_requests_timed_out_total 0.0" in text
+    assert "asyncnn_requests_overloaded_total 0.0" in text
 
 
 async def test_bad_timeouts_and_priorities_are_refused_before_admission():
