@@ -27,7 +27,7 @@ class Request:
     """One admitted request. ``future`` is its single outcome; once it is done the request is dead
     and every stage boundary drops it (this is how caller cancellation reaches the pipeline)."""
 
-    __slots__ = ("deadline", "future", "id", "priority", "since", "stream")
+    __slots__ = ("deadline", "future", "id", "priority", "since", "stream", "trace")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class Request:
         self.deadline = deadline
         self.priority = priority
         self.since = since
+        self.trace: Any = None  # a tracing.RequestTrace while the pipeline traces
 
     @property
     def urgent(self) -> bool:

@@ -22,6 +22,7 @@ from .streams import PartStream, StreamReader, one_part
 if TYPE_CHECKING:
     from .lifecycle import Run
     from .runtime import Runtime
+    from .tracing import Tracing
 
 __all__ = ["Requests"]
 
@@ -58,6 +59,7 @@ class Requests:
     _ids: Iterator[int]
     _check_rows: bool
     _yields: bool  # a generator or step stage: requests carry a PartStream
+    _tracing: Tracing | None
     aging: float
     max_request_rows: int | None
     microbatch: int | None
@@ -140,6 +142,8 @@ class Requests:
         return req
 
     def _enter(self, req: Request, x: Any, over: bool, stream: PartStream | None) -> Request:
+        if self._tracing is not None:
+            self._tracing.begin(req)
         if self._yields:  # its parts come back through a stream, collected into a list
             req.stream = stream if stream is not None else PartStream()
         self._runtime.admit(req, x, over=over)

@@ -25,6 +25,7 @@ from .partition import layer_stages
 from .runtime import Runtime
 from .stage import Stage
 from .stats import PipelineStats, snapshot
+from .tracing import tracing_from
 
 __all__ = ["Pipeline"]
 
@@ -72,6 +73,10 @@ class Pipeline(Requests):
             cores are oversubscribed the event loop's thread runs first: its latency (timers,
             deadlines, results handed back) stays low under load, and the compute threads take
             every cycle it leaves. 0 leaves the threads alone.
+        tracing: OpenTelemetry spans (``asyncnn.tracing``): ``True`` for the global tracer
+            provider's tracer, or a tracer; a span per request (a child of the caller's current
+            span), per stage it passes and per batch (linked to its requests). ``False``
+            (default): nothing is built.
 
     Raises:
         GraphError: the graph is invalid (the message names the stage and the fix).
@@ -100,6 +105,7 @@ class Pipeline(Requests):
         max_in_flight: int | None = None,
         aging: float = 1.0,
         compute_nice: int = 10,
+        tracing: Any = False,
     ) -> None:
         self._plan, opts = options(
             stages,
@@ -115,6 +121,7 @@ class Pipeline(Requests):
             compute_nice=compute_nice,
         )
         self._opts = opts
+        self._tracing = tracing_from(tracing)  # checked before anything runs
         self.max_in_flight = max_in_flight
         self.aging = aging
         self.queue_size = queue_size
@@ -143,6 +150,7 @@ class Pipeline(Requests):
             microbatch=o.microbatch,
             max_in_flight=o.max_in_flight,
             compute_nice=o.compute_nice,
+            tracing=self._tracing,
         )
 
     def _observe(self, emit: Callable[..., None] | None) -> None:

@@ -10,6 +10,9 @@ Then: curl -s -X POST localhost:8000/predict -H 'content-type: application/json'
   more urgent): urgent requests go first at every queue, one that cannot finish in time is
   refused at once with 503 and a Retry-After computed from the work ahead of it (admission
   control, ``max_in_flight``), and one whose deadline passes answers 504.
+- Traced with OpenTelemetry when asked (``TRACE=1``, or ``create_app(tracer_provider=...)``):
+  the FastAPI instrumentation opens the HTTP span, and the pipeline's request, stage and batch
+  spans sit inside it (``pip install opentelemetry-sdk opentelemetry-instrumentation-fastapi``).
 - It binds 127.0.0.1 by default: put a reverse proxy in front to expose it.
 - Bodies over 64 KiB are refused with 413 before they are parsed; rows must have exactly 8
   features and there are at most 64 of them (422 otherwise), before any tensor is made.
@@ -108,9 +111,14 @@ class PredictOut(BaseModel):
 
 
 def create_app(
-    model: torch.nn.Module | None = None, *, queue_size: int = 256, max_in_flight: int = 1024
+    model: torch.nn.Module | None = None,
+    *,
+    queue_size: int = 256,
+    max_in_flight: int = 1024,
+    tracer_provider: Any = None,
 ) -> FastAPI:
     model = model if model is not None else make_model()
+    tracer = None if tracer_provider is None else tracer_provider.get_tracer("asyncnn")
     pipeline = asyncnn.Pipeline(
         [
             asyncnn.Stage(
@@ -120,6 +128,7 @@ def create_app(
         queue_size=queue_size,
         max_request_rows=MAX_ROWS,
         max_in_flight=max_in_flight,
+        tracing=tracer or False,
     )
 
     @contextlib.asynccontextmanager
@@ -130,6 +139,10 @@ def create_app(
     app = FastAPI(lifespan=lifespan)
     app.state.pipeline = pipeline
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider)
 
     @app.exception_handler(asyncnn.PipelineFull)
     async def full(request: object, exc: asyncnn.PipelineFull) -> JSONResponse:
@@ -177,11 +190,21 @@ def create_app(
     return app
 
 
+def console_tracing() -> Any:
+    """A tracer provider that prints every span as it ends (``TRACE=1``)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    return provider
+
+
 if __name__ == "__main__":
     import uvicorn
 
     uvicorn.run(
-        create_app(),
+        create_app(tracer_provider=console_tracing() if os.environ.get("TRACE") else None),
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8000")),
     )

@@ -122,3 +122,34 @@ async def test_deadlines_and_admission_control_answer_504_and_503_with_retry_aft
     assert refused.json()["retry_after_ms"] > 0
     assert [r.status_code for r in answers] == [200, 200]
     assert bad.status_code == 422
+
+
+async def test_a_traced_request_sits_inside_the_http_span():
+    pytest.importorskip("opentelemetry.instrumentation.fastapi")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ex = load_example("serve_fastapi")
+    app = ex.create_app(tracer_provider=provider)
+    x = [[0.5] * ex.FEATURES]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.post("/predict", json={"features": x})
+    assert r.status_code == 200, r.text
+    spans = exporter.get_finished_spans()
+    by_id = {s.context.span_id: s for s in spans}
+    (req,) = [s for s in spans if s.name == "asyncnn.request"]
+    (http,) = [s for s in spans if s.kind.name == "SERVER"]
+    assert req.context.trace_id == http.context.trace_id
+    parent = by_id[req.parent.span_id]
+    while parent.parent is not None and parent is not http:
+        parent = by_id[parent.parent.span_id]
+    assert parent is http  # the pipeline's span is in the handler's trace
+    names = {s.name for s in spans}
+    assert {"asyncnn.stage model", "asyncnn.batch model"} <= names
+    provider.shutdown()

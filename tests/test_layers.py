@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "asyncnn"
 LAYERS = [
     {"errors"},
     {"urgency"},
+    {"tracing"},
     {"channels"},
     {"payload"},
     {"padding"},

@@ -240,3 +240,22 @@ async def test_deadlines_and_priorities_pass_through_a_ray_stage():
     torch.testing.assert_close(y, torch.full((1, 2), 2.0))
     assert st["double"].items == 2  # the late request never reached the replica
     assert st.timed_out == 1
+
+
+async def test_a_ray_stage_is_traced_on_the_driver():
+    otel = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    remote = Stage(double, executor="ray", replicas=1, resources={"num_cpus": 0.5})
+    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+        y = await pipe.send(torch.ones(1, 2))
+    torch.testing.assert_close(y, torch.full((1, 2), 2.0))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    stage, req = spans["asyncnn.stage double"], spans["asyncnn.request"]
+    assert stage.parent.span_id == req.context.span_id
+    assert stage.attributes["asyncnn.run_seconds"] > 0
+    provider.shutdown()

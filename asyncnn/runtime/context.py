@@ -110,6 +110,7 @@ class StageContext:
     pool: Any = None  # a RayPool for executor="ray" stages, made by prepare()
     workers: int = 1  # worker tasks reading the inbox (a Ray stage: one per call its replicas hold)
     join: Any = None  # a join's PartTable: the parts of each request, matched by id
+    tracing: Any = None  # a tracing.Tracing while the pipeline traces, else None
 
     @property
     def name(self) -> str:

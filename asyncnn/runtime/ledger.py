@@ -154,6 +154,8 @@ class Ledger:
         if req.id >= 0:
             self.counters.cancelled += 1
             self.counters.timed_out += 1
+        if req.trace is not None:
+            req.trace.end("timed_out", exc)
         if not req.future.done():
             req.future.set_exception(exc)
 
@@ -168,8 +170,12 @@ class Ledger:
 
     def drop(self, req: Request) -> None:
         """A boundary found ``req`` already ended; count a cancellation once."""
-        if self._release(req) and req.future.cancelled() and req.id >= 0:
-            self.counters.cancelled += 1
+        if self._release(req):
+            cancelled = req.future.cancelled()
+            if cancelled and req.id >= 0:
+                self.counters.cancelled += 1
+            if req.trace is not None:
+                req.trace.end("cancelled" if cancelled else "dropped")
 
     # -- outcomes ----------------------------------------------------------------------------------
 
@@ -182,9 +188,13 @@ class Ledger:
         if fut.done():  # cancelled between the last boundary and now
             if fut.cancelled() and counted:
                 self.counters.cancelled += 1
+            if req.trace is not None:
+                req.trace.end("cancelled")
             return False
         if counted:
             self.counters.completed += 1
+        if req.trace is not None:
+            req.trace.end("ok")
         fut.set_result(value)
         return True
 
@@ -196,8 +206,12 @@ class Ledger:
         counted = req.id >= 0
         if fut.cancelled():
             self.counters.cancelled += counted
+            if req.trace is not None:
+                req.trace.end("cancelled")
             return False
         self.counters.failed += counted
+        if req.trace is not None:
+            req.trace.end("closed" if isinstance(exc, PipelineClosed) else "error", exc)
         if not fut.done():
             fut.set_exception(exc)
         return True

@@ -63,6 +63,7 @@ class Runtime:
         microbatch: int | None = None,
         max_in_flight: int | None = None,
         compute_nice: int = 0,
+        tracing: Any = None,
     ) -> None:
         self.plan = plan
         self.compute_nice = compute_nice
@@ -108,6 +109,7 @@ class Runtime:
                     device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
                     workers=int(st.workers),  # resolved by options.resolve_workers
                     join=PartTable(self.ledger) if nw.join else None,
+                    tracing=tracing,
                 )
             )
         self._input_outbox = outbox(w.input_outs, StageProbe("input"))

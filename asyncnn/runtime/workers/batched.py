@@ -166,6 +166,22 @@ async def _run_paced(
             await inbox.wake_up(always=not idle)
 
 
+def _trace_batch(ctx: StageContext, items: list[Item], seconds: float, reason: str) -> None:
+    """The batch's span, linked to its requests (size, why released, device, padding)."""
+    spec = ctx.stage.batch
+    assert spec is not None
+    rows = sum(i.rows for i in items)
+    attrs: dict[str, Any] = {"asyncnn.batch.rows": rows}
+    if ctx.device is not None:
+        attrs["asyncnn.device"] = str(ctx.device)
+    if spec.pad is not None:
+        lengths = [i.length or 0 for i in items]
+        padded = spec.padded(max(lengths)) * rows
+        real = sum(i.rows * n for i, n in zip(items, lengths, strict=True))
+        attrs["asyncnn.batch.padding_waste"] = 1.0 - real / padded if padded else 0.0
+    ctx.tracing.batch(ctx.name, [i.request for i in items], seconds, reason, **attrs)
+
+
 def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
     """Count a released batch: why, its requests' slack, and whether a more urgent request
     stays behind (in another bucket: it could not share this batch)."""
@@ -258,7 +274,7 @@ async def run_runner(
                 probe.rows += sum(i.rows for i in items)
                 if spec.pad is not None:
                     probe.count_tokens(items, spec)
-                await _run_items(ctx, call, items, launched)
+                await _run_items(ctx, call, items, launched, reason=batch.reason)
     finally:
         launched.close()
 
@@ -269,6 +285,7 @@ async def _run_items(
     items: list[Item],
     launched: Channel[Launched],
     budget: list[int] | None = None,
+    reason: str = "retry",
 ) -> None:
     """Run ``items`` as one call; when it raises, bisect (within ``budget``: re-runs left for
     this batch, from ``max_retries``) so that only the failing requests fail."""
@@ -303,5 +320,7 @@ async def _run_items(
         ctx.fail([i.request for i in items], exc)
         return
     probe.items += len(items)
+    if ctx.tracing is not None:
+        _trace_batch(ctx, items, time.perf_counter() - t0, reason)
     env = Envelope(out, [i.request for i in items], None, rows, parts)
     await launched.send(Launched(env, out, Completion(None) if done is None else done, t0))

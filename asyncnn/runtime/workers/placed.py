@@ -77,7 +77,12 @@ async def run_complete(
             probe.active -= 1
             # From launch to completion: on a device, calls in flight overlap, so busy time can
             # exceed wall time per worker (a busy fraction above 1 means overlap).
-            probe.timed_call(time.perf_counter() - t0, len(env.requests))
+            took = time.perf_counter() - t0
+            probe.timed_call(took, len(env.requests))
+            if counts and ctx.tracing is not None:  # a batching stage traces its batches
+                ctx.tracing.call(
+                    ctx.name, env.requests, took, **{"asyncnn.device": str(ctx.device)}
+                )
             if counts:
                 probe.items += len(env.requests)
                 probe.batches += 1

@@ -28,6 +28,9 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
     inbox, outbox, ledger, probe = ctx.inbox, ctx.outbox, ctx.ledger, ctx.probe
     poll, wait_next, live = inbox.poll, inbox.next, ledger.live
     single, now = outbox.single, time.perf_counter
+    tracing = ctx.tracing
+    if tracing is not None:
+        sample = 0  # every call timed: each request's stage span needs its call's time
     tick = 0
     try:
         while True:
@@ -56,7 +59,10 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
                         out = await invoke(env.payload)
                     finally:
                         probe.active -= 1
-                    probe.timed_call(now() - t0, n)
+                    took = now() - t0
+                    probe.timed_call(took, n)
+                    if tracing is not None:
+                        tracing.call(ctx.name, env.requests, took)
                 if sync and type(out) is CoroutineType:
                     raise returned_coroutine(ctx.name, out)
             except Exception as exc:

@@ -1,0 +1,156 @@
+"""OpenTelemetry spans for requests, the stages they pass through, and the batches that carried
+them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
+
+- ``asyncnn.request``: one span per request, from admission to its end, a child of the caller's
+  current span (a request sent from an instrumented FastAPI handler sits in that handler's
+  trace). Its status says how it ended: ok, ``StageError`` (recorded, with the stage), cancelled,
+  timed out, ``PipelineClosed``.
+- ``asyncnn.stage <name>``: a child of the request per stage it passed through, from the moment
+  it was handed to the stage (queued) to the end of the call that computed it;
+  ``asyncnn.queue_seconds`` and ``asyncnn.run_seconds`` say which part was waiting.
+- ``asyncnn.batch <name>``: one span per batched call, with a *link* to the span of every
+  request it carried, and its size, why it was released and (padded batches) the padding waste:
+  "was I slow because I waited for a batch, or because the batch was slow?".
+
+Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
+is built (the runtime checks one attribute). Only ``opentelemetry-api`` is needed; without an
+SDK configured, the API's no-op tracer makes every span free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["RequestTrace", "Tracing", "tracing_from"]
+
+
+def _otel() -> Any:
+    try:
+        from opentelemetry import context, trace
+    except ImportError:
+        raise ImportError(
+            'Pipeline(tracing=...) needs OpenTelemetry: pip install "asyncnn[otel]" '
+            "(opentelemetry-api), and an SDK to export the spans"
+        ) from None
+    return trace, context
+
+
+class RequestTrace:
+    """One request's span, and when it was last handed to a stage (its queue's start)."""
+
+    __slots__ = ("_otel", "last", "span")
+
+    def __init__(self, span: Any, otel: Any, now: int) -> None:
+        self.span = span
+        self._otel = otel
+        self.last = now  # ns: when it entered the queue of the next stage
+
+    def end(self, outcome: str, exc: BaseException | None = None) -> None:
+        """The request ended (called once, by the ledger)."""
+        trace = self._otel
+        span = self.span
+        span.set_attribute("asyncnn.outcome", outcome)
+        if outcome == "ok":
+            span.set_status(trace.Status(trace.StatusCode.OK))
+        elif exc is not None:
+            span.record_exception(exc)
+            stage = getattr(exc, "stage", None)
+            if stage is not None:
+                span.set_attribute("asyncnn.stage", stage)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        else:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+        span.end()
+
+
+class Tracing:
+    """Makes the spans of one pipeline (see the module's doc)."""
+
+    __slots__ = ("_context", "_trace", "tracer")
+
+    def __init__(self, tracer: Any) -> None:
+        self._trace, self._context = _otel()
+        self.tracer = tracer
+
+    def begin(self, req: Any) -> None:
+        """Open ``req``'s span under the caller's current context."""
+        attrs: dict[str, Any] = {"asyncnn.request_id": req.id}
+        if req.priority:
+            attrs["asyncnn.priority"] = req.priority
+        span = self.tracer.start_span(
+            "asyncnn.request", context=self._context.get_current(), attributes=attrs
+        )
+        req.trace = RequestTrace(span, self._trace, time.time_ns())
+
+    def _stage(self, req: Any, stage: str, started: int, ended: int, **attrs: Any) -> None:
+        rt = req.trace
+        if rt is None:
+            return
+        queued = min(rt.last, started)
+        span = self.tracer.start_span(
+            f"asyncnn.stage {stage}",
+            context=self._trace.set_span_in_context(rt.span),
+            start_time=queued,
+            attributes={
+                "asyncnn.stage": stage,
+                "asyncnn.queue_seconds": (started - queued) / 1e9,
+                "asyncnn.run_seconds": (ended - started) / 1e9,
+                **attrs,
+            },
+        )
+        span.end(end_time=ended)
+        rt.last = ended
+
+    def call(self, stage: str, requests: Sequence[Any], seconds: float, **attrs: Any) -> None:
+        """A call of ``stage`` on ``requests`` just ended, after ``seconds``: a stage span
+        for each request (the queue before it, then the call)."""
+        ended = time.time_ns()
+        started = ended - int(seconds * 1e9)
+        for req in requests:
+            self._stage(req, stage, started, ended, **attrs)
+
+    def batch(
+        self, stage: str, requests: Sequence[Any], seconds: float, reason: str, **attrs: Any
+    ) -> None:
+        """A batched call of ``stage`` just ended: one span linked to every request's span,
+        and each request's stage span."""
+        ended = time.time_ns()
+        started = ended - int(seconds * 1e9)
+        links = [
+            self._trace.Link(r.trace.span.get_span_context())
+            for r in requests
+            if r.trace is not None
+        ]
+        span = self.tracer.start_span(
+            f"asyncnn.batch {stage}",
+            context=self._context.Context(),  # a root of its own: it belongs to many traces
+            links=links,
+            start_time=started,
+            attributes={
+                "asyncnn.stage": stage,
+                "asyncnn.batch.size": len(requests),
+                "asyncnn.batch.reason": reason,
+                **attrs,
+            },
+        )
+        span.end(end_time=ended)
+        for req in requests:
+            self._stage(req, stage, started, ended, **{"asyncnn.batch.size": len(requests)})
+
+
+def tracing_from(option: Any) -> Tracing | None:
+    """``Pipeline(tracing=...)``: False/None (off), True (the global tracer provider's
+    ``asyncnn`` tracer) or a tracer."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        trace, _ = _otel()
+        return Tracing(trace.get_tracer("asyncnn"))
+    if not hasattr(option, "start_span"):
+        raise TypeError(
+            f"Pipeline: tracing={option!r}: use True (the global tracer provider), False, or an "
+            "OpenTelemetry tracer (trace.get_tracer(...))"
+        )
+    return Tracing(option)

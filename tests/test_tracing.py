@@ -1,0 +1,173 @@
+"""OpenTelemetry spans, read back from the SDK's in-memory exporter."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from asyncnn import Batching, Graph, Pipeline, PipelineClosed, Stage, StageError
+
+pytest.importorskip("opentelemetry.sdk")
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import StatusCode
+
+
+@pytest.fixture
+def otel():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer("test"), exporter
+    provider.shutdown()
+
+
+def named(spans, prefix):
+    return [s for s in spans if s.name.startswith(prefix)]
+
+
+def children(spans, parent):
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def inc(x):
+    return x + 1
+
+
+async def test_a_chain_request_is_a_child_of_the_callers_span_with_a_span_per_stage(otel):
+    tracer, exporter = otel
+    pipe = Pipeline(
+        [Stage(inc, name="a"), Stage(inc, name="b"), Stage(inc, name="c")], tracing=tracer
+    )
+    async with pipe:
+        with tracer.start_as_current_span("handler") as handler:
+            assert await pipe.send(1) == 4
+    spans = exporter.get_finished_spans()
+    (req,) = named(spans, "asyncnn.request")
+    assert req.parent.span_id == handler.get_span_context().span_id
+    assert req.status.status_code == StatusCode.OK and req.attributes["asyncnn.outcome"] == "ok"
+    stages = children(spans, req)
+    assert [s.attributes["asyncnn.stage"] for s in sorted(stages, key=lambda s: s.start_time)] == [
+        "a",
+        "b",
+        "c",
+    ]
+    for s in stages:
+        assert (
+            s.attributes["asyncnn.queue_seconds"] >= 0 and s.attributes["asyncnn.run_seconds"] >= 0
+        )
+        assert req.start_time <= s.start_time <= s.end_time <= req.end_time
+
+
+async def test_fan_out_and_fan_in_each_branch_has_its_stage_span(otel):
+    tracer, exporter = otel
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(inc, name="a"), x)
+    b = g.add(Stage(inc, name="b"), a)
+    c = g.add(Stage(inc, name="c"), a)
+    d = g.add(Stage(lambda p, q: p + q, name="d"), b, c)
+    g.output(d)
+    async with Pipeline(g, tracing=tracer) as pipe:
+        assert await pipe.send(0) == 4
+    spans = exporter.get_finished_spans()
+    (req,) = named(spans, "asyncnn.request")
+    assert sorted(s.attributes["asyncnn.stage"] for s in children(spans, req)) == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]
+
+
+async def test_a_batch_span_links_every_request_it_carried(otel):
+    tracer, exporter = otel
+    spec = Batching(max_size=8, max_delay=0.05)
+    async with Pipeline([Stage(lambda x: x * 2, name="m", batch=spec)], tracing=tracer) as pipe:
+        xs = [torch.full((1, 2), float(i)) for i in range(8)]
+        await asyncio.gather(*(pipe.send(x) for x in xs))
+    spans = exporter.get_finished_spans()
+    reqs = named(spans, "asyncnn.request")
+    batches = named(spans, "asyncnn.batch m")
+    assert len(reqs) == 8 and batches
+    linked = {link.context.span_id for b in batches for link in b.links}
+    assert linked == {r.context.span_id for r in reqs}
+    assert sum(b.attributes["asyncnn.batch.size"] for b in batches) == 8
+    assert all(b.attributes["asyncnn.batch.reason"] in ("full", "delay") for b in batches)
+    assert all(len(children(spans, r)) == 1 for r in reqs)  # its stage span
+
+
+async def test_padding_waste_is_on_the_batch_span(otel):
+    tracer, exporter = otel
+    spec = Batching(max_size=2, max_delay=0.05, pad=0)
+    async with Pipeline([Stage(lambda x: x, name="m", batch=spec)], tracing=tracer) as pipe:
+        await asyncio.gather(pipe.send(torch.ones(1, 4)), pipe.send(torch.ones(1, 2)))
+    (batch,) = named(exporter.get_finished_spans(), "asyncnn.batch")
+    assert batch.attributes["asyncnn.batch.padding_waste"] == pytest.approx(0.25)
+
+
+async def test_outcomes_error_cancelled_timed_out_and_closed(otel):
+    tracer, exporter = otel
+    gate = threading.Event()
+
+    def work(x):
+        if x == "bad":
+            raise ValueError("bad input")
+        if x == "hold":
+            gate.wait(5)
+        return x
+
+    pipe = Pipeline([Stage(work, name="w", executor="thread", workers=2)], tracing=tracer)
+    async with pipe:
+        with pytest.raises(StageError):
+            await pipe.send("bad")
+        with pytest.raises(TimeoutError):
+            await pipe.send("hold", timeout=0.02)
+        task = asyncio.ensure_future(pipe.send("hold"))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        stuck = pipe.submit_nowait("hold")
+        await pipe.aclose(timeout=0)
+        gate.set()
+        with pytest.raises(PipelineClosed):
+            await stuck
+    outcomes = sorted(
+        s.attributes["asyncnn.outcome"]
+        for s in named(exporter.get_finished_spans(), "asyncnn.request")
+    )
+    assert outcomes == ["cancelled", "closed", "error", "timed_out"]
+    spans = {
+        s.attributes["asyncnn.outcome"]: s
+        for s in named(exporter.get_finished_spans(), "asyncnn.request")
+    }
+    err = spans["error"]
+    assert err.status.status_code == StatusCode.ERROR and err.attributes["asyncnn.stage"] == "w"
+    assert any(e.name == "exception" for e in err.events)
+    assert spans["closed"].status.status_code == StatusCode.ERROR
+
+
+async def test_a_device_stage_on_the_cpu_path_names_its_device(otel):
+    tracer, exporter = otel
+    model = torch.nn.Linear(2, 2)
+    async with Pipeline([Stage(model, name="lin", device="cpu")], tracing=tracer) as pipe:
+        await pipe.send(torch.ones(1, 2))
+    (stage,) = named(exporter.get_finished_spans(), "asyncnn.stage lin")
+    assert stage.attributes["asyncnn.device"] == "cpu"
+
+
+async def test_no_spans_at_all_when_tracing_is_off(otel):
+    tracer, exporter = otel
+    async with Pipeline([Stage(inc)]) as pipe:
+        with tracer.start_as_current_span("handler"):
+            assert await pipe.send(1) == 2
+        assert pipe._runtime.ledger.oldest() is None
+    assert [s.name for s in exporter.get_finished_spans()] == ["handler"]
+
+
+def test_a_bad_tracing_option_is_refused():
+    with pytest.raises(TypeError, match="tracing="):
+        Pipeline([Stage(inc)], tracing="yes")
