@@ -83,6 +83,23 @@ async def test_remote_exception_is_a_stage_error_with_the_remote_cause():
     assert [r.item() for i, r in enumerate(results) if i != 2] == [1.0, 2.0, 4.0]
 
 
+async def gone(actor):
+    """Wait until a killed actor is dead."""
+
+    def dead() -> bool:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=0.2)
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            pass  # busy with its held call, or not yet killed
+        return False
+
+    with anyio.fail_after(30):
+        while not await asyncio.to_thread(dead):  # noqa: ASYNC110 - polled: another process
+            await asyncio.sleep(0.05)
+
+
 async def test_a_killed_replica_fails_only_its_calls_and_is_replaced(tmp_path):
     import functools
 
@@ -100,6 +117,7 @@ async def test_a_killed_replica_fails_only_its_calls_and_is_replaced(tmp_path):
         assert pool._load == [1, 1]  # each replica holds one call
         victim = pool.actors[0]
         ray.kill(victim, no_restart=True)
+        await gone(victim)  # the kill is asynchronous: its held call must not finish first
         (tmp_path / "go").touch()
         results = await asyncio.gather(*first, return_exceptions=True)
         died = [r for r in results if isinstance(r, StageError)]
