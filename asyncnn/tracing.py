@@ -13,7 +13,9 @@ them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
   "was I slow because I waited for a batch, or because the batch was slow?".
 
 Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
-is built (the runtime checks one attribute). Only ``opentelemetry-api`` is needed; without an
+is built (the runtime checks one attribute). A plain stage's function (on its thread, inline or
+on the loop) runs with its stage span as the current span, so spans it makes itself are
+children of that span. Only ``opentelemetry-api`` is needed; without an
 SDK configured, the API's no-op tracer makes every span free.
 """
 
@@ -23,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["RequestTrace", "Tracing", "tracing_from"]
+__all__ = ["Carried", "RequestTrace", "Tracing", "tracing_from"]
 
 
 def _otel() -> Any:
@@ -65,6 +67,16 @@ class RequestTrace:
         span.end()
 
 
+class Carried:
+    """A payload on its way to a call, with the OpenTelemetry context to run it in."""
+
+    __slots__ = ("context", "payload")
+
+    def __init__(self, context: Any, payload: Any) -> None:
+        self.context = context
+        self.payload = payload
+
+
 class Tracing:
     """Makes the spans of one pipeline (see the module's doc)."""
 
@@ -83,6 +95,67 @@ class Tracing:
             "asyncnn.request", context=self._context.get_current(), attributes=attrs
         )
         req.trace = RequestTrace(span, self._trace, time.time_ns())
+
+    def open(self, stage: str, requests: Sequence[Any]) -> list[tuple[Any, Any]]:
+        """Stage spans opened before a call (from when each request was handed to the stage),
+        so that spans the stage's function makes are their children (see ``carry``)."""
+        out = []
+        for req in requests:
+            rt = req.trace
+            if rt is not None:
+                span = self.tracer.start_span(
+                    f"asyncnn.stage {stage}",
+                    context=self._trace.set_span_in_context(rt.span),
+                    start_time=rt.last,
+                    attributes={"asyncnn.stage": stage},
+                )
+                out.append((req, span))
+        return out
+
+    def close(self, spans: list[tuple[Any, Any]], seconds: float) -> None:
+        """The call of ``open``'s spans ended after ``seconds``."""
+        ended = time.time_ns()
+        started = ended - int(seconds * 1e9)
+        for req, span in spans:
+            rt = req.trace
+            queued = min(rt.last, started)
+            span.set_attribute("asyncnn.queue_seconds", (started - queued) / 1e9)
+            span.set_attribute("asyncnn.run_seconds", seconds)
+            span.end(end_time=ended)
+            rt.last = ended
+
+    def carry(self, spans: list[tuple[Any, Any]], payload: Any) -> Any:
+        """``payload`` with the first stage span's context, for a ``carrying`` call."""
+        if not spans:
+            return Carried(None, payload)
+        return Carried(self._trace.set_span_in_context(spans[0][1]), payload)
+
+    def carrying(self, call: Any, is_async: bool) -> Any:
+        """``call`` taking a ``Carried`` payload: it runs with the stage span as the current
+        span, on whichever thread runs it (a stage's thread, or the loop)."""
+        attach, detach = self._context.attach, self._context.detach
+
+        if is_async:
+
+            async def carried_async(arg: Carried) -> Any:
+                token = attach(arg.context) if arg.context is not None else None
+                try:
+                    return await call(arg.payload)
+                finally:
+                    if token is not None:
+                        detach(token)
+
+            return carried_async
+
+        def carried(arg: Carried) -> Any:
+            token = attach(arg.context) if arg.context is not None else None
+            try:
+                return call(arg.payload)
+            finally:
+                if token is not None:
+                    detach(token)
+
+        return carried
 
     def _stage(self, req: Any, stage: str, started: int, ended: int, **attrs: Any) -> None:
         rt = req.trace

@@ -64,9 +64,9 @@ def break_worker_after_one_call(monkeypatch: Any, stage: str) -> None:
 
     real = kinds.run_plain
 
-    async def broken(ctx: Any, invoke: Any, sample: int, sync: bool) -> None:
+    async def broken(ctx: Any, invoke: Any, sample: int, sync: bool, *rest: Any) -> None:
         if ctx.name != stage:
-            return await real(ctx, invoke, sample, sync)
+            return await real(ctx, invoke, sample, sync, *rest)
         env = await ctx.inbox.next()
         await invoke(env.payload)
         raise TypeError("runtime bug")

@@ -171,3 +171,30 @@ async def test_no_spans_at_all_when_tracing_is_off(otel):
 def test_a_bad_tracing_option_is_refused():
     with pytest.raises(TypeError, match="tracing="):
         Pipeline([Stage(inc)], tracing="yes")
+
+
+@pytest.mark.parametrize("executor", ["thread", "inline", "loop"])
+async def test_spans_a_stage_function_makes_are_children_of_its_stage_span(otel, executor):
+    tracer, exporter = otel
+
+    def work(x):
+        with tracer.start_as_current_span("inside"):
+            return x + 1
+
+    async def awork(x):
+        with tracer.start_as_current_span("inside"):
+            await asyncio.sleep(0)
+            return x + 1
+
+    stage = (
+        Stage(awork, name="w") if executor == "loop" else Stage(work, name="w", executor=executor)
+    )
+    async with Pipeline([stage], tracing=tracer) as pipe:
+        assert await asyncio.gather(pipe.send(1), pipe.send(2)) == [2, 3]
+    spans = exporter.get_finished_spans()
+    stages = {s.context.span_id: s for s in named(spans, "asyncnn.stage w")}
+    inside = named(spans, "inside")
+    assert len(stages) == 2 and len(inside) == 2
+    assert {s.parent.span_id for s in inside} == set(stages)
+    for s in stages.values():
+        assert s.attributes["asyncnn.run_seconds"] > 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 from types import CoroutineType
+from typing import Any
 
 from anyio import WouldBlock
 
+from ...batching import Envelope
 from ...channels import EMPTY, END
 from ...executors import Invoke, returned_coroutine
 from ..context import StageContext
@@ -19,15 +21,18 @@ from ..context import StageContext
 __all__ = ["run_plain"]
 
 
-async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) -> None:
+async def run_plain(
+    ctx: StageContext, invoke: Invoke, sample: int, sync: bool, carries: bool = False
+) -> None:
     """Run one worker of a plain stage until its inbox ends.
 
     ``sample``: calls between timed calls (0: time every call); ``sync``: the function is sync
-    (a coroutine it returns is a mistake, reported as such).
+    (a coroutine it returns is a mistake, reported as such); ``carries``: ``invoke`` takes a
+    ``tracing.Carried`` payload (the stage span's context for the call).
     """
     inbox, outbox, ledger, probe = ctx.inbox, ctx.outbox, ctx.ledger, ctx.probe
     poll, wait_next, live = inbox.poll, inbox.next, ledger.live
-    single, now = outbox.single, time.perf_counter
+    single = outbox.single
     tracing = ctx.tracing
     if tracing is not None:
         sample = 0  # every call timed: each request's stage span needs its call's time
@@ -53,16 +58,7 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
                     out = await invoke(env.payload)
                 else:
                     tick = sample
-                    t0 = now()
-                    probe.active += 1
-                    try:
-                        out = await invoke(env.payload)
-                    finally:
-                        probe.active -= 1
-                    took = now() - t0
-                    probe.timed_call(took, n)
-                    if tracing is not None:
-                        tracing.call(ctx.name, env.requests, took)
+                    out = await _timed(ctx, invoke, env, n, carries)
                 if sync and type(out) is CoroutineType:
                     raise returned_coroutine(ctx.name, out)
             except Exception as exc:
@@ -80,3 +76,27 @@ async def run_plain(ctx: StageContext, invoke: Invoke, sample: int, sync: bool) 
             await outbox.send(env)
     finally:
         outbox.sender_done()
+
+
+async def _timed(ctx: StageContext, invoke: Invoke, env: Envelope, n: int, carries: bool) -> Any:
+    """One call, timed (and traced: the stage spans are open while it runs)."""
+    probe, tracing, now = ctx.probe, ctx.tracing, time.perf_counter
+    spans = None if tracing is None else tracing.open(ctx.name, env.requests)
+    t0 = now()
+    probe.active += 1
+    try:
+        if spans is not None and carries:
+            out = await invoke(tracing.carry(spans, env.payload))
+        else:
+            out = await invoke(env.payload)
+    except BaseException:
+        probe.active -= 1
+        if spans is not None:
+            tracing.close(spans, now() - t0)
+        raise
+    probe.active -= 1
+    took = now() - t0
+    probe.timed_call(took, n)
+    if spans is not None:
+        tracing.close(spans, took)
+    return out
