@@ -79,6 +79,17 @@ class _Replica:
     def run(self, args: tuple[Any, ...]) -> Any:
         return self._call(*args)
 
+    def run_traced(self, carrier: dict[str, str], args: tuple[Any, ...]) -> Any:
+        """``run`` inside the caller's trace: ``carrier`` holds the stage span's context (W3C
+        trace context), so spans the function makes here are children of that span."""
+        from opentelemetry import context, propagate
+
+        token = context.attach(propagate.extract(carrier))
+        try:
+            return self._call(*args)
+        finally:
+            context.detach(token)
+
     def run_batch(self, items: list[tuple[Any, int, int]], spec: Any) -> Any:
         """Collate and call one batch here; the caller checks rows and splits it."""
         payload, rows, _, _ = collate(items, spec)

@@ -13,9 +13,9 @@ them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
   "was I slow because I waited for a batch, or because the batch was slow?".
 
 Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
-is built (the runtime checks one attribute). A plain stage's function (on its thread, inline or
-on the loop) runs with its stage span as the current span, so spans it makes itself are
-children of that span. Only ``opentelemetry-api`` is needed; without an
+is built (the runtime checks one attribute). A plain stage's function (on its thread, inline, on the loop,
+or on a Ray replica, where the context travels as a W3C trace-context carrier) runs with its
+stage span as the current span, so spans it makes itself are children of that span. Only ``opentelemetry-api`` is needed; without an
 SDK configured, the API's no-op tracer makes every span free.
 """
 
@@ -129,6 +129,19 @@ class Tracing:
         if not spans:
             return Carried(None, payload)
         return Carried(self._trace.set_span_in_context(spans[0][1]), payload)
+
+    def remote(self, pool: Any) -> Any:
+        """A Ray stage's ``invoke`` for ``Carried`` payloads: the context crosses to the replica
+        as a W3C trace-context carrier (``_Replica.run_traced``)."""
+        from opentelemetry import propagate
+
+        def invoke(arg: Carried) -> Any:
+            carrier: dict[str, str] = {}
+            if arg.context is not None:
+                propagate.inject(carrier, context=arg.context)
+            return pool.call("run_traced", carrier, (arg.payload,))
+
+        return invoke
 
     def carrying(self, call: Any, is_async: bool) -> Any:
         """``call`` taking a ``Carried`` payload: it runs with the stage span as the current

@@ -277,3 +277,32 @@ async def test_a_ray_stage_is_traced_on_the_driver():
     assert stage.parent.span_id == req.context.span_id
     assert stage.attributes["asyncnn.run_seconds"] > 0
     provider.shutdown()
+
+
+def current_span_ids(x):
+    from opentelemetry import trace
+
+    sc = trace.get_current_span().get_span_context()
+    return torch.tensor(
+        [[float(sc.trace_id % 2**52), float(sc.span_id % 2**52)]], dtype=torch.float64
+    )
+
+
+async def test_a_ray_stage_function_runs_inside_its_stage_span():
+    otel = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    remote = Stage(
+        current_span_ids, name="ids", executor="ray", replicas=1, resources={"num_cpus": 0.5}
+    )
+    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+        got = await pipe.send(torch.zeros(1))
+    (stage,) = [s for s in exporter.get_finished_spans() if s.name == "asyncnn.stage ids"]
+    # The replica saw the stage span as its current span (the context crossed the call).
+    assert got[0, 0].item() == float(stage.context.trace_id % 2**52)
+    assert got[0, 1].item() == float(stage.context.span_id % 2**52)
+    provider.shutdown()

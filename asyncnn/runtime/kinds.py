@@ -47,11 +47,13 @@ def _start_plain(ctx: StageContext, sup: Supervisor) -> None:
     ctx.outbox.open(ctx.workers)
     for w in range(ctx.workers):
         worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
-        call, carries = ctx.call, False
-        if ctx.tracing is not None and ctx.join is None and runs_on != "ray":
+        call, carries = ctx.call, ctx.tracing is not None and ctx.join is None
+        if carries and runs_on != "ray":
             # The function runs with its stage span current (spans it makes are children).
-            call, carries = ctx.tracing.carrying(call, runs_on == "loop"), True
+            call = ctx.tracing.carrying(call, runs_on == "loop")
         invoke = invoker(call, runs_on, join=ctx.join is not None, worker=worker, pool=ctx.pool)
+        if carries and runs_on == "ray":
+            invoke = ctx.tracing.remote(ctx.pool)  # the context travels with each call
         sup.spawn(f"{name}:{w}", run_plain, ctx, invoke, sample, runs_on != "loop", carries)
 
 
