@@ -13,10 +13,11 @@ them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
   "was I slow because I waited for a batch, or because the batch was slow?".
 
 Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
-is built (the runtime checks one attribute). A plain stage's function (on its thread, inline, on the loop,
-or on a Ray replica, where the context travels as a W3C trace-context carrier) runs with its
-stage span as the current span, so spans it makes itself are children of that span. Only ``opentelemetry-api`` is needed; without an
-SDK configured, the API's no-op tracer makes every span free.
+is built (the runtime checks one attribute). A plain stage's function (on its thread, inline,
+on the loop, or on a Ray replica, where the context travels as a W3C trace-context carrier)
+runs with its stage span as the current span, so spans it makes itself are children of that
+span. Only ``opentelemetry-api`` is needed; without an SDK configured, the API's no-op tracer
+makes every span free.
 """
 
 from __future__ import annotations
