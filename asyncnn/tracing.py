@@ -15,9 +15,10 @@ them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
 Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
 is built (the runtime checks one attribute). A plain stage's function (on its thread, inline,
 on the loop, or on a Ray replica, where the context travels as a W3C trace-context carrier)
-runs with its stage span as the current span, so spans it makes itself are children of that
-span. Only ``opentelemetry-api`` is needed; without an SDK configured, the API's no-op tracer
-makes every span free.
+runs with its stage span as the current span, and a batched stage's function (off Ray) with
+its batch span, so spans they make themselves are children of those spans. Only
+``opentelemetry-api`` is needed; without an SDK configured, the API's no-op tracer makes every
+span free.
 """
 
 from __future__ import annotations
@@ -198,23 +199,18 @@ class Tracing:
         for req in requests:
             self._stage(req, stage, started, ended, **attrs)
 
-    def batch(
-        self, stage: str, requests: Sequence[Any], seconds: float, reason: str, **attrs: Any
-    ) -> None:
-        """A batched call of ``stage`` just ended: one span linked to every request's span,
-        and each request's stage span."""
-        ended = time.time_ns()
-        started = ended - int(seconds * 1e9)
+    def open_batch(self, stage: str, requests: Sequence[Any], reason: str, **attrs: Any) -> Any:
+        """A batched call of ``stage`` starts: its span, linked to every request's span (a root
+        of its own: it belongs to many traces)."""
         links = [
             self._trace.Link(r.trace.span.get_span_context())
             for r in requests
             if r.trace is not None
         ]
-        span = self.tracer.start_span(
+        return self.tracer.start_span(
             f"asyncnn.batch {stage}",
-            context=self._context.Context(),  # a root of its own: it belongs to many traces
+            context=self._context.Context(),
             links=links,
-            start_time=started,
             attributes={
                 "asyncnn.stage": stage,
                 "asyncnn.batch.size": len(requests),
@@ -222,9 +218,57 @@ class Tracing:
                 **attrs,
             },
         )
+
+    def close_batch(
+        self,
+        span: Any,
+        stage: str,
+        requests: Sequence[Any],
+        seconds: float,
+        error: BaseException | None = None,
+    ) -> None:
+        """The batched call ended after ``seconds``: its span ends, and (when it succeeded)
+        each request gets its stage span."""
+        ended = time.time_ns()
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(error)))
         span.end(end_time=ended)
-        for req in requests:
-            self._stage(req, stage, started, ended, **{"asyncnn.batch.size": len(requests)})
+        if error is None:
+            started = ended - int(seconds * 1e9)
+            for req in requests:
+                self._stage(req, stage, started, ended, **{"asyncnn.batch.size": len(requests)})
+
+    def context_of(self, span: Any) -> Any:
+        """The context in which ``span`` is current (for ``boxed`` calls)."""
+        return self._trace.set_span_in_context(span)
+
+    def boxed(self, call: Any, box: list[Any], is_async: bool) -> Any:
+        """``call`` run in the context held in ``box[0]`` when it runs (set by the one runner
+        that owns ``box`` before each call it makes, on whichever thread runs the call)."""
+        attach, detach = self._context.attach, self._context.detach
+
+        if is_async:
+
+            async def boxed_async(*args: Any) -> Any:
+                token = attach(box[0]) if box[0] is not None else None
+                try:
+                    return await call(*args)
+                finally:
+                    if token is not None:
+                        detach(token)
+
+            return boxed_async
+
+        def boxed_call(*args: Any) -> Any:
+            token = attach(box[0]) if box[0] is not None else None
+            try:
+                return call(*args)
+            finally:
+                if token is not None:
+                    detach(token)
+
+        return boxed_call
 
 
 def tracing_from(option: Any) -> Tracing | None:

@@ -198,3 +198,26 @@ async def test_spans_a_stage_function_makes_are_children_of_its_stage_span(otel,
     assert {s.parent.span_id for s in inside} == set(stages)
     for s in stages.values():
         assert s.attributes["asyncnn.run_seconds"] > 0
+
+
+async def test_a_batched_function_runs_inside_its_batch_span_and_a_failed_batch_says_so(otel):
+    tracer, exporter = otel
+
+    def model(x):
+        with tracer.start_as_current_span("inside"):
+            if (x < 0).any():
+                raise ValueError("negative")
+            return x * 2
+
+    spec = Batching(max_size=4, max_delay=0.05, isolate_failures=False)
+    async with Pipeline([Stage(model, name="m", batch=spec)], tracing=tracer) as pipe:
+        await asyncio.gather(*(pipe.send(torch.ones(1, 2)) for _ in range(4)))
+        with pytest.raises(StageError):
+            await pipe.send(-torch.ones(1, 2))
+    spans = exporter.get_finished_spans()
+    batches = {s.context.span_id: s for s in named(spans, "asyncnn.batch m")}
+    inside = named(spans, "inside")
+    assert len(inside) == len(batches) >= 2
+    assert {s.parent.span_id for s in inside} == set(batches)
+    failed = [b for b in batches.values() if b.status.status_code == StatusCode.ERROR]
+    assert len(failed) == 1 and any(e.name == "exception" for e in failed[0].events)

@@ -166,8 +166,9 @@ async def _run_paced(
             await inbox.wake_up(always=not idle)
 
 
-def _trace_batch(ctx: StageContext, items: list[Item], seconds: float, reason: str) -> None:
-    """The batch's span, linked to its requests (size, why released, device, padding)."""
+def _open_batch(ctx: StageContext, items: list[Item], reason: str, box: list[Any] | None) -> Any:
+    """The batch's span, linked to its requests (size, why released, device, padding waste);
+    the stage's function runs in its context (``box``)."""
     spec = ctx.stage.batch
     assert spec is not None
     rows = sum(i.rows for i in items)
@@ -179,7 +180,10 @@ def _trace_batch(ctx: StageContext, items: list[Item], seconds: float, reason: s
         padded = spec.padded(max(lengths)) * rows
         real = sum(i.rows * n for i, n in zip(items, lengths, strict=True))
         attrs["asyncnn.batch.padding_waste"] = 1.0 - real / padded if padded else 0.0
-    ctx.tracing.batch(ctx.name, [i.request for i in items], seconds, reason, **attrs)
+    span = ctx.tracing.open_batch(ctx.name, [i.request for i in items], reason, **attrs)
+    if box is not None:
+        box[0] = ctx.tracing.context_of(span)
+    return span
 
 
 def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
@@ -198,14 +202,22 @@ def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> 
         probe.inversions += 1
 
 
-def batch_call(ctx: StageContext, worker: ThreadWorker | None, device: Device | None) -> BatchCall:
-    """How this stage runs one batch, chosen once per worker."""
+def batch_call(
+    ctx: StageContext,
+    worker: ThreadWorker | None,
+    device: Device | None,
+    box: list[Any] | None = None,
+) -> BatchCall:
+    """How this stage runs one batch, chosen once per worker. ``box``: while tracing, the
+    context the stage's function runs in (the batch span's, set by the runner per call)."""
     spec = ctx.stage.batch
     assert spec is not None
     name, call = ctx.name, ctx.call
     if ctx.join is not None:  # a batching join gets its merged parts as one tuple
         joined = call
         call = lambda parts: joined(*parts)  # noqa: E731
+    if box is not None:
+        call = ctx.tracing.boxed(call, box, ctx.stage.runs_on == "loop")
     launch = None if device is None else functools.partial(_launch_on, device, ctx.to_host)
 
     def ranges(items: list[Item]) -> list[tuple[Any, int, int]]:
@@ -258,7 +270,9 @@ async def run_runner(
         if ctx.device is not None:
             assert worker is not None
             device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
-        call = batch_call(ctx, worker, device)
+        # While tracing (off Ray), the function runs in its batch span's context.
+        box = [None] if ctx.tracing is not None and ctx.stage.runs_on != "ray" else None
+        call = batch_call(ctx, worker, device, box)
         nudge = ctx.inbox.nudge if spec.auto else None
         while True:
             if nudge is not None and not len(batches):
@@ -274,7 +288,7 @@ async def run_runner(
                 probe.rows += sum(i.rows for i in items)
                 if spec.pad is not None:
                     probe.count_tokens(items, spec)
-                await _run_items(ctx, call, items, launched, reason=batch.reason)
+                await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
     finally:
         launched.close()
 
@@ -286,6 +300,7 @@ async def _run_items(
     launched: Channel[Launched],
     budget: list[int] | None = None,
     reason: str = "retry",
+    box: list[Any] | None = None,
 ) -> None:
     """Run ``items`` as one call; when it raises, bisect (within ``budget``: re-runs left for
     this batch, from ``max_retries``) so that only the failing requests fail."""
@@ -293,12 +308,15 @@ async def _run_items(
     assert spec is not None
     if budget is None:
         budget = [spec.max_retries if spec.max_retries is not None else -1]
+    span = None if ctx.tracing is None else _open_batch(ctx, items, reason, box)
     t0 = time.perf_counter()
     probe.active += 1
     try:
         out, rows, parts, done = await call(items)
     except Exception as exc:
         probe.active -= 1
+        if span is not None:
+            ctx.tracing.close_batch(span, ctx.name, [], time.perf_counter() - t0, exc)
         if len(items) > 1 and spec.isolate_failures and not isinstance(exc, _NEVER_RERUN):
             # Bisect: rerun each half until the failing request is alone. A RowMismatch is the
             # stage itself being wrong: no retry helps. A lost worker's call may have run: it
@@ -312,7 +330,7 @@ async def _run_items(
                     if live and budget[0] != 0:
                         budget[0] -= 1
                         probe.retries += 1
-                        await _run_items(ctx, call, live, launched, budget)
+                        await _run_items(ctx, call, live, launched, budget, box=box)
                     elif live:
                         probe.retries_exhausted += 1
                         ctx.fail([i.request for i in live], exc)
@@ -320,7 +338,8 @@ async def _run_items(
         ctx.fail([i.request for i in items], exc)
         return
     probe.items += len(items)
-    if ctx.tracing is not None:
-        _trace_batch(ctx, items, time.perf_counter() - t0, reason)
+    if span is not None:
+        reqs = [i.request for i in items]
+        ctx.tracing.close_batch(span, ctx.name, reqs, time.perf_counter() - t0)
     env = Envelope(out, [i.request for i in items], None, rows, parts)
     await launched.send(Launched(env, out, Completion(None) if done is None else done, t0))
