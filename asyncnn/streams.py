@@ -239,6 +239,8 @@ class StreamReader:
                 value = stream.take()
             except BaseException:
                 self._finished = True
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # the same error ends the request: raised once, here
                 raise
             if value is END:
                 self._finished = True

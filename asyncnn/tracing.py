@@ -51,6 +51,11 @@ class RequestTrace:
         self._otel = otel
         self.last = now  # ns: when it entered the queue of the next stage
 
+    def part(self) -> PartTrace:
+        """The trace of one part of this (streaming) request: the stages after the generator
+        add their spans to this request's span."""
+        return PartTrace(self.span, self._otel, time.time_ns())
+
     def end(self, outcome: str, exc: BaseException | None = None) -> None:
         """The request ended (called once, by the ledger)."""
         trace = self._otel
@@ -67,6 +72,16 @@ class RequestTrace:
         else:
             span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
         span.end()
+
+
+class PartTrace(RequestTrace):
+    """A part of a streaming request: its stage spans go under the request's span, and its end
+    is not the request's (the request's own trace ends it)."""
+
+    __slots__ = ()
+
+    def end(self, outcome: str, exc: BaseException | None = None) -> None:
+        return None
 
 
 class Carried:

@@ -221,3 +221,23 @@ async def test_a_batched_function_runs_inside_its_batch_span_and_a_failed_batch_
     assert {s.parent.span_id for s in inside} == set(batches)
     failed = [b for b in batches.values() if b.status.status_code == StatusCode.ERROR]
     assert len(failed) == 1 and any(e.name == "exception" for e in failed[0].events)
+
+
+async def test_the_parts_of_a_streaming_request_are_traced_under_its_span(otel):
+    tracer, exporter = otel
+
+    def parts(x):
+        yield from range(x)
+
+    async with Pipeline(
+        [Stage(parts, name="gen"), Stage(inc, name="after")], tracing=tracer
+    ) as pipe:
+        got = [p async for p in pipe.send_stream(3)]
+    assert got == [1, 2, 3]
+    spans = exporter.get_finished_spans()
+    (req,) = named(spans, "asyncnn.request")
+    after = named(spans, "asyncnn.stage after")
+    assert len(after) == 3 and all(s.parent.span_id == req.context.span_id for s in after)
+    assert req.attributes["asyncnn.outcome"] == "ok" and req.end_time >= max(
+        s.end_time for s in after
+    )

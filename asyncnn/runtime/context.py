@@ -143,6 +143,8 @@ class StageContext:
             part = Request(stream.add_part(fut), fut)
         else:
             part = Request(stream.add_part(fut), fut, None, p.deadline, p.priority, p.since)
+            if p.trace is not None:
+                part.trace = p.trace.part()  # its stage spans go under the request's span
         self.ledger.admit(part)
         self.probe.items += 1
         env, single = Envelope(value, [part]), self.outbox.single
