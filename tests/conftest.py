@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 
 import anyio
+
 # Imported here, at collection: hypothesis's pytest plugin otherwise imports it while printing
 # the summary, deep in pluggy's stack, where CPython 3.11.7's parser can fail ("AST constructor
 # recursion depth mismatch", SystemError) after every test passed.
