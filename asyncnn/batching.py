@@ -1,5 +1,5 @@
-"""What moves on the queues, and how batches form: requests, envelopes, ``Batching``, the
-clock-free ``Batcher``. (Payload arithmetic — rows, split, concat, pad, collate — is in
+"""What moves on the queues, and the batching options: requests, envelopes, ``Batching``.
+(How batches form is ``batcher``; payload arithmetic — rows, split, concat, pad, collate — is in
 ``payload``.)
 
 A :class:`Request` is one caller's unit of work, admitted once and ended exactly once through its
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import math
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import check_whole
 
-__all__ = ["Batch", "Batcher", "Batching", "Envelope", "Item", "Request"]
+__all__ = ["Batching", "Envelope", "Request"]
 
 
 class Request:
@@ -270,186 +268,3 @@ def _whole_numbers(values: Any, name: str) -> tuple[int, ...]:
     if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
         raise ValueError(f"Batching: {name}={values!r} must be whole numbers >= 1")
     return sizes
-
-
-class Item:
-    """One request's rows waiting in (or forming) a batch: rows [start, stop) of ``source``."""
-
-    __slots__ = ("arrived", "length", "request", "rows", "source", "start", "stop")
-
-    def __init__(
-        self,
-        request: Request,
-        source: Any,
-        start: int,
-        stop: int,
-        arrived: float,
-        length: int | None = None,
-    ) -> None:
-        self.request = request
-        self.source = source
-        self.start = start
-        self.stop = stop
-        self.rows = stop - start
-        self.arrived = arrived
-        self.length = length  # along pad_dim, for padded batches
-
-
-Reason = Literal["full", "preferred", "deadline", "idle", "delay", "drain"]
-REASONS: tuple[Reason, ...] = ("full", "preferred", "deadline", "idle", "delay", "drain")
-
-
-@dataclass
-class Batch:
-    """Items released together, and why: ``full`` (max_size or max_tokens), ``preferred`` (a
-    delay or the pacer released it, cut to a preferred size), ``deadline`` (waiting longer
-    would cost its most urgent request the deadline), ``idle`` (a runner was free and the batch
-    keeps up with arrivals), ``delay`` (the timer: the oldest waited ``max_delay``, or one full
-    batch's time under ``"auto"``) or ``drain`` (shutdown)."""
-
-    items: list[Item]
-    reason: Reason
-
-    @property
-    def rows(self) -> int:
-        return sum(i.rows for i in self.items)
-
-
-def _rank(item: Item) -> tuple[int, float, float]:
-    req = item.request
-    deadline = req.deadline
-    return req.priority, math.inf if deadline is None else deadline, item.arrived
-
-
-class Batcher:
-    """Forms batches from arriving requests. Sync and clock-free: callers pass ``now``.
-
-    ``add`` files an item into the bucket of its key (its signature and length bucket);
-    ``pop`` returns the next batch that is due (a bucket with ``max_size`` rows or ``max_tokens``
-    padded tokens, or whose oldest item has waited ``max_delay``, or anything when draining;
-    under ``max_delay="auto"`` the ``pacer`` decides); ``next_deadline`` says when to look
-    again. A batch never takes more than ``max_size`` rows or ``max_tokens`` rows x padded
-    length (a single request larger than that goes alone). Once an urgent request (a deadline
-    or a priority) arrives, each bucket keeps its items most urgent first (priority, then
-    deadline, then arrival), so a batch takes the most urgent compatible requests.
-    """
-
-    def __init__(self, spec: Batching, pacer: Any = None) -> None:
-        self.spec = spec
-        self.pacer = pacer  # a pacing.Pacer when spec.auto
-        self._buckets: dict[Any, deque[Item]] = {}
-        self._rows: dict[Any, int] = {}
-        self._due: dict[Any, float] = {}  # earliest deadline in a bucket (ranked buckets)
-        self.pending_rows = 0
-        self.ranked = False
-        self._recheck: float | None = None
-
-    def add(self, item: Item, key: Any) -> None:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = deque()
-            self._rows[key] = 0
-        if item.request.urgent:
-            self.ranked = True
-            deadline = item.request.deadline
-            if deadline is not None and deadline < self._due.get(key, math.inf):
-                self._due[key] = deadline
-        if self.ranked and bucket and _rank(bucket[-1]) > _rank(item):
-            bisect.insort(bucket, item, key=_rank)
-        else:
-            bucket.append(item)
-        self._rows[key] += item.rows
-        self.pending_rows += item.rows
-
-    def next_deadline(self) -> float | None:
-        if self.pacer is not None:
-            return self._recheck
-        oldest = [b[0].arrived for b in self._buckets.values() if b]
-        return min(oldest) + self.spec.max_delay if oldest else None  # type: ignore[operator]
-
-    def pop(self, now: float, draining: bool = False, idle: bool = True) -> Batch | None:
-        """The next batch due at time ``now``, or None. A full bucket goes first; then the
-        bucket whose oldest item has waited longest. ``idle``: a runner waits for work now."""
-        spec = self.spec
-        best: tuple[int, float, Any, Reason] | None = None
-        self._recheck = None
-        for key, bucket in self._buckets.items():
-            oldest = min(i.arrived for i in bucket) if self.ranked else bucket[0].arrived
-            reason = self._due_now(key, bucket, now, oldest, idle)
-            if reason is None and draining:
-                reason = "drain"
-            if reason is None:
-                continue
-            rank = (0 if reason == "full" else 1, oldest)
-            if best is None or rank < best[:2]:
-                best = (*rank, key, reason)
-        if best is None:
-            return None
-        key, reason = best[2], best[3]
-        limit = spec.max_size
-        if reason != "full" and spec.preferred_sizes is not None:
-            fitting = [p for p in spec.preferred_sizes if p <= self._rows[key]]
-            limit = fitting[-1] if fitting else spec.max_size
-            if limit < self._rows[key] and reason != "drain":
-                reason = "preferred"
-        return Batch(self._take(key, limit), reason)
-
-    def most_urgent(self) -> int | float:
-        """The most urgent priority waiting (``math.inf`` when nothing waits)."""
-        return min((b[0].request.priority for b in self._buckets.values() if b), default=math.inf)
-
-    def _due_now(
-        self, key: Any, bucket: deque[Item], now: float, oldest: float, idle: bool
-    ) -> Reason | None:
-        spec = self.spec
-        if self.pacer is not None and not idle:
-            return None  # paced: a batch forms when a runner can take it, most urgent first
-            # (when draining, pop releases what is left anyway)
-        if self._rows[key] >= spec.max_size or self._over_budget(bucket):
-            return "full"
-        if self.pacer is None:
-            return "delay" if now - oldest >= spec.max_delay else None  # type: ignore[operator]
-        reason: Reason | None
-        reason, recheck = self.pacer.decide(now, self._rows[key], oldest, self._due.get(key), idle)
-        if recheck is not None and (self._recheck is None or recheck < self._recheck):
-            self._recheck = recheck
-        return reason
-
-    def _over_budget(self, bucket: deque[Item]) -> bool:
-        budget = self.spec.max_tokens
-        if budget is None:
-            return False
-        rows = sum(i.rows for i in bucket)
-        return rows * self.spec.padded(max(i.length or 0 for i in bucket)) >= budget
-
-    def _take(self, key: Any, limit: int) -> list[Item]:
-        bucket = self._buckets[key]
-        budget, padded = self.spec.max_tokens, self.spec.padded
-        items: list[Item] = []
-        rows = longest = 0
-        while bucket:
-            nxt = bucket[0]
-            grown = max(longest, nxt.length or 0)
-            fits = rows + nxt.rows <= limit and (
-                budget is None or (rows + nxt.rows) * padded(grown) <= budget
-            )
-            if items and not fits:
-                break
-            items.append(bucket.popleft())
-            rows += nxt.rows
-            longest = grown
-        self._rows[key] -= rows
-        self.pending_rows -= rows
-        if key in self._due:
-            left = [i.request.deadline for i in bucket if i.request.deadline is not None]
-            if left:
-                self._due[key] = min(left)
-            else:
-                del self._due[key]
-        self._prune()
-        return items
-
-    def _prune(self) -> None:
-        for key in [k for k, b in self._buckets.items() if not b]:
-            del self._buckets[key]
-            del self._rows[key]

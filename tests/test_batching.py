@@ -8,7 +8,8 @@ import torch
 from anyio import wait_all_tasks_blocked
 
 from asyncnn import Batching, Pipeline, PipelineFull, Stage, StageError
-from asyncnn.batching import Batcher, Item, Request
+from asyncnn.batcher import Batcher, Item
+from asyncnn.batching import Request
 from asyncnn.batchrun import collate, finish, run_batch
 from asyncnn.padding import request_length
 from asyncnn.payload import signature

@@ -19,6 +19,7 @@ LAYERS = [
     {"payload"},
     {"padding"},
     {"batching", "streams", "stepping", "pacing"},
+    {"batcher"},
     {"batchrun"},
     {"devices"},
     {"executors", "executors_ray"},

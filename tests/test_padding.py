@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asyncnn import Batching, Pipeline, Stage, StageError
-from asyncnn.batching import Batcher, Item, Request
+from asyncnn.batcher import Batcher, Item
+from asyncnn.batching import Request
 from asyncnn.batchrun import collate, finish
 from asyncnn.padding import request_length
 

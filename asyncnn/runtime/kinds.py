@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..batching import Batch
+from ..batcher import Batch
 from ..channels import Channel
 from ..executors import invoker
 from ..stage import Stage

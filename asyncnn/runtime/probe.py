@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..batching import REASONS
+from ..batcher import REASONS
 from ..pacing import ServiceTimes
 
 __all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from asyncnn import Batching
-from asyncnn.batching import Batcher, Item, Request
+from asyncnn.batcher import Batcher, Item
+from asyncnn.batching import Request
 from asyncnn.pacing import GUARD, ArrivalRate, Pacer, ServiceTimes
 
 

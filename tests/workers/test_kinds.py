@@ -6,7 +6,8 @@ import anyio
 import torch
 
 from asyncnn import Batching
-from asyncnn.batching import Batch, Envelope
+from asyncnn.batcher import Batch
+from asyncnn.batching import Envelope
 from asyncnn.channels import Channel
 from asyncnn.runtime.joins import PartTable
 from asyncnn.runtime.workers.batched import run_former
@@ -165,7 +166,7 @@ async def test_a_sink_with_several_outputs_ends_a_request_once_all_arrived():
 
 
 async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fails():
-    from asyncnn.batching import Item
+    from asyncnn.batcher import Item
     from asyncnn.errors import StageError
     from asyncnn.runtime.workers.batched import run_runner
 

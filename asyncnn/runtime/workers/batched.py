@@ -1,6 +1,6 @@
 """Batching stages (``batch=Batching(...)``): a former, and per worker a runner and a completer.
 
-The former files arrivals into a clock-free :class:`~asyncnn.batching.Batcher` and releases a
+The former files arrivals into a clock-free :class:`~asyncnn.batcher.Batcher` and releases a
 batch (full, delay, or drain) only when a runner is free, so batches grow under load. A runner
 collates, calls, checks rows and splits on the stage's executor; when a merged batch raises it
 bisects until the failing request is alone. Outputs go through the placed stages' completer.
@@ -17,7 +17,8 @@ from typing import Any
 
 import anyio
 
-from ...batching import Batch, Batcher, Batching, Envelope, Item
+from ...batcher import Batch, Batcher, Item
+from ...batching import Batching, Envelope
 from ...batchrun import collate, finish, run_batch
 from ...channels import EMPTY, END, Channel
 from ...devices import Completion, Device, open_device
@@ -103,11 +104,7 @@ async def run_former(
             if not batches.has_room():
                 await batches.wait_room()  # every runner is busy: arrivals wait in the inbox
                 continue
-            t = now()
-            batch = batcher.pop(t, draining=closed)
-            if batch is not None:
-                _dispatch(probe, batcher, batch, t)
-                batches.send_nowait(batch)
+            if _release(probe, batcher, batches, now(), closed, idle=True):
                 continue
             if closed:
                 return  # drained: pop(draining=True) left nothing behind
@@ -151,11 +148,7 @@ async def _run_paced(
         if not batches.has_room():
             await batches.wait_room()
             continue
-        t = now()
-        batch = batcher.pop(t, draining=closed, idle=idle)
-        if batch is not None:
-            _dispatch(probe, batcher, batch, t)
-            batches.send_nowait(batch)
+        if _release(probe, batcher, batches, now(), closed, idle):
             continue
         if closed:
             return  # drained: pop(draining=True) left nothing behind
@@ -184,6 +177,23 @@ def _open_batch(ctx: StageContext, items: list[Item], reason: str, box: list[Any
     if box is not None:
         box[0] = ctx.tracing.context_of(span)
     return span
+
+
+def _release(
+    probe: StageProbe,
+    batcher: Batcher,
+    batches: Channel[Batch],
+    now: float,
+    draining: bool,
+    idle: bool,
+) -> bool:
+    """Hand the batch due now (if any) to the runners' slot, counted; True when one went."""
+    batch = batcher.pop(now, draining=draining, idle=idle)
+    if batch is None:
+        return False
+    _dispatch(probe, batcher, batch, now)
+    batches.send_nowait(batch)
+    return True
 
 
 def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
