@@ -72,7 +72,12 @@ class HttpSamples(torch.utils.data.Dataset[torch.Tensor]):
         client = self._clients.get(os.getpid())
         if client is None:
             client = self._clients[os.getpid()] = httpx.Client(base_url=self.base, timeout=30)
-        r = client.get(f"/{i}")
+        try:
+            r = client.get(f"/{i}")
+        except httpx.TransportError:
+            # A kept-alive connection the server dropped between two reads (seen on a busy
+            # machine): one retry on a fresh connection, as urllib3 does for a GET.
+            r = client.get(f"/{i}")
         r.raise_for_status()
         return _decode(r.content)
 
