@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .batchrun import call_batch, collate
@@ -82,18 +82,29 @@ class _Replica:
     def run_traced(self, carrier: dict[str, str], args: tuple[Any, ...]) -> Any:
         """``run`` inside the caller's trace: ``carrier`` holds the stage span's context (W3C
         trace context), so spans the function makes here are children of that span."""
-        from opentelemetry import context, propagate
-
-        token = context.attach(propagate.extract(carrier))
-        try:
-            return self._call(*args)
-        finally:
-            context.detach(token)
+        return _in_trace(carrier, self.run, args)
 
     def run_batch(self, items: list[tuple[Any, int, int]], spec: Any) -> Any:
         """Collate and call one batch here; the caller checks rows and splits it."""
         payload, rows, _, _ = collate(items, spec)
         return call_batch(self._call, payload, rows, spec)
+
+    def run_batch_traced(
+        self, carrier: dict[str, str], items: list[tuple[Any, int, int]], spec: Any
+    ) -> Any:
+        """``run_batch`` inside the batch span's context (``carrier``, as in ``run_traced``)."""
+        return _in_trace(carrier, self.run_batch, items, spec)
+
+
+def _in_trace(carrier: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the W3C trace context in ``carrier`` current."""
+    from opentelemetry import context, propagate
+
+    token = context.attach(propagate.extract(carrier))
+    try:
+        return fn(*args)
+    finally:
+        context.detach(token)
 
     def stats(self) -> dict[str, int]:
         return {"calls": self.calls, "pid": os.getpid()}

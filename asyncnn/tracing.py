@@ -13,10 +13,12 @@ them (``Pipeline(tracing=True)`` or a tracer; ``pip install "asyncnn[otel]"``).
   "was I slow because I waited for a batch, or because the batch was slow?".
 
 Spans are made on the event loop from times the runtime takes anyway; with tracing off nothing
-is built (the runtime checks one attribute). A plain stage's function (on its thread, inline,
-on the loop, or on a Ray replica, where the context travels as a W3C trace-context carrier)
-runs with its stage span as the current span, and a batched stage's function (off Ray) with
-its batch span, so spans they make themselves are children of those spans. Only
+is built (the runtime checks one attribute). Every stage's function runs with its span as the
+current span, so spans it makes itself are children of that span: a plain, join or device
+stage's function in its stage span (on a thread, inline, on the loop, or on a Ray replica,
+where the context travels as a W3C trace-context carrier), a batched one in its batch span, a
+generator in its stage span, a step model's ``admit``/``step``/``evict`` in the span of that
+call (an ``asyncnn.batch`` span linked to the requests it carried). Only
 ``opentelemetry-api`` is needed; without an SDK configured, the API's no-op tracer makes every
 span free.
 """
@@ -129,7 +131,7 @@ class Tracing:
                 out.append((req, span))
         return out
 
-    def close(self, spans: list[tuple[Any, Any]], seconds: float) -> None:
+    def close(self, spans: list[tuple[Any, Any]], seconds: float, **attrs: Any) -> None:
         """The call of ``open``'s spans ended after ``seconds``."""
         ended = time.time_ns()
         started = ended - int(seconds * 1e9)
@@ -138,6 +140,8 @@ class Tracing:
             queued = min(rt.last, started)
             span.set_attribute("asyncnn.queue_seconds", (started - queued) / 1e9)
             span.set_attribute("asyncnn.run_seconds", seconds)
+            for key, value in attrs.items():
+                span.set_attribute(key, value)
             span.end(end_time=ended)
             rt.last = ended
 
@@ -147,22 +151,50 @@ class Tracing:
             return Carried(None, payload)
         return Carried(self._trace.set_span_in_context(spans[0][1]), payload)
 
-    def remote(self, pool: Any) -> Any:
+    def remote(self, pool: Any, join: bool = False) -> Any:
         """A Ray stage's ``invoke`` for ``Carried`` payloads: the context crosses to the replica
-        as a W3C trace-context carrier (``_Replica.run_traced``)."""
-        from opentelemetry import propagate
+        as a W3C trace-context carrier (``_Replica.run_traced``). ``join``: the payload is the
+        tuple of a join's parts, spread into the call."""
 
         def invoke(arg: Carried) -> Any:
-            carrier: dict[str, str] = {}
-            if arg.context is not None:
-                propagate.inject(carrier, context=arg.context)
-            return pool.call("run_traced", carrier, (arg.payload,))
+            args = tuple(arg.payload) if join else (arg.payload,)
+            return pool.call("run_traced", self.carrier(arg.context), args)
 
         return invoke
 
-    def carrying(self, call: Any, is_async: bool) -> Any:
+    def carrier(self, context: Any) -> dict[str, str]:
+        """``context`` as a W3C trace-context carrier, to cross into another process."""
+        from opentelemetry import propagate
+
+        carrier: dict[str, str] = {}
+        if context is not None:
+            propagate.inject(carrier, context=context)
+        return carrier
+
+    def within(self, context: Any, call: Any) -> Any:
+        """``call`` (sync) run with ``context`` attached, on whichever thread runs it."""
+        attach, detach = self._context.attach, self._context.detach
+
+        def attached(*args: Any) -> Any:
+            token = attach(context)
+            try:
+                return call(*args)
+            finally:
+                detach(token)
+
+        return attached
+
+    def attach(self, context: Any) -> Any:
+        """Make ``context`` current in this task or thread; ``detach`` the token it returns."""
+        return self._context.attach(context)
+
+    def detach(self, token: Any) -> None:
+        self._context.detach(token)
+
+    def carrying(self, call: Any, is_async: bool, join: bool = False) -> Any:
         """``call`` taking a ``Carried`` payload: it runs with the stage span as the current
-        span, on whichever thread runs it (a stage's thread, or the loop)."""
+        span, on whichever thread runs it (a stage's thread, or the loop). ``join``: the
+        payload is the tuple of a join's parts, spread into the call."""
         attach, detach = self._context.attach, self._context.detach
 
         if is_async:
@@ -170,7 +202,7 @@ class Tracing:
             async def carried_async(arg: Carried) -> Any:
                 token = attach(arg.context) if arg.context is not None else None
                 try:
-                    return await call(arg.payload)
+                    return await (call(*arg.payload) if join else call(arg.payload))
                 finally:
                     if token is not None:
                         detach(token)
@@ -180,7 +212,7 @@ class Tracing:
         def carried(arg: Carried) -> Any:
             token = attach(arg.context) if arg.context is not None else None
             try:
-                return call(arg.payload)
+                return call(*arg.payload) if join else call(arg.payload)
             finally:
                 if token is not None:
                     detach(token)

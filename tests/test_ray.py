@@ -306,3 +306,37 @@ async def test_a_ray_stage_function_runs_inside_its_stage_span():
     assert got[0, 0].item() == float(stage.context.trace_id % 2**52)
     assert got[0, 1].item() == float(stage.context.span_id % 2**52)
     provider.shutdown()
+
+
+def batch_span_ids(x):
+    return current_span_ids(x).expand(x.shape[0], 2).clone()
+
+
+async def test_a_batched_ray_stage_function_runs_inside_its_batch_span():
+    otel = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    remote = Stage(
+        batch_span_ids,
+        name="ids",
+        executor="ray",
+        replicas=1,
+        resources={"num_cpus": 0.5},
+        batch=Batching(max_size=4, max_delay=0.05),
+    )
+    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+        got = await asyncio.gather(*(pipe.send(torch.zeros(1)) for _ in range(3)))
+    batches = {
+        (float(s.context.trace_id % 2**52), float(s.context.span_id % 2**52)): s
+        for s in exporter.get_finished_spans()
+        if s.name == "asyncnn.batch ids"
+    }
+    # Every request's row was computed with its batch span current on the replica.
+    seen = {(g[0, 0].item(), g[0, 1].item()) for g in got}
+    assert seen and seen <= set(batches)
+    assert sum(len(batches[k].links) for k in seen) == 3
+    provider.shutdown()

@@ -241,3 +241,126 @@ async def test_the_parts_of_a_streaming_request_are_traced_under_its_span(otel):
     assert req.attributes["asyncnn.outcome"] == "ok" and req.end_time >= max(
         s.end_time for s in after
     )
+
+
+@pytest.mark.parametrize("executor", ["thread", "loop"])
+async def test_a_join_stage_function_runs_inside_its_stage_span(otel, executor):
+    tracer, exporter = otel
+
+    def add(p, q):
+        with tracer.start_as_current_span("inside"):
+            return p + q
+
+    async def aadd(p, q):
+        with tracer.start_as_current_span("inside"):
+            await asyncio.sleep(0)
+            return p + q
+
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(inc, name="a"), x)
+    b = g.add(Stage(inc, name="b"), x)
+    join = Stage(aadd, name="d") if executor == "loop" else Stage(add, name="d", executor=executor)
+    g.output(g.add(join, a, b))
+    async with Pipeline(g, tracing=tracer) as pipe:
+        assert await asyncio.gather(pipe.send(0), pipe.send(1)) == [2, 4]
+    spans = exporter.get_finished_spans()
+    joins = {s.context.span_id for s in named(spans, "asyncnn.stage d")}
+    inside = named(spans, "inside")
+    assert len(joins) == 2 and {s.parent.span_id for s in inside} == joins
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_generator_stage_has_a_stage_span_its_generator_runs_in(otel, kind):
+    tracer, exporter = otel
+
+    def parts(x):
+        for i in range(x):
+            with tracer.start_as_current_span("inside"):
+                yield i
+
+    async def aparts(x):
+        for i in range(x):
+            with tracer.start_as_current_span("inside"):
+                await asyncio.sleep(0)
+            yield i
+
+    fn = parts if kind == "sync" else aparts
+    async with Pipeline([Stage(fn, name="gen")], tracing=tracer) as pipe:
+        got = await asyncio.gather(pipe.send(2), pipe.send(3))
+    assert got == [[0, 1], [0, 1, 2]]
+    spans = exporter.get_finished_spans()
+    requests = {s.context.span_id: s for s in named(spans, "asyncnn.request")}
+    stages = named(spans, "asyncnn.stage gen")
+    assert len(stages) == 2 and {s.parent.span_id for s in stages} == set(requests)
+    assert sorted(s.attributes["asyncnn.parts"] for s in stages) == [2, 3]
+    for s in stages:
+        req = requests[s.parent.span_id]
+        assert req.start_time <= s.start_time <= s.end_time <= req.end_time
+    inside = named(spans, "inside")
+    assert len(inside) == 5
+    assert {s.parent.span_id for s in inside} == {s.context.span_id for s in stages}
+
+
+class TracedSteps:
+    """Request x = n: n outputs, one per step; each step opens a span of its own."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+
+    def admit(self, inputs):
+        return [{"n": n, "i": 0} for n in inputs]
+
+    def step(self, states):
+        with self.tracer.start_as_current_span("inside"):
+            if any(s["n"] < 0 for s in states):
+                raise ValueError("bad state")
+            outs = [s["i"] for s in states]
+            for s in states:
+                s["i"] += 1
+            return outs, [s["i"] >= s["n"] for s in states]
+
+
+async def test_a_step_stage_has_stage_spans_and_one_linked_batch_span_per_model_call(otel):
+    from asyncnn import Stepping
+
+    tracer, exporter = otel
+    stage = Stage(TracedSteps(tracer), name="steps", step=Stepping(max_active=4))
+    async with Pipeline([stage], tracing=tracer) as pipe:
+        got = await asyncio.gather(pipe.send(2), pipe.send(3), return_exceptions=True)
+        with pytest.raises(StageError):
+            await pipe.send(-1)
+    assert got == [[0, 1], [0, 1, 2]]
+    spans = exporter.get_finished_spans()
+    requests = {s.context.span_id: s for s in named(spans, "asyncnn.request")}
+    stages = named(spans, "asyncnn.stage steps")
+    assert len(stages) == 3 and {s.parent.span_id for s in stages} == set(requests)
+    for s in stages:
+        assert s.end_time <= requests[s.parent.span_id].end_time
+    calls = named(spans, "asyncnn.batch steps")
+    steps = [c for c in calls if c.attributes["asyncnn.batch.reason"] == "step"]
+    admits = [c for c in calls if c.attributes["asyncnn.batch.reason"] == "admit"]
+    assert admits and len(steps) >= 3
+    linked = {link.context.span_id for c in steps for link in c.links}
+    assert linked == set(requests)  # every request was carried by some step
+    for c in steps:
+        assert c.attributes["asyncnn.batch.size"] == len(c.links)
+    assert any(c.status.status_code == StatusCode.ERROR for c in steps)  # the bad one's step
+    inside = named(spans, "inside")
+    assert {s.parent.span_id for s in inside} == {c.context.span_id for c in steps}
+
+
+async def test_a_device_stage_function_runs_inside_its_stage_span(otel):
+    tracer, exporter = otel
+
+    class Traced(torch.nn.Module):
+        def forward(self, x):
+            with tracer.start_as_current_span("inside"):
+                return x + 1
+
+    async with Pipeline([Stage(Traced(), name="dev", device="cpu")], tracing=tracer) as pipe:
+        await asyncio.gather(pipe.send(torch.ones(1, 2)), pipe.send(torch.zeros(1, 2)))
+    spans = exporter.get_finished_spans()
+    stages = {s.context.span_id for s in named(spans, "asyncnn.stage dev")}
+    inside = named(spans, "inside")
+    assert len(stages) == 2 and {s.parent.span_id for s in inside} == stages

@@ -47,13 +47,14 @@ def _start_plain(ctx: StageContext, sup: Supervisor) -> None:
     ctx.outbox.open(ctx.workers)
     for w in range(ctx.workers):
         worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
-        call, carries = ctx.call, ctx.tracing is not None and ctx.join is None
+        call, carries, join = ctx.call, ctx.tracing is not None, ctx.join is not None
         if carries and runs_on != "ray":
-            # The function runs with its stage span current (spans it makes are children).
-            call = ctx.tracing.carrying(call, runs_on == "loop")
-        invoke = invoker(call, runs_on, join=ctx.join is not None, worker=worker, pool=ctx.pool)
+            # The function runs with its stage span current (spans it makes are children); a
+            # join's parts are spread by the carrying call.
+            call = ctx.tracing.carrying(call, runs_on == "loop", join)
+        invoke = invoker(call, runs_on, join=join and not carries, worker=worker, pool=ctx.pool)
         if carries and runs_on == "ray":
-            invoke = ctx.tracing.remote(ctx.pool)  # the context travels with each call
+            invoke = ctx.tracing.remote(ctx.pool, join)  # the context travels with each call
         sup.spawn(f"{name}:{w}", run_plain, ctx, invoke, sample, runs_on != "loop", carries)
 
 

@@ -226,7 +226,7 @@ def batch_call(
     if ctx.join is not None:  # a batching join gets its merged parts as one tuple
         joined = call
         call = lambda parts: joined(*parts)  # noqa: E731
-    if box is not None:
+    if box is not None and ctx.stage.runs_on != "ray":
         call = ctx.tracing.boxed(call, box, ctx.stage.runs_on == "loop")
     launch = None if device is None else functools.partial(_launch_on, device, ctx.to_host)
 
@@ -238,8 +238,13 @@ def batch_call(
         return lambda items: run(run_batch, (name, call, ranges(items), spec, launch))
 
     async def remote(items: list[Item]) -> tuple[Any, list[int], list[Any], Any]:
-        # One remote call per batch; collated on the replica, split here.
-        result = await ctx.pool.call("run_batch", ranges(items), spec)
+        # One remote call per batch; collated on the replica, split here. While tracing, the
+        # batch span's context crosses as a W3C carrier.
+        if box is None:
+            result = await ctx.pool.call("run_batch", ranges(items), spec)
+        else:
+            carrier = ctx.tracing.carrier(box[0])
+            result = await ctx.pool.call("run_batch_traced", carrier, ranges(items), spec)
         rows = [i.rows for i in items]
         lengths = None if spec.pad is None else [i.length or 0 for i in items]
         target = 0 if lengths is None else padded_length(spec, lengths)
@@ -280,8 +285,8 @@ async def run_runner(
         if ctx.device is not None:
             assert worker is not None
             device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
-        # While tracing (off Ray), the function runs in its batch span's context.
-        box = [None] if ctx.tracing is not None and ctx.stage.runs_on != "ray" else None
+        # While tracing, the function runs in its batch span's context.
+        box = [None] if ctx.tracing is not None else None
         call = batch_call(ctx, worker, device, box)
         nudge = ctx.inbox.nudge if spec.auto else None
         while True:
@@ -348,8 +353,12 @@ async def _run_items(
         ctx.fail([i.request for i in items], exc)
         return
     probe.items += len(items)
-    if span is not None:
-        reqs = [i.request for i in items]
-        ctx.tracing.close_batch(span, ctx.name, reqs, time.perf_counter() - t0)
     env = Envelope(out, [i.request for i in items], None, rows, parts)
-    await launched.send(Launched(env, out, Completion(None) if done is None else done, t0))
+    traced = None
+    if span is not None:
+        # The batch span ends when the batch is done: now, or (on a device) at its completion.
+        traced = functools.partial(ctx.tracing.close_batch, span, ctx.name, env.requests)
+        if done is None:
+            traced(time.perf_counter() - t0)
+            traced = None
+    await launched.send(Launched(env, out, Completion(None) if done is None else done, t0, traced))

@@ -9,6 +9,7 @@ Batching stages reuse the completer.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ class Launched(NamedTuple):
     out: Any
     done: Completion
     started: float
+    traced: Any = None  # while tracing: called with the call's seconds when it completes
 
 
 def launched_channel(ctx: StageContext, w: int) -> Channel[Launched]:
@@ -38,19 +40,31 @@ async def run_launch(ctx: StageContext, worker: ThreadWorker, launched: Channel[
     """Part one: open the device on the stage's thread, then launch each envelope's call."""
     assert ctx.device is not None
     probe, join, to_host, call = ctx.probe, ctx.join is not None, ctx.to_host, ctx.call
+    tracing = ctx.tracing
     try:
         device: Device = await worker.run(open_device, (ctx.device, ctx.stage.fn))
         while (env := await next_live(ctx)) is not END:
             args = env.payload if join else (env.payload,)
+            traced, run = None, call
+            if tracing is not None:  # the stage spans are open while the call runs
+                spans = tracing.open(ctx.name, env.requests)
+                traced = functools.partial(
+                    tracing.close, spans, **{"asyncnn.device": str(ctx.device)}
+                )
+                if spans:
+                    run = tracing.within(tracing.context_of(spans[0][1]), call)
             t0 = time.perf_counter()
             probe.active += 1
             try:
-                out, done = await worker.run(device.launch, (call, args, to_host))
+                out, done = await worker.run(device.launch, (run, args, to_host))
             except Exception as exc:
                 probe.active -= 1
+                if traced is not None:
+                    traced(time.perf_counter() - t0)
                 ctx.fail(env.requests, exc)
                 continue
-            await launched.send(Launched(env, out, done, t0))  # at most max_inflight on streams
+            # At most max_inflight on the device's streams.
+            await launched.send(Launched(env, out, done, t0, traced))
     finally:
         launched.close()
 
@@ -64,13 +78,15 @@ async def run_complete(
     probe = ctx.probe
     try:
         while (job := await launched.next()) is not END:
-            env, out, done, t0 = job
+            env, out, done, t0, traced = job
             if not done.done:  # a non-blocking query; the blocking wait is the waiter's
                 assert waiter is not None
                 try:
                     await waiter.run(done.wait, ())
                 except Exception as exc:  # an asynchronous CUDA error surfaces here
                     probe.active -= 1
+                    if traced is not None:
+                        traced(time.perf_counter() - t0)
                     ctx.fail(env.requests, exc)
                     continue
             done.release()
@@ -79,10 +95,8 @@ async def run_complete(
             # exceed wall time per worker (a busy fraction above 1 means overlap).
             took = time.perf_counter() - t0
             probe.timed_call(took, len(env.requests))
-            if counts and ctx.tracing is not None:  # a batching stage traces its batches
-                ctx.tracing.call(
-                    ctx.name, env.requests, took, **{"asyncnn.device": str(ctx.device)}
-                )
+            if traced is not None:
+                traced(took)
             if counts:
                 probe.items += len(env.requests)
                 probe.batches += 1

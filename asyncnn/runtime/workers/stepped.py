@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...batching import Request
 from ...channels import EMPTY, END
 from ...executors import ThreadWorker
 from ..context import StageContext
@@ -21,18 +22,16 @@ from ..stepper import Slot, Stepper
 
 __all__ = ["run_stepped"]
 
-Call = Callable[[str, list[Any]], "asyncio.Future[Any]"]
-
 
 async def run_stepped(ctx: StageContext, worker: ThreadWorker) -> None:
     """Run the step stage until its input has ended and every request has finished."""
     stepper = Stepper(ctx.stage.step)  # type: ignore[arg-type]  # a Stepping once validated
     ctx.probe.stepping = stepper.counters
-    call = _caller(ctx, worker)
+    call = _Model(ctx, worker)
     ended = False
     try:
         while True:
-            ended = _arrivals(ctx, stepper, ended)
+            ended = _arrivals(ctx, stepper, ended, call)
             if stepper.idle:
                 if ended:
                     return
@@ -50,25 +49,62 @@ async def run_stepped(ctx: StageContext, worker: ThreadWorker) -> None:
     finally:
         for slot in [*stepper.active, *stepper.waiting]:  # a forced stop: the ledger ends them
             slot.req.stream.abandon()
+        call.left_all()
         ctx.outbox.sender_done()
 
 
-def _caller(ctx: StageContext, worker: ThreadWorker) -> Call:
-    model, inference = ctx.stage.fn, ctx.stage.inference_mode
+class _Model:
+    """``await call(method, states, slots)``: the model's ``method`` on the stage's thread.
 
-    def run(method: str, arg: list[Any]) -> Any:
-        fn = getattr(model, method)
-        if inference:
+    While tracing, each call is a batch span (``asyncnn.batch.reason``: admit, step or evict)
+    linked to the requests of ``slots``, current while the method runs; and each request has a
+    stage span from its arrival (``arrived``) to when it leaves the stage (``left``: before
+    its stream ends, so it ends inside the request's span)."""
+
+    def __init__(self, ctx: StageContext, worker: ThreadWorker) -> None:
+        self.ctx, self.worker, self.tracing = ctx, worker, ctx.tracing
+        self.spans: dict[int, tuple[Any, float]] = {}  # request id -> its open stage span
+
+    def _run(self, method: str, arg: list[Any]) -> Any:
+        fn = getattr(self.ctx.stage.fn, method)
+        if self.ctx.stage.inference_mode:
             import torch
 
             with torch.inference_mode():
                 return fn(arg)
         return fn(arg)
 
-    return lambda method, arg: worker.run(run, (method, arg))
+    async def __call__(self, method: str, arg: list[Any], slots: Sequence[Slot]) -> Any:
+        tracing, name = self.tracing, self.ctx.name
+        if tracing is None:
+            return await self.worker.run(self._run, (method, arg))
+        span = tracing.open_batch(name, [s.req for s in slots], method)
+        run = tracing.within(tracing.context_of(span), self._run)
+        t0 = time.perf_counter()
+        try:
+            out = await self.worker.run(run, (method, arg))
+        except Exception as exc:
+            tracing.close_batch(span, name, [], time.perf_counter() - t0, exc)
+            raise
+        tracing.close_batch(span, name, [], time.perf_counter() - t0)
+        return out
+
+    def arrived(self, req: Request) -> None:
+        if self.tracing is not None:
+            self.spans[req.id] = (self.tracing.open(self.ctx.name, [req]), time.perf_counter())
+
+    def left(self, req: Request) -> None:
+        opened = self.spans.pop(req.id, None)
+        if opened is not None:
+            self.tracing.close(opened[0], time.perf_counter() - opened[1])
+
+    def left_all(self) -> None:
+        for rid in list(self.spans):
+            opened = self.spans.pop(rid)
+            self.tracing.close(opened[0], time.perf_counter() - opened[1])
 
 
-def _arrivals(ctx: StageContext, stepper: Stepper, ended: bool) -> bool:
+def _arrivals(ctx: StageContext, stepper: Stepper, ended: bool, call: _Model) -> bool:
     """Offer what arrived to the stepper (no waiting); True once the input has ended."""
     while not ended:
         env = ctx.inbox.poll()
@@ -81,30 +117,33 @@ def _arrivals(ctx: StageContext, stepper: Stepper, ended: bool) -> bool:
             if not ctx.ledger.alive(req, ctx.probe):
                 continue
             stream = ctx.start_stream(req)
+            call.arrived(req)
             try:
                 stepper.offer(req, one.payload)
             except Exception as exc:  # the key or cost function raised on this input
+                call.left(req)
                 ctx.part_failed(stream, exc)
     return ended
 
 
-async def _leave(ctx: StageContext, stepper: Stepper, call: Call) -> None:
+async def _leave(ctx: StageContext, stepper: Stepper, call: _Model) -> None:
     """Requests that ended early leave (their parts in flight dropped); active ones are evicted."""
     waiting, active = stepper.leave_ended()
     for slot in (*waiting, *active):
+        call.left(slot.req)
         ctx.ledger.abandon(slot.req)
     await _evict(ctx, call, active)
 
 
-async def _evict(ctx: StageContext, call: Call, slots: Sequence[Slot]) -> None:
+async def _evict(ctx: StageContext, call: _Model, slots: Sequence[Slot]) -> None:
     if slots and hasattr(ctx.stage.fn, "evict"):
         try:
-            await call("evict", [s.state for s in slots])
+            await call("evict", [s.state for s in slots], slots)
         except Exception as exc:  # the requests have ended; the stage reports the failure
             ctx.probe.failed(exc, len(slots))
 
 
-async def _admit(ctx: StageContext, stepper: Stepper, call: Call, joined: list[Slot]) -> None:
+async def _admit(ctx: StageContext, stepper: Stepper, call: _Model, joined: list[Slot]) -> None:
     """The model's batched admit for the newcomers, one key at a time."""
     keys: dict[Any, list[Slot]] = {}
     for slot in joined:
@@ -125,7 +164,7 @@ def _take_states(ctx: StageContext, group: Sequence[Slot], result: Any) -> None:
         slot.state = state
 
 
-async def _step(ctx: StageContext, stepper: Stepper, call: Call, group: list[Slot]) -> None:
+async def _step(ctx: StageContext, stepper: Stepper, call: _Model, group: list[Slot]) -> None:
     """One batched step of ``group``: each output is sent on; the done ones leave."""
     outs: list[tuple[Slot, Any, bool]] = []
 
@@ -145,6 +184,7 @@ async def _step(ctx: StageContext, stepper: Stepper, call: Call, group: list[Slo
             continue  # ended while the step ran: it leaves before the next one
         await ctx.send_part(stream, value)
         if last:
+            call.left(slot.req)  # before the request can end
             stream.end()
     await _evict(ctx, call, [*finished, *failed])
 
@@ -165,7 +205,7 @@ def _outputs(ctx: StageContext, group: Sequence[Slot], result: Any) -> tuple[lis
 
 async def _bisect(
     ctx: StageContext,
-    call: Call,
+    call: _Model,
     method: str,
     group: Sequence[Slot],
     args: list[Any],
@@ -175,10 +215,12 @@ async def _bisect(
     halves until the failing request is alone, and end that one with a ``StageError``. Returns
     the requests that failed."""
     try:
-        take(ctx, group, await call(method, args))
+        take(ctx, group, await call(method, args, group))
         return []
     except Exception as exc:
         if len(group) == 1:
+            if method != "evict":
+                call.left(group[0].req)
             ctx.part_failed(group[0].req.stream, exc)
             return list(group)
         ctx.probe.retries += 1

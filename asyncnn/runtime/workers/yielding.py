@@ -14,6 +14,7 @@ generator is closed and the parts still in flight are cancelled.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,8 @@ async def _drive(
     """Run one request's generator to its end (or the request's), holding a slot while it
     computes."""
     stream = ctx.start_stream(req)
-    step, close = _stepper(ctx, payload, worker)
+    span = _GenSpan(ctx, req, worker is None)
+    step, close = _stepper(ctx, payload, worker, span.context)
     holding, forced = True, False
     try:
         while not req.future.done():
@@ -68,14 +70,17 @@ async def _drive(
             try:
                 part = await step()
             except Exception as exc:
+                span.end()
                 ctx.part_failed(stream, exc)
                 return
             if part is _DONE:
+                span.end()  # before the request can end
                 stream.end()
                 return
             if req.future.done():  # ended while the generator computed: drop the part
                 return
             ctx.probe.batches += 1
+            span.parts += 1
             await ctx.send_part(stream, part)
     except anyio.get_cancelled_exc_class():
         forced = True  # a forced stop: nothing more may be awaited here
@@ -85,16 +90,48 @@ async def _drive(
             ctx.ledger.abandon(req)
         if not forced:  # (after a forced stop the generator is closed when it is collected)
             await close()
+        span.end()
+        span.detach()
         if holding:
             slots.release()
         ctx.outbox.sender_done()
 
 
+class _GenSpan:
+    """While tracing: one request's stage span at a generator stage, from its arrival to its
+    generator's end, with the parts it made; its context is current while the generator runs
+    (attached to the driver's task for an async generator, which runs in that task)."""
+
+    __slots__ = ("context", "parts", "spans", "started", "token", "tracing")
+
+    def __init__(self, ctx: StageContext, req: Request, in_task: bool) -> None:
+        self.tracing, self.context, self.token, self.parts = ctx.tracing, None, None, 0
+        self.spans = [] if ctx.tracing is None else ctx.tracing.open(ctx.name, [req])
+        if self.spans:
+            self.context = ctx.tracing.context_of(self.spans[0][1])
+            if in_task:
+                self.token = ctx.tracing.attach(self.context)
+        self.started = time.perf_counter()
+
+    def end(self) -> None:
+        if self.spans:
+            took = time.perf_counter() - self.started
+            self.tracing.close(self.spans, took, **{"asyncnn.parts": self.parts})
+            self.spans = []
+
+    def detach(self) -> None:
+        if self.token is not None:
+            self.tracing.detach(self.token)
+            self.token = None
+
+
 def _stepper(
-    ctx: StageContext, payload: Any, worker: ThreadWorker | None
+    ctx: StageContext, payload: Any, worker: ThreadWorker | None, context: Any = None
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``step()``: the generator's next output (``_DONE`` at its end); ``close()``: close it,
-    where it runs. The generator is created by the first step (on its thread for a sync one)."""
+    where it runs. The generator is created by the first step (on its thread for a sync one).
+    ``context``: while tracing, the stage span's, current on the thread while a sync
+    generator runs (an async one runs in the driver's task, which attached it)."""
     fn = ctx.stage.fn
     args = tuple(payload) if ctx.join is not None else (payload,)  # a join spreads its parts
     if worker is None:
@@ -127,6 +164,10 @@ def _stepper(
     def close_here() -> None:
         if gen:
             gen[0].close()
+
+    if context is not None:
+        advance = ctx.tracing.within(context, advance)
+        close_here = ctx.tracing.within(context, close_here)
 
     async def close_there() -> None:
         if gen:
