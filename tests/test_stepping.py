@@ -174,3 +174,19 @@ def test_step_stages_are_declared_with_a_step_model():
     with pytest.raises(ValueError, match="one step loop"):
         Stage(Counter(), step=Stepping(), workers=2)
     assert Stage(Counter(), step=Stepping()).yields
+
+
+async def test_a_failing_evict_is_counted_by_the_stage_and_ends_no_request():
+    class BadEvict(Counter):
+        def evict(self, states):
+            super().evict(states)
+            raise RuntimeError("evict failed")
+
+    model = BadEvict()
+    async with Pipeline([Stage(model, name="c", step=Stepping(max_active=4))]) as pipe:
+        got = await asyncio.gather(pipe.send(("a", 2)), pipe.send(("b", 3)))
+    assert got == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1), ("b", 2)]]
+    stats = pipe.stats()
+    # Evictions run on the stage's thread without the loop waiting; each failure is counted.
+    assert sorted(model.evicted) == ["a", "b"] and stats["c"].failures >= 1
+    assert stats.completed == 2 and stats.failed == 0

@@ -89,6 +89,18 @@ class _Model:
         tracing.close_batch(span, name, [], time.perf_counter() - t0)
         return out
 
+    def queue(self, method: str, arg: list[Any], n: int) -> None:
+        """Queue ``method`` on the stage's thread without waiting for it; a failure is counted
+        (``n`` requests) by the stage."""
+        probe = self.ctx.probe
+
+        def reported(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:
+                probe.failed(exc, n)
+
+        self.worker.run(self._run, (method, arg)).add_done_callback(reported)
+
     def arrived(self, req: Request) -> None:
         if self.tracing is not None:
             self.spans[req.id] = (self.tracing.open(self.ctx.name, [req]), time.perf_counter())
@@ -136,11 +148,19 @@ async def _leave(ctx: StageContext, stepper: Stepper, call: _Model) -> None:
 
 
 async def _evict(ctx: StageContext, call: _Model, slots: Sequence[Slot]) -> None:
-    if slots and hasattr(ctx.stage.fn, "evict"):
-        try:
-            await call("evict", [s.state for s in slots], slots)
-        except Exception as exc:  # the requests have ended; the stage reports the failure
-            ctx.probe.failed(exc, len(slots))
+    """The model's ``evict`` for requests that left. Nobody waits for its result: untraced, it
+    is queued on the stage's thread (which runs calls in order, so it runs before the next
+    admit or step) and the loop goes on; a failure is counted by the stage."""
+    if not slots or not hasattr(ctx.stage.fn, "evict"):
+        return
+    states = [s.state for s in slots]
+    if call.tracing is None:
+        call.queue("evict", states, len(slots))
+        return
+    try:
+        await call("evict", states, slots)
+    except Exception as exc:  # the requests have ended; the stage reports the failure
+        ctx.probe.failed(exc, len(slots))
 
 
 async def _admit(ctx: StageContext, stepper: Stepper, call: _Model, joined: list[Slot]) -> None:
