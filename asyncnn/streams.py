@@ -106,6 +106,16 @@ class PartStream:
         future.add_done_callback(functools.partial(self._part_done, index))
         return next(_part_ids)
 
+    def put(self, value: Any) -> None:
+        """A new part, delivered at once (its stage is the pipeline's output: nothing runs
+        after it, so it needs no request of its own). Takes a credit."""
+        index = self.produced
+        self.produced += 1
+        if self.credits is not None:
+            self.credits -= 1
+        self._done[index] = value
+        self._advance()
+
     def end(self, error: BaseException | None = None) -> None:
         """The generator ended after ``produced`` parts (with ``error``: it raised there)."""
         self.total = self.produced

@@ -89,7 +89,11 @@ class TinyDecoder(nn.Module):
         shape = (layers, slots, heads, max_len, dim // heads)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)
-        self.free = list(range(slots - 1, -1, -1))
+        # Rows 0..n-1 of the cache hold the n requests admitted and not evicted (``owner``):
+        # evicting one moves the last row into its place, so a step over every active request
+        # reads its keys and values as a view of the cache instead of gathering a copy.
+        self.owner: list[_State | None] = [None] * slots
+        self.n = 0
 
     # -- the step model ----------------------------------------------------------------------
 
@@ -99,12 +103,39 @@ class TinyDecoder(nn.Module):
                 raise ValueError("a prompt needs at least one token and max_new >= 1")
             if len(p.tokens) + p.max_new > self.max_len:
                 raise ValueError(f"prompt + max_new exceeds max_len={self.max_len}")
-        if len(prompts) > len(self.free):
-            raise RuntimeError(f"the KV cache has {len(self.free)} free slots, not {len(prompts)}")
-        return self._prefill(prompts, [self.free.pop() for _ in prompts])
+        free = len(self.owner) - self.n
+        if len(prompts) > free:
+            raise RuntimeError(f"the KV cache has {free} free slots, not {len(prompts)}")
+        states = self._prefill(prompts, list(range(self.n, self.n + len(prompts))))
+        for s in states:
+            self.owner[s.slot] = s
+        self.n += len(states)
+        return states
 
     def step(self, states: list[_State]) -> tuple[list[int], list[bool]]:
-        slots = torch.tensor([s.slot for s in states])
+        b = len(states)
+        order = sorted(range(b), key=lambda j: states[j].slot)
+        if [states[j].slot for j in order] == list(range(b)):
+            # Every active request (rows 0..b-1): stepped in row order, the cache read as a
+            # view; the outputs are put back in the caller's order.
+            nxt = self._step([states[j] for j in order], compact=True)
+            back = [0] * b
+            for pos, j in enumerate(order):
+                back[j] = nxt[pos]
+            nxt = back
+        else:
+            nxt = self._step(states, compact=False)
+        done = []
+        for s, t in zip(states, nxt, strict=True):
+            s.length += 1
+            s.made.append(t)
+            s.last = t
+            done.append(len(s.made) >= s.want)
+        return nxt, done
+
+    def _step(self, states: list[_State], compact: bool) -> list[int]:
+        b = len(states)
+        slots = torch.arange(b) if compact else torch.tensor([s.slot for s in states])
         lengths = torch.tensor([s.length for s in states])
         span = int(lengths.max()) + 1
         if span > self.max_len:
@@ -115,25 +146,31 @@ class TinyDecoder(nn.Module):
             q, k, v = block.split(x)  # (b, heads, 1, head_dim)
             self.keys[i, slots, :, lengths] = k[:, :, 0]
             self.values[i, slots, :, lengths] = v[:, :, 0]
-            # The active rows up to the longest: a narrowed view gathered row by row
-            # (index_select copies whole rows; advanced indexing here was 5x slower).
-            keys = self.keys[i, :, :, :span].index_select(0, slots)
-            values = self.values[i, :, :, :span].index_select(0, slots)
+            if compact:  # rows 0..b-1 up to the longest: a view
+                keys, values = self.keys[i, :b, :, :span], self.values[i, :b, :, :span]
+            else:  # some rows: gathered (index_select copies whole rows, fast)
+                keys = self.keys[i, :, :, :span].index_select(0, slots)
+                values = self.values[i, :, :, :span].index_select(0, slots)
             x = block.finish(x, _attend(q, keys, values, masked))
-        nxt = self.head(self.ln(x[:, -1])).argmax(-1).tolist()
-        done = []
-        for s, t in zip(states, nxt, strict=True):
-            s.length += 1
-            s.made.append(t)
-            s.last = t
-            done.append(len(s.made) >= s.want)
-        return nxt, done
+        out: list[int] = self.head(self.ln(x[:, -1])).argmax(-1).tolist()
+        return out
 
     def evict(self, states: list[_State]) -> None:
         for s in states:
-            if s.slot >= 0:
-                self.free.append(s.slot)
-                s.slot = -1
+            row = s.slot
+            if row < 0:
+                continue
+            last = self.n - 1
+            moved = self.owner[last]
+            if row != last and moved is not None:  # the last row fills the hole
+                n = moved.length
+                self.keys[:, row, :, :n] = self.keys[:, last, :, :n]
+                self.values[:, row, :, :n] = self.values[:, last, :, :n]
+                moved.slot = row
+                self.owner[row] = moved
+            self.owner[last] = None
+            self.n = last
+            s.slot = -1
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -136,7 +136,13 @@ class StageContext:
         return stream
 
     async def send_part(self, stream: PartStream, value: Any) -> None:
-        """Send one part of ``stream``'s request on, as a request of its own."""
+        """Send one part of ``stream``'s request on, as a request of its own; straight into
+        its stream when this stage is the pipeline's only output (``Sink.direct``)."""
+        single = self.outbox.single
+        if getattr(single, "direct", False):
+            self.probe.items += 1
+            stream.put(value)
+            return
         fut = asyncio.get_running_loop().create_future()
         p = stream.parent  # a part is as urgent as its request
         if p is None:
@@ -147,7 +153,7 @@ class StageContext:
                 part.trace = p.trace.part()  # its stage spans go under the request's span
         self.ledger.admit(part)
         self.probe.items += 1
-        env, single = Envelope(value, [part]), self.outbox.single
+        env = Envelope(value, [part])
         if single is not None and single.has_room():
             single.send_nowait(env)  # the common case: no coroutine
         else:

@@ -63,6 +63,7 @@ class Sink:
         "_closed",
         "_senders",
         "chunks",
+        "direct",
         "done",
         "ledger",
         "name",
@@ -83,6 +84,9 @@ class Sink:
         self.ledger, self.port, self.outputs, self.ports = ledger, port, outputs, ports
         self.chunks, self.done = chunks, done
         self.name = f"output[{port}]"
+        # The only output, nothing to join or put together: a streaming stage sending here
+        # puts its parts straight into their stream (``StageContext.send_part``).
+        self.direct = outputs is None and chunks is None
         self._senders = 0
         self._closed = False
 
