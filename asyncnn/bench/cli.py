@@ -88,7 +88,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "memory",
-            "500k small items streamed through 4 stages: peak RSS growth stays under 50 MB",
+            "400k small items streamed through 4 stages: peak RSS growth stays under 50 MB",
             memory,
         ),
         Workload(

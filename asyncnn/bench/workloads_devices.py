@@ -141,7 +141,7 @@ OVERLAP_BOUND = 0.9  # of 1 / max(read, compute, write)
 def overlap(ctx: Context) -> list[Row]:
     model = ctx.options.get("model") or bench_mlp()
     shape = ctx.options.get("input_shape") or (512,)
-    n = 40 if ctx.quick else 150
+    n = 40 if ctx.quick else 100
     batches = [torch.randn(OVERLAP_BATCH, *shape) for _ in range(8)]
     with torch.inference_mode():
         expected = [model(b) for b in batches]

@@ -105,7 +105,7 @@ def _have_torchdata() -> bool:
 
 def loader(ctx: Context) -> list[Row]:
     model = bench_mlp()
-    n = 2_048 if ctx.quick else 8_192  # the same samples for every system
+    n = 2_048 if ctx.quick else 6_144  # the same samples for every system
     dl = f"DataLoader(num_workers={DL_WORKERS}, prefetch_factor=4)"
     td = f"torchdata.nodes ParallelMapper({CONCURRENCY} threads)"
     systems: dict[str, Any] = {dl: lambda n, sink=None: _dataloader(model, n, sink)}

@@ -30,7 +30,7 @@ async def _inc(x: Any) -> Any:
 
 
 def memory(ctx: Context) -> list[Row]:
-    n = 200_000 if ctx.quick else 500_000
+    n = 200_000 if ctx.quick else 400_000
 
     async def run() -> Measure:
         pipe = Pipeline([Stage(_inc, name=f"s{i}") for i in range(4)], queue_size=64)

@@ -95,7 +95,7 @@ class _Serving:
 def serving(ctx: Context) -> list[Row]:
     model = ctx.options.get("model") or bench_mlp()
     shape = ctx.options.get("input_shape") or (512,)
-    total = 10_240 if ctx.quick else 30_720
+    total = 10_240 if ctx.quick else 20_480
     naive_total = 1_024 if ctx.quick else 2_048
     torch.manual_seed(1)
     rows = [torch.randn(1, *shape) for _ in range(64)]
