@@ -156,7 +156,7 @@ def transformer(ctx: Context) -> list[Row]:
         ctx,
         tok,
         _Encoder(AutoModel.from_pretrained(path).eval()),
-        _sentences(128 if ctx.quick else 160),
+        _sentences(128 if ctx.quick else 192),
     )
     reference = sv.per_request(sv.texts[:48])  # unbatched: the truth every system must match
     _check(sv.offline(), reference, "offline batched encode")
