@@ -95,6 +95,9 @@ class _Replica:
         """``run_batch`` inside the batch span's context (``carrier``, as in ``run_traced``)."""
         return _in_trace(carrier, self.run_batch, items, spec)
 
+    def stats(self) -> dict[str, int]:
+        return {"calls": self.calls, "pid": os.getpid()}
+
 
 def _in_trace(carrier: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with the W3C trace context in ``carrier`` current."""
@@ -105,9 +108,6 @@ def _in_trace(carrier: dict[str, str], fn: Callable[..., Any], *args: Any) -> An
         return fn(*args)
     finally:
         context.detach(token)
-
-    def stats(self) -> dict[str, int]:
-        return {"calls": self.calls, "pid": os.getpid()}
 
 
 def ensure_ray() -> bool:
