@@ -84,3 +84,19 @@ def test_interleave_times_a_once_system_in_the_first_round_only_without_warm_up(
     assert [len(runs[k]) for k in ("slow", "base", "ours")] == [1, 3, 3]
     # A reference timed once counts as its median against every run of ours.
     assert ratios_of(runs, "ours", "slow", cost=False) == [12.0, 12.0, 12.0]
+
+
+def test_the_generate_verdict_needs_both_paired_targets_and_the_ttft():
+    from asyncnn.bench.workloads_generate import verdict_of
+
+    static_ok, static_noise = judge([2.6, 3.0, 3.5], 2.0), judge([1.8, 2.2, 2.5], 2.0)
+    alone_ok, alone_noise, alone_bad = (
+        judge([5.1, 5.6, 6.0], 5.0),
+        judge([4.6, 5.1, 6.0], 5.0),
+        judge([4.1, 4.3, 4.5], 5.0),
+    )
+    assert verdict_of(static_ok, alone_ok, ttft_ok=True) == MEETS
+    assert verdict_of(static_ok, alone_ok, ttft_ok=False) == MISSES
+    assert verdict_of(static_ok, alone_noise, ttft_ok=True) == NOISE
+    assert verdict_of(static_noise, alone_ok, ttft_ok=True) == NOISE
+    assert verdict_of(static_ok, alone_bad, ttft_ok=True) == MISSES
