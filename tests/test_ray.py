@@ -340,3 +340,32 @@ async def test_a_batched_ray_stage_function_runs_inside_its_batch_span():
     assert seen and seen <= set(batches)
     assert sum(len(batches[k].links) for k in seen) == 3
     provider.shutdown()
+
+
+def join_span_ids(p, q):
+    return current_span_ids(p) + 0 * (p + q).sum()
+
+
+async def test_a_ray_join_stage_function_runs_inside_its_stage_span():
+    otel = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from asyncnn import Graph
+
+    exporter = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(double, name="a"), x)
+    b = g.add(Stage(double, name="b"), x)
+    join = Stage(join_span_ids, name="j", executor="ray", replicas=1, resources={"num_cpus": 0.5})
+    g.output(g.add(join, a, b))
+    async with Pipeline(g, tracing=provider.get_tracer("t")) as pipe:
+        got = await pipe.send(torch.zeros(1))
+    (stage,) = [s for s in exporter.get_finished_spans() if s.name == "asyncnn.stage j"]
+    # The join's parts were spread into the call on the replica, inside the stage span.
+    assert got[0, 0].item() == float(stage.context.trace_id % 2**52)
+    assert got[0, 1].item() == float(stage.context.span_id % 2**52)
+    provider.shutdown()
