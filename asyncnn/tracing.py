@@ -173,16 +173,7 @@ class Tracing:
 
     def within(self, context: Any, call: Any) -> Any:
         """``call`` (sync) run with ``context`` attached, on whichever thread runs it."""
-        attach, detach = self._context.attach, self._context.detach
-
-        def attached(*args: Any) -> Any:
-            token = attach(context)
-            try:
-                return call(*args)
-            finally:
-                detach(token)
-
-        return attached
+        return self.boxed(call, [context], False)
 
     def attach(self, context: Any) -> Any:
         """Make ``context`` current in this task or thread; ``detach`` the token it returns."""
@@ -237,14 +228,6 @@ class Tracing:
         )
         span.end(end_time=ended)
         rt.last = ended
-
-    def call(self, stage: str, requests: Sequence[Any], seconds: float, **attrs: Any) -> None:
-        """A call of ``stage`` on ``requests`` just ended, after ``seconds``: a stage span
-        for each request (the queue before it, then the call)."""
-        ended = time.time_ns()
-        started = ended - int(seconds * 1e9)
-        for req in requests:
-            self._stage(req, stage, started, ended, **attrs)
 
     def open_batch(self, stage: str, requests: Sequence[Any], reason: str, **attrs: Any) -> Any:
         """A batched call of ``stage`` starts: its span, linked to every request's span (a root

@@ -10,6 +10,19 @@ from anyio import wait_all_tasks_blocked
 
 from tests.fakes import load_example
 
+
+class Held(torch.nn.Module):
+    """A model stuck until ``release`` is set (10 s at most)."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    def forward(self, x):
+        self.release.wait(10)
+        return x[:, :3]
+
+
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
@@ -45,13 +58,7 @@ async def test_full_pipeline_answers_503_with_retry_after():
 
     ex = load_example("serve_fastapi")
     release = threading.Event()
-
-    class Held(torch.nn.Module):
-        def forward(self, x):
-            release.wait(10)
-            return x[:, :3]
-
-    app = ex.create_app(Held(), queue_size=1)
+    app = ex.create_app(Held(release), queue_size=1)
     pipeline = app.state.pipeline
     x = torch.zeros(1, ex.FEATURES)
     async with app.router.lifespan_context(app):
@@ -95,13 +102,7 @@ def test_one_module_level_app_serves_two_test_clients_in_turn():
 async def test_deadlines_and_admission_control_answer_504_and_503_with_retry_after():
     ex = load_example("serve_fastapi")
     release = threading.Event()
-
-    class Held(torch.nn.Module):
-        def forward(self, x):
-            release.wait(10)
-            return x[:, :3]
-
-    app = ex.create_app(Held(), max_in_flight=2)
+    app = ex.create_app(Held(release), max_in_flight=2)
     x = torch.zeros(1, ex.FEATURES).tolist()
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

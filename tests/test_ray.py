@@ -7,7 +7,7 @@ import anyio
 import pytest
 import torch
 
-from asyncnn import Batching, Pipeline, Stage, StageError
+from asyncnn import Batching, Graph, Pipeline, Stage, StageError
 
 ray = pytest.importorskip("ray")
 # Starting Ray actors (a process each, importing torch) takes seconds, more on a busy machine.
@@ -25,6 +25,20 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def otel():
+    """A tracer whose spans land in the SDK's in-memory exporter: (tracer, exporter)."""
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer("t"), exporter
+    provider.shutdown()
 
 
 def make_linear():
@@ -260,23 +274,16 @@ async def test_deadlines_and_priorities_pass_through_a_ray_stage():
     assert st.timed_out == 1
 
 
-async def test_a_ray_stage_is_traced_on_the_driver():
-    otel = pytest.importorskip("opentelemetry.sdk.trace")
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = otel.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+async def test_a_ray_stage_is_traced_on_the_driver(otel):
+    tracer, exporter = otel
     remote = Stage(double, executor="ray", replicas=1, resources={"num_cpus": 0.5})
-    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+    async with Pipeline([remote], tracing=tracer) as pipe:
         y = await pipe.send(torch.ones(1, 2))
     torch.testing.assert_close(y, torch.full((1, 2), 2.0))
     spans = {s.name: s for s in exporter.get_finished_spans()}
     stage, req = spans["asyncnn.stage double"], spans["asyncnn.request"]
     assert stage.parent.span_id == req.context.span_id
     assert stage.attributes["asyncnn.run_seconds"] > 0
-    provider.shutdown()
 
 
 def current_span_ids(x):
@@ -288,38 +295,25 @@ def current_span_ids(x):
     )
 
 
-async def test_a_ray_stage_function_runs_inside_its_stage_span():
-    otel = pytest.importorskip("opentelemetry.sdk.trace")
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = otel.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+async def test_a_ray_stage_function_runs_inside_its_stage_span(otel):
+    tracer, exporter = otel
     remote = Stage(
         current_span_ids, name="ids", executor="ray", replicas=1, resources={"num_cpus": 0.5}
     )
-    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+    async with Pipeline([remote], tracing=tracer) as pipe:
         got = await pipe.send(torch.zeros(1))
     (stage,) = [s for s in exporter.get_finished_spans() if s.name == "asyncnn.stage ids"]
     # The replica saw the stage span as its current span (the context crossed the call).
     assert got[0, 0].item() == float(stage.context.trace_id % 2**52)
     assert got[0, 1].item() == float(stage.context.span_id % 2**52)
-    provider.shutdown()
 
 
 def batch_span_ids(x):
     return current_span_ids(x).expand(x.shape[0], 2).clone()
 
 
-async def test_a_batched_ray_stage_function_runs_inside_its_batch_span():
-    otel = pytest.importorskip("opentelemetry.sdk.trace")
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = otel.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+async def test_a_batched_ray_stage_function_runs_inside_its_batch_span(otel):
+    tracer, exporter = otel
     remote = Stage(
         batch_span_ids,
         name="ids",
@@ -328,7 +322,7 @@ async def test_a_batched_ray_stage_function_runs_inside_its_batch_span():
         resources={"num_cpus": 0.5},
         batch=Batching(max_size=4, max_delay=0.05),
     )
-    async with Pipeline([remote], tracing=provider.get_tracer("t")) as pipe:
+    async with Pipeline([remote], tracing=tracer) as pipe:
         got = await asyncio.gather(*(pipe.send(torch.zeros(1)) for _ in range(3)))
     batches = {
         (float(s.context.trace_id % 2**52), float(s.context.span_id % 2**52)): s
@@ -339,33 +333,23 @@ async def test_a_batched_ray_stage_function_runs_inside_its_batch_span():
     seen = {(g[0, 0].item(), g[0, 1].item()) for g in got}
     assert seen and seen <= set(batches)
     assert sum(len(batches[k].links) for k in seen) == 3
-    provider.shutdown()
 
 
 def join_span_ids(p, q):
     return current_span_ids(p) + 0 * (p + q).sum()
 
 
-async def test_a_ray_join_stage_function_runs_inside_its_stage_span():
-    otel = pytest.importorskip("opentelemetry.sdk.trace")
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from asyncnn import Graph
-
-    exporter = InMemorySpanExporter()
-    provider = otel.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+async def test_a_ray_join_stage_function_runs_inside_its_stage_span(otel):
+    tracer, exporter = otel
     g = Graph()
     x = g.input()
     a = g.add(Stage(double, name="a"), x)
     b = g.add(Stage(double, name="b"), x)
     join = Stage(join_span_ids, name="j", executor="ray", replicas=1, resources={"num_cpus": 0.5})
     g.output(g.add(join, a, b))
-    async with Pipeline(g, tracing=provider.get_tracer("t")) as pipe:
+    async with Pipeline(g, tracing=tracer) as pipe:
         got = await pipe.send(torch.zeros(1))
     (stage,) = [s for s in exporter.get_finished_spans() if s.name == "asyncnn.stage j"]
     # The join's parts were spread into the call on the replica, inside the stage span.
     assert got[0, 0].item() == float(stage.context.trace_id % 2**52)
     assert got[0, 1].item() == float(stage.context.span_id % 2**52)
-    provider.shutdown()

@@ -106,13 +106,15 @@ class _Model:
             self.spans[req.id] = (self.tracing.open(self.ctx.name, [req]), time.perf_counter())
 
     def left(self, req: Request) -> None:
-        opened = self.spans.pop(req.id, None)
-        if opened is not None:
-            self.tracing.close(opened[0], time.perf_counter() - opened[1])
+        self._close(req.id)
 
     def left_all(self) -> None:
         for rid in list(self.spans):
-            opened = self.spans.pop(rid)
+            self._close(rid)
+
+    def _close(self, rid: int) -> None:
+        opened = self.spans.pop(rid, None)
+        if opened is not None:
             self.tracing.close(opened[0], time.perf_counter() - opened[1])
 
 

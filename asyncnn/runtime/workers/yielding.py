@@ -23,6 +23,7 @@ import anyio
 from ...batching import Request
 from ...channels import END
 from ...executors import ThreadWorker
+from ...streams import PartStream
 from ..context import StageContext, next_live
 from ..supervisor import Supervisor
 
@@ -55,7 +56,7 @@ async def _drive(
     """Run one request's generator to its end (or the request's), holding a slot while it
     computes."""
     stream = ctx.start_stream(req)
-    span = _GenSpan(ctx, req, worker is None)
+    span = _GenSpan(ctx, req, stream, worker is None)
     step, close = _stepper(ctx, payload, worker, span.context)
     holding, forced = True, False
     try:
@@ -80,7 +81,6 @@ async def _drive(
             if req.future.done():  # ended while the generator computed: drop the part
                 return
             ctx.probe.batches += 1
-            span.parts += 1
             await ctx.send_part(stream, part)
     except anyio.get_cancelled_exc_class():
         forced = True  # a forced stop: nothing more may be awaited here
@@ -102,10 +102,10 @@ class _GenSpan:
     generator's end, with the parts it made; its context is current while the generator runs
     (attached to the driver's task for an async generator, which runs in that task)."""
 
-    __slots__ = ("context", "parts", "spans", "started", "token", "tracing")
+    __slots__ = ("context", "spans", "started", "stream", "token", "tracing")
 
-    def __init__(self, ctx: StageContext, req: Request, in_task: bool) -> None:
-        self.tracing, self.context, self.token, self.parts = ctx.tracing, None, None, 0
+    def __init__(self, ctx: StageContext, req: Request, stream: PartStream, in_task: bool) -> None:
+        self.tracing, self.stream, self.context, self.token = ctx.tracing, stream, None, None
         self.spans = [] if ctx.tracing is None else ctx.tracing.open(ctx.name, [req])
         if self.spans:
             self.context = ctx.tracing.context_of(self.spans[0][1])
@@ -116,7 +116,7 @@ class _GenSpan:
     def end(self) -> None:
         if self.spans:
             took = time.perf_counter() - self.started
-            self.tracing.close(self.spans, took, **{"asyncnn.parts": self.parts})
+            self.tracing.close(self.spans, took, **{"asyncnn.parts": self.stream.produced})
             self.spans = []
 
     def detach(self) -> None:
