@@ -206,7 +206,7 @@ def test_a_wrong_asyncnn_result_is_caught_in_every_workload(workload, monkeypatc
 def test_the_generate_workload_runs_and_catches_a_wrong_token(monkeypatch, capsys):
     assert main(["--quick", "--workload", "generate", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "asyncnn step-level batching" in out and "static batching (64)" in out
+    assert "asyncnn step-level batching" in out and "static batching (128)" in out
     import asyncnn.runtime.workers.stepped as stepped
 
     real = stepped._outputs
