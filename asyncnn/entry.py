@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .batching import Request
+from .batching import Envelope, Request
 from .errors import Overloaded, PipelineClosed, PipelineFull
 from .options import check_request_rows
 from .streaming import OrderedWindow, UnorderedWindow, stream
@@ -59,6 +59,7 @@ class Requests:
     _ids: Iterator[int]
     _check_rows: bool
     _yields: bool  # a generator or step stage: requests carry a PartStream
+    _plain: bool  # no row checks, tracing, parts or admission control (``_submit_now``)
     _tracing: Tracing | None
     aging: float
     max_request_rows: int | None
@@ -152,10 +153,19 @@ class Requests:
     def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
         """``submit``'s future when it would not wait (running, with room), else None. The
         stream feeder's path for every item: one call, no coroutine."""
-        run = self._run
-        if run is None or run.state != "running" or not self._runtime.admission.has_room():
+        run, runtime = self._run, self._runtime
+        admission = runtime.admission
+        if run is None or run.state != "running" or not admission.has_room():
             return None
-        return self._admit(x).future
+        if not self._plain or runtime.ranked:
+            return self._admit(x).future
+        # A plain request (no row check, urgency, admission control, trace or parts): what
+        # ``_admit`` and ``Runtime.admit`` do for it, inlined (the hot path of ``stream``).
+        fut = self._loop.create_future()  # type: ignore[union-attr]  # set while running
+        req = Request(next(self._ids), fut)
+        runtime.ledger.admit(req)
+        admission.send_nowait(Envelope(x, [req]))
+        return fut
 
     async def submit(
         self,

@@ -142,6 +142,9 @@ class Pipeline(Requests):
 
     def _new_runtime(self) -> Runtime:
         o = self._opts
+        self._plain = not (self._check_rows or self._yields or self._tracing is not None) and (
+            o.max_in_flight is None
+        )
         return Runtime(
             self._plan,
             o.queue_size,
