@@ -1,0 +1,53 @@
+"""The slo workload's open-loop client: every scheduled arrival is sent and counted once, and
+callers that ended are not kept (they were the garbage that stalled the loop)."""
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+import torch
+
+from asyncnn import Batching, Pipeline, Stage
+from asyncnn.bench.workloads_slo import _open_loop, _schedule
+
+pytestmark = pytest.mark.hang_guard(30)
+
+
+async def test_the_open_loop_client_counts_every_arrival_once():
+    rows = [torch.full((1, 4), float(i)) for i in range(8)]
+    plan = _schedule(2_000.0, 0.2, seed=3)
+    pipe = Pipeline([Stage(lambda x: x * 2, batch=Batching(max_size=16, max_delay=0.001))])
+    async with pipe:
+        tally = await _open_loop(pipe, rows, plan, tight=1.0, loose=2.0, seconds=0.2)
+    urgent = sum(u for _, u in plan)
+    assert tally.offered == {"urgent": urgent, "normal": len(plan) - urgent}
+    assert tally.in_time == tally.offered  # generous deadlines, light load: every one in time
+    assert tally.missed == tally.shed == 0
+    assert len(tally.latencies["urgent"]) == urgent
+
+
+async def test_the_open_loop_client_lets_ended_callers_go():
+    rows = [torch.ones(1, 4)]
+    plan = [(0.003 * i, False) for i in range(40)]
+    callers: list[weakref.ref[asyncio.Task[None]]] = []
+    kept: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def watched(coro):  # the client's create_task: each caller watched by a weak reference
+        task = type(loop).create_task(loop, coro)
+        callers.append(weakref.ref(task))
+        if len(callers) == len(plan):  # the last arrival: the early callers ended long ago
+            gc.collect()
+            kept.append(sum(r() is not None for r in callers[:20]))
+        return task
+
+    pipe = Pipeline([Stage(lambda x: x, batch=Batching(max_size=8, max_delay=0.001))])
+    async with pipe:
+        loop.create_task = watched  # type: ignore[method-assign]
+        try:
+            tally = await _open_loop(pipe, rows, plan, tight=1.0, loose=2.0, seconds=0.12)
+        finally:
+            del loop.create_task
+    assert tally.in_time["normal"] == len(plan)
+    assert kept == [0]  # nothing held the first 20 callers once they had ended
