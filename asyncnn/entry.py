@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import anyio
 from .batching import Envelope, Request
 from .errors import Overloaded, PipelineClosed, PipelineFull
 from .options import check_request_rows
+from .runtime.deadlines import Deadlines
 from .streaming import OrderedWindow, UnorderedWindow, stream
 from .streams import PartStream, StreamReader, one_part
 
@@ -42,9 +44,10 @@ def _urgency(loop: Any, timeout: float | None, priority: int) -> Urgency:
     return timeout, now + timeout, priority, now
 
 
-def _expire(runtime: Runtime, req: Request, timeout: float | None) -> None:
+def _expire(runtime: Runtime, rid: int, timeout: float | None) -> None:
     """A request's deadline came: end it wherever it is (a no-op when it already ended)."""
-    if req.id in runtime.ledger.inflight:
+    req = runtime.ledger.inflight.get(rid)
+    if req is not None:
         where = runtime.where_request(req)
         runtime.ledger.expire(req, TimeoutError(f"request timed out after {timeout:g} s: {where}"))
 
@@ -139,7 +142,12 @@ class Requests:
             runtime.rank(self.aging)
         self._enter(req, x, over, stream)
         if deadline is not None:
-            loop.call_at(deadline, _expire, runtime, req, timeout)
+            deadlines = runtime.deadlines
+            if deadlines is None:  # one timer for every deadline of this run
+                deadlines = runtime.deadlines = Deadlines(
+                    loop.call_at, loop.time, functools.partial(_expire, runtime)
+                )
+            deadlines.add(deadline, req.id, timeout)
         return req
 
     def _enter(self, req: Request, x: Any, over: bool, stream: PartStream | None) -> Request:

@@ -26,7 +26,7 @@ LAYERS = [
     {"stage", "graph"},
     {"options", "partition"},
     {"runtime.probe", "runtime.ledger", "runtime.view", "runtime.wiring"},
-    {"runtime.admission"},
+    {"runtime.admission", "runtime.deadlines"},
     {"runtime.stepper"},
     {"runtime.joins", "runtime.context", "runtime.supervisor"},
     {"runtime.workers", "runtime.workers.*"},

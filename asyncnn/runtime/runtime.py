@@ -26,6 +26,7 @@ from ..executors import prepare_call
 from ..graph import Plan
 from .admission import Admission
 from .context import Outbox, Outlet, StageContext
+from .deadlines import Deadlines
 from .joins import PartTable
 from .kinds import kind_of, start_stage
 from .ledger import Ledger
@@ -122,6 +123,7 @@ class Runtime:
         self._sup: Supervisor | None = None
         self.started_at = 0.0
         self.ranked = False  # queues hand out the most urgent request first (``rank``)
+        self.deadlines: Deadlines | None = None  # requests' deadlines (made by the first one)
         self.control = (  # predictive admission: None without max_in_flight
             None if max_in_flight is None else Admission(max_in_flight, self.ledger, self.need)
         )
@@ -230,6 +232,8 @@ class Runtime:
         for ctx in self.stages:
             for ch in {id(c): c for c in (*ctx.ports, ctx.inbox)}.values():
                 ch.drain_nowait()
+        if self.deadlines is not None:
+            self.deadlines.close()
         if sup is not None:
             await sup.stop_threads(thread_timeout)
         self.release_remote()
