@@ -83,7 +83,7 @@ def make_pipeline(tokenizer: Any, encoder: torch.nn.Module, **batching: Any) -> 
     return asyncnn.Pipeline(
         [
             asyncnn.Stage(tokenize, workers=2),
-            asyncnn.Stage(Embedder(encoder), name="encode", batch=spec),
+            asyncnn.Stage(Embedder(encoder), name="encode", batch=spec, workers="auto"),
         ],
         queue_size=256,
     )

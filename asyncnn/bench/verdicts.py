@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["MEETS", "MISSES", "NOISE", "Judgement", "judge", "paired_ratios"]
+__all__ = ["MEETS", "MISSES", "NOISE", "Judgement", "both", "judge", "paired_ratios"]
 
 MEETS, MISSES, NOISE = "meets", "MISSES", "within noise"
 
@@ -55,3 +55,12 @@ def judge(ratios: Sequence[float], target: float, *, lower_is_better: bool = Fal
         ok, bad = low >= target, high < target
     verdict = MEETS if ok else MISSES if bad else NOISE
     return Judgement(statistics.median(ordered), low, high, verdict)
+
+
+def both(*judgements: Judgement) -> str:
+    """One verdict for targets that must all be met: ``misses`` when any misses, ``meets``
+    when all meet, else ``within noise``."""
+    verdicts = [j.verdict for j in judgements]
+    if MISSES in verdicts:
+        return MISSES
+    return MEETS if all(v == MEETS for v in verdicts) else NOISE

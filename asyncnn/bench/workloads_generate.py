@@ -26,7 +26,7 @@ from ._core import (
     run_on_loop,
 )
 from .decoder import Prompt, TinyDecoder, generate_alone, generate_static
-from .verdicts import MEETS, MISSES, NOISE, Judgement, judge
+from .verdicts import MISSES, Judgement, both, judge
 
 __all__ = ["generate", "prompts"]
 
@@ -174,10 +174,7 @@ def _paired(runs: dict[str, list[Measure]]) -> tuple[Judgement, Judgement]:
 
 def verdict_of(vs_static: Judgement, vs_alone: Judgement, ttft_ok: bool) -> str:
     """Both paired verdicts, and the p99 time to first token no worse than static batching's."""
-    verdicts = (vs_static.verdict, vs_alone.verdict)
-    if not ttft_ok or MISSES in verdicts:
-        return MISSES
-    return MEETS if verdicts == (MEETS, MEETS) else NOISE
+    return both(vs_static, vs_alone) if ttft_ok else MISSES
 
 
 def _rows(

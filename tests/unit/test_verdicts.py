@@ -100,3 +100,13 @@ def test_the_generate_verdict_needs_both_paired_targets_and_the_ttft():
     assert verdict_of(static_ok, alone_noise, ttft_ok=True) == NOISE
     assert verdict_of(static_noise, alone_ok, ttft_ok=True) == NOISE
     assert verdict_of(static_ok, alone_bad, ttft_ok=True) == MISSES
+
+
+def test_targets_that_must_all_be_met_take_the_worst_verdict():
+    from asyncnn.bench.verdicts import both
+
+    ok, noise, bad = judge([1.3, 1.4], 1.2), judge([1.1, 1.3], 1.2), judge([1.0, 1.1], 1.2)
+    assert (ok.verdict, noise.verdict, bad.verdict) == (MEETS, NOISE, MISSES)
+    assert both(ok, ok) == MEETS
+    assert both(ok, noise) == NOISE
+    assert both(noise, bad) == MISSES and both(bad, ok) == MISSES
