@@ -17,7 +17,7 @@ import anyio
 from .batching import Envelope, Request
 from .errors import Overloaded, PipelineClosed, PipelineFull
 from .options import check_request_rows
-from .runtime.deadlines import Deadlines
+from .runtime.deadlines import RESOLUTION, Deadlines
 from .streaming import OrderedWindow, UnorderedWindow, stream
 from .streams import PartStream, StreamReader, one_part
 
@@ -145,7 +145,10 @@ class Requests:
             deadlines = runtime.deadlines
             if deadlines is None:  # one timer for every deadline of this run
                 deadlines = runtime.deadlines = Deadlines(
-                    loop.call_at, loop.time, functools.partial(_expire, runtime)
+                    loop.call_at,
+                    loop.time,
+                    functools.partial(_expire, runtime),
+                    getattr(loop, "_clock_resolution", RESOLUTION),  # asyncio's; uvloop: 1 ms
                 )
             deadlines.add(deadline, req.id, timeout)
         return req

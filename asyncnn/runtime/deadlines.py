@@ -17,8 +17,9 @@ from typing import Any
 
 __all__ = ["Deadlines"]
 
-# A loop's timers fire up to about this early (asyncio: its clock resolution; uvloop: whole
-# milliseconds), so a deadline this close to now is due.
+# How early a loop's timer may fire, unless the loop says (asyncio: its clock's resolution):
+# uvloop's timers count whole milliseconds. A deadline this close to now is due, as the loop
+# itself would judge a timer of its own.
 RESOLUTION = 0.001
 
 
@@ -26,18 +27,21 @@ class Deadlines:
     """``add(when, rid, timeout)``; ``expire(rid, timeout)`` is called at ``when``.
 
     ``arm(when, callback)``: schedule ``callback`` at ``when`` and return a handle with
-    ``cancel()`` (``loop.call_at``); ``clock()``: the time on the same clock (``loop.time``).
+    ``cancel()`` (``loop.call_at``); ``clock()``: the time on the same clock (``loop.time``);
+    ``resolution``: how early the timer may fire (see ``RESOLUTION``).
     """
 
-    __slots__ = ("_arm", "_armed", "_clock", "_expire", "_heap", "_timer")
+    __slots__ = ("_arm", "_armed", "_clock", "_expire", "_heap", "_resolution", "_timer")
 
     def __init__(
         self,
         arm: Callable[[float, Callable[[], None]], Any],
         clock: Callable[[], float],
         expire: Callable[[int, float | None], None],
+        resolution: float = RESOLUTION,
     ) -> None:
         self._arm, self._clock, self._expire = arm, clock, expire
+        self._resolution = resolution
         self._heap: list[tuple[float, int, float | None]] = []
         self._armed: float | None = None  # when the one timer fires (None: not armed)
         self._timer: Any = None
@@ -52,8 +56,8 @@ class Deadlines:
 
     def due(self, now: float) -> list[tuple[int, float | None]]:
         """Take the deadlines due at ``now``, earliest first."""
-        heap, out = self._heap, []
-        while heap and heap[0][0] <= now + RESOLUTION:
+        heap, out, soon = self._heap, [], now + self._resolution
+        while heap and heap[0][0] <= soon:
             _, rid, timeout = heapq.heappop(heap)
             out.append((rid, timeout))
         return out

@@ -101,3 +101,16 @@ def test_close_forgets_every_deadline_and_disarms() -> None:
     assert timers.live() == [] and len(deadlines) == 0
     timers.run_until(5.0)
     assert fired == []
+
+
+def test_a_timer_that_fires_early_beyond_the_resolution_is_armed_again() -> None:
+    timers = FakeTimers()
+    fired: list[int] = []
+    deadlines = Deadlines(timers.arm, lambda: timers.now, lambda r, t: fired.append(r), 1e-9)
+    deadlines.add(1.0, 7, 1.0)
+    timers.now = 0.9995
+    timers.armed[0][2] = True
+    timers.armed[0][1]()  # fired half a millisecond early: a loop with a fine clock waits
+    assert fired == [] and timers.live() == [1.0]
+    timers.run_until(1.0)
+    assert fired == [7]
