@@ -290,3 +290,44 @@ async def test_compute_threads_yield_the_cpu_to_the_loop():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the loop's
     with pytest.raises(ValueError, match="compute_nice"):
         Pipeline([Stage(niceness)], compute_nice=-1)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_many_deadlines_each_end_their_request_at_its_own_time(loop_kind):
+    """One timer serves every deadline of a run: requests held at a gate end in deadline order,
+    none before its deadline (uvloop: within its millisecond timers), the rest unaffected."""
+    timeouts = [0.05, 0.01, 0.03, 0.02, 0.04]
+
+    async def main():
+        seen = []
+        a, gate = gated("a", seen)
+        loop = asyncio.get_running_loop()
+        ended = {}
+        async with Pipeline([a], queue_size=16) as pipe:
+            blocker = asyncio.ensure_future(pipe.send("first"))
+            await until(lambda: seen == ["first"])
+
+            async def one(i, seconds):
+                start = loop.time()
+                with pytest.raises(TimeoutError):
+                    await pipe.send(i, timeout=seconds)
+                ended[i] = loop.time() - start
+
+            free = asyncio.ensure_future(pipe.send("no deadline"))
+            with anyio.fail_after(5):
+                await asyncio.gather(*(one(i, t) for i, t in enumerate(timeouts)))
+            gate.set()
+            assert await blocker == "first" and await free == "no deadline"
+            assert pipe.stats().timed_out == len(timeouts)
+        return ended
+
+    if loop_kind == "uvloop":
+        ended = pytest.importorskip("uvloop").run(main())
+        early = 0.0015  # its clock and timers count whole milliseconds
+    else:
+        ended = asyncio.run(main())
+        early = 0.0
+    order = sorted(range(len(timeouts)), key=lambda i: ended[i])
+    assert order == sorted(range(len(timeouts)), key=lambda i: timeouts[i])
+    for i, t in enumerate(timeouts):
+        assert ended[i] >= t - early
