@@ -16,7 +16,7 @@ from ..stage import Stage
 from .context import StageContext
 from .probe import LOOP_SAMPLE
 from .supervisor import Supervisor
-from .workers.batched import run_former, run_runner
+from .workers.batched import Paced, run_former, run_runner
 from .workers.edges import run_collector
 from .workers.placed import launched_channel, run_complete, run_launch
 from .workers.plain import run_plain
@@ -74,14 +74,16 @@ def _start_batched(ctx: StageContext, sup: Supervisor) -> None:
     # Formed batches wait here for a free runner; one slot keeps batches forming late (and
     # large) while every runner is busy.
     batches = Channel[Batch](1, f"{name}.batches")
-    sup.spawn(f"{name}:form", run_former, ctx, batches)
+    # Paced (max_delay="auto"): the former's state is shared, so an idle runner forms its own.
+    paced = Paced(ctx, batches) if ctx.stage.batch is not None and ctx.stage.batch.auto else None
+    sup.spawn(f"{name}:form", run_former, ctx, batches, None, paced)
     ctx.outbox.open(ctx.workers)
     runs_on = ctx.stage.runs_on
     for w in range(ctx.workers):
         worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
         waiter = sup.thread(f"{name}:{w}:wait", compute=False) if ctx.device is not None else None
         launched = launched_channel(ctx, w)
-        sup.spawn(f"{name}:{w}:run", run_runner, ctx, worker, batches, launched)
+        sup.spawn(f"{name}:{w}:run", run_runner, ctx, worker, batches, launched, paced)
         sup.spawn(f"{name}:{w}:complete", run_complete, ctx, waiter, launched, False)
 
 

@@ -194,3 +194,29 @@ async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fai
     assert isinstance(err, StageError) and "negative row" in str(err)
     assert ctx.probe.retries >= 2 and ctx.probe.batches == 1 and ctx.probe.rows == 4
     assert ctx.ledger.counters.cancelled == 1 and ctx.ledger.counters.failed == 1
+
+
+async def test_an_idle_paced_runner_forms_its_own_batch_without_the_former():
+    """``max_delay="auto"``: a runner about to wait makes the former's decision itself, so its
+    next batch needs no loop trip to the former (no former runs here at all)."""
+    from asyncnn.runtime.workers.batched import Paced, run_runner
+
+    async def model(x):
+        return x + 1
+
+    ctx = make_ctx(model, batch=Batching(max_size=2, max_delay="auto"))
+    batches, launched = Channel[Batch](1), Channel[Launched](16)
+    now = [0.0]
+    paced = Paced(ctx, batches, lambda: now[0])
+    reqs = [admit(ctx, i) for i in range(4)]
+    feed(ctx.inbox, *(Envelope(torch.full((1, 2), float(i)), [r]) for i, r in enumerate(reqs)))
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_runner, ctx, None, batches, launched, paced)
+            while len(launched) < 2:  # two full batches, both formed by the runner
+                await asyncio.sleep(0)
+            assert paced.closed  # it also saw the input end
+            batches.close()
+    jobs = drained(launched)
+    assert [[r.id for r in job.env.requests] for job in jobs] == [[0, 1], [2, 3]]
+    assert {k: n for k, n in ctx.probe.released.items() if n} == {"full": 2}

@@ -31,7 +31,7 @@ from ..context import StageContext
 from ..probe import StageProbe
 from .placed import Launched
 
-__all__ = ["batch_call", "file_request", "run_former", "run_runner"]
+__all__ = ["Paced", "batch_call", "file_request", "run_former", "run_runner"]
 
 _NEVER_RERUN = (RowMismatch, WorkerLost)
 
@@ -80,19 +80,50 @@ def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float)
         start += n
 
 
+class Paced:
+    """The state of a ``max_delay="auto"`` former, shared with the stage's runners: a runner
+    about to wait for work makes the decision the former would make once woken (file what
+    waits, ask the pacer, release), at once, instead of a loop trip later for the former and
+    another for itself."""
+
+    __slots__ = ("batcher", "batches", "closed", "ctx", "now")
+
+    def __init__(
+        self, ctx: StageContext, batches: Channel[Batch], now: Callable[[], float] | None = None
+    ) -> None:
+        spec = ctx.stage.batch
+        assert spec is not None
+        pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, ctx.probe.service)
+        self.ctx, self.batches, self.batcher = ctx, batches, Batcher(spec, pacer)
+        self.now = now or asyncio.get_running_loop().time
+        self.closed = False  # the input has ended
+
+    def form(self, idle: bool) -> bool:
+        """File what waits (when a runner is idle) and hand the batch due now (if any) to the
+        runners' slot; True when one went."""
+        if idle and not self.closed:
+            self.closed = _pull(self.ctx, self.batcher, self.now)
+        if not self.batches.has_room():
+            return False
+        return _release(self.ctx.probe, self.batcher, self.batches, self.now(), self.closed, idle)
+
+
 async def run_former(
-    ctx: StageContext, batches: Channel[Batch], clock: Callable[[], float] | None = None
+    ctx: StageContext,
+    batches: Channel[Batch],
+    clock: Callable[[], float] | None = None,
+    paced: Paced | None = None,
 ) -> None:
     """Form batches: pull arrivals, release on size, delay or drain, when the slot before the
-    runners is free (``max_delay="auto"``: see ``_run_paced``)."""
+    runners is free (``max_delay="auto"``: see ``_run_paced``; ``paced``: its state, shared
+    with the runners)."""
     spec = ctx.stage.batch
     assert spec is not None
     inbox, probe = ctx.inbox, ctx.probe
     now = clock or asyncio.get_running_loop().time
     if spec.auto:
-        pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, probe.service)
         try:
-            await _run_paced(ctx, batches, Batcher(spec, pacer), now)
+            await _run_paced(ctx, batches, paced or Paced(ctx, batches, now))
         finally:
             batches.close()
         return
@@ -132,28 +163,26 @@ def _pull(ctx: StageContext, batcher: Batcher, now: Callable[[], float]) -> bool
     return False
 
 
-async def _run_paced(
-    ctx: StageContext, batches: Channel[Batch], batcher: Batcher, now: Callable[[], float]
-) -> None:
+async def _run_paced(ctx: StageContext, batches: Channel[Batch], paced: Paced) -> None:
     """``max_delay="auto"``: while every runner is busy, arrivals wait in the inbox (a ranked
     queue once requests are urgent), so that the batch formed when a runner is free holds the
     most urgent requests of that moment; then the pacer decides whether to wait for more. A
-    runner that goes idle nudges the inbox."""
-    inbox, probe = ctx.inbox, ctx.probe
-    closed = False
+    runner about to wait forms its batch itself (``Paced.form``) or, when the pacer says wait,
+    nudges the inbox; the former decides on arrivals, nudges and the pacer's next look."""
+    inbox, batcher = ctx.inbox, paced.batcher
     while True:
         idle = batches.receivers_waiting()
-        if idle and not closed:
-            closed = _pull(ctx, batcher, now)
         if not batches.has_room():
+            if idle and not paced.closed:
+                paced.closed = _pull(ctx, batcher, paced.now)
             await batches.wait_room()
             continue
-        if _release(probe, batcher, batches, now(), closed, idle):
+        if paced.form(idle):
             continue
-        if closed:
+        if paced.closed:
             return  # drained: pop(draining=True) left nothing behind
         recheck = batcher.next_deadline() if idle else None
-        with anyio.move_on_after(math.inf if recheck is None else max(0.0, recheck - now())):
+        with anyio.move_on_after(math.inf if recheck is None else max(0.0, recheck - paced.now())):
             # Busy: only a runner going idle (its nudge) matters. Idle and waiting for more
             # rows: an arrival, a nudge or the pacer's next look.
             await inbox.wake_up(always=not idle)
@@ -276,8 +305,10 @@ async def run_runner(
     worker: ThreadWorker | None,
     batches: Channel[Batch],
     launched: Channel[Launched],
+    paced: Paced | None = None,
 ) -> None:
-    """Run formed batches on the stage's executor; hand each output to the completer."""
+    """Run formed batches on the stage's executor; hand each output to the completer.
+    ``paced``: a ``max_delay="auto"`` former's state: the runner forms its own next batch."""
     probe, alive, spec = ctx.probe, ctx.ledger.alive, ctx.stage.batch
     assert spec is not None
     try:
@@ -291,7 +322,9 @@ async def run_runner(
         nudge = ctx.inbox.nudge if spec.auto else None
         while True:
             if nudge is not None and not len(batches):
-                nudge()  # the pacer releases on an idle runner: wake the former to decide
+                # The pacer releases on an idle runner: decide now, or wake the former to.
+                if paced is None or not paced.form(idle=True):
+                    nudge()
             batch = await batches.next()
             if batch is END:
                 break
