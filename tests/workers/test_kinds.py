@@ -213,9 +213,8 @@ async def test_an_idle_paced_runner_forms_its_own_batch_without_the_former():
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_runner, ctx, None, batches, launched, paced)
-            while len(launched) < 2:  # two full batches, both formed by the runner
-                await asyncio.sleep(0)
-            assert paced.closed  # it also saw the input end
+            await anyio.wait_all_tasks_blocked()  # two full batches, both formed by the runner
+            assert len(launched) == 2 and paced.closed  # it also saw the input end
             batches.close()
     jobs = drained(launched)
     assert [[r.id for r in job.env.requests] for job in jobs] == [[0, 1], [2, 3]]
