@@ -131,6 +131,9 @@ class Pipeline(Requests):
         self.torch_threads = opts.torch_threads
         self._check_rows = microbatch is not None or max_request_rows is not None
         self._yields = any(s.yields for s in self._plan.stages)  # requests carry a PartStream
+        self._plain = not (self._check_rows or self._yields or self._tracing is not None) and (
+            max_in_flight is None
+        )
         self._runtime = self._new_runtime()
         self.events = EventBus(self._observe)
         self._run: Run | None = None  # the current (or last) run; None before the first start
@@ -142,9 +145,6 @@ class Pipeline(Requests):
 
     def _new_runtime(self) -> Runtime:
         o = self._opts
-        self._plain = not (self._check_rows or self._yields or self._tracing is not None) and (
-            o.max_in_flight is None
-        )
         return Runtime(
             self._plan,
             o.queue_size,

@@ -172,12 +172,10 @@ async def _run_paced(ctx: StageContext, batches: Channel[Batch], paced: Paced) -
     inbox, batcher = ctx.inbox, paced.batcher
     while True:
         idle = batches.receivers_waiting()
-        if not batches.has_room():
-            if idle and not paced.closed:
-                paced.closed = _pull(ctx, batcher, paced.now)
-            await batches.wait_room()
-            continue
         if paced.form(idle):
+            continue
+        if not batches.has_room():  # form() filed what waits, and had no slot to release into
+            await batches.wait_room()
             continue
         if paced.closed:
             return  # drained: pop(draining=True) left nothing behind
