@@ -15,6 +15,12 @@ consumer's loop without exceptions: an item, :data:`EMPTY` (poll only) or :data:
 path tries the twin first: an append to a deque costs ~0.1 µs, a suspension costs a trip through
 the event loop. The waiting side is plain
 asyncio futures, so the channel works on asyncio and uvloop alike; it knows nothing about tensors.
+
+The plain stage worker (``runtime/workers/plain.py``), the runtime's hottest loop, inlines the
+common case of ``poll`` and ``send_nowait`` and so reads ``_buf`` (re-read each time: ``rank``
+replaces it), ``_overflow``, ``_putters``, ``_getters``, ``_peak`` and ``_closed`` directly:
+change their meaning and change it there too (``tests/test_channels.py`` and the worker tests
+cover both paths).
 """
 
 from __future__ import annotations
@@ -141,6 +147,30 @@ class Channel(Generic[T]):
                 return
             except WouldBlock:
                 await self._wait(self._putters)
+
+    def room(self) -> int:
+        """How many items ``send_nowait`` would take now, one after another (0 when closed)."""
+        if self._closed or self._overflow:
+            return 0
+        return max(0, self._capacity - len(self._buf))
+
+    def extend_nowait(self, items: list[T]) -> None:
+        """Append every item of ``items`` now, in order, waking as many receivers as there are
+        items at once instead of one per send (a producer's burst). ``WouldBlock`` (nothing
+        appended) when they do not all fit: check ``room()``; ``ClosedResourceError`` when
+        closed."""
+        if self._closed:
+            raise ClosedResourceError
+        if len(items) > self.room():
+            raise WouldBlock
+        buf = self._buf
+        buf.extend(items)
+        if len(buf) > self._peak:
+            self._peak = len(buf)
+        getters, k = self._getters, len(items)
+        while getters and k:
+            self._wake(getters)
+            k -= 1
 
     def has_room(self) -> bool:
         """True when ``send_nowait`` would succeed now."""

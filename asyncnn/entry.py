@@ -178,6 +178,26 @@ class Requests:
         admission.send_nowait(Envelope(x, [req]))
         return fut
 
+    def _room_now(self) -> int:
+        """How many plain requests ``_submit_many`` may admit now without waiting (0: none, or
+        they are not plain: take the one-at-a-time path)."""
+        run, runtime = self._run, self._runtime
+        if run is None or run.state != "running" or not self._plain or runtime.ranked:
+            return 0
+        return runtime.admission.room()
+
+    def _submit_many(self, xs: list[Any]) -> list[asyncio.Future[Any]]:
+        """Admit every item of ``xs`` as a plain request at once, in order, and return their
+        futures (``_room_now()`` said they fit): the stream feeder's burst, one wake-up of the
+        first stage and one count for all of them."""
+        create, ids, runtime = self._loop.create_future, self._ids, self._runtime  # type: ignore[union-attr]
+        reqs = [Request(next(ids), create()) for _ in xs]
+        runtime.ledger.admit_many(reqs)
+        runtime.admission.extend_nowait(
+            [Envelope(x, [req]) for x, req in zip(xs, reqs, strict=True)]
+        )
+        return [req.future for req in reqs]
+
     async def submit(
         self,
         x: Any,
@@ -318,6 +338,7 @@ class Requests:
             self._start_feeder,
             return_exceptions,
             self._submit_now,
+            (self._room_now, self._submit_many),
         )
 
     def _start_feeder(self, feed: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:

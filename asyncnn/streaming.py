@@ -9,7 +9,8 @@ with plain futures.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 import anyio
@@ -21,6 +22,10 @@ __all__ = ["OrderedWindow", "UnorderedWindow", "stream"]
 Submit = Callable[[Any], Awaitable["asyncio.Future[Any]"]]
 # Admit now when there is room, without a coroutine: the future, or None (then ``Submit``).
 SubmitNow = Callable[[Any], "asyncio.Future[Any] | None"]
+# A burst: how many items may be admitted at once now (0: none, or not this way), and the call
+# that admits that many (their futures, in order).
+Bulk = tuple[Callable[[], int], Callable[[list[Any]], "list[asyncio.Future[Any]]"]]
+_DONE: Any = object()
 
 
 class OrderedWindow:
@@ -29,6 +34,9 @@ class OrderedWindow:
     def __init__(self, size: int) -> None:
         self._pending: Channel[asyncio.Future[Any]] = Channel(size, "stream")
         self._abandoned = False
+        # ``poll()``: the next future now, ``EMPTY`` when none is due yet, or ``END`` (the
+        # channel's own, bound here: the consumer calls it for every result).
+        self.poll: Callable[[], Any] = self._pending.poll
 
     def admit_now(self, x: Any, now: SubmitNow) -> bool:
         """Submit ``x`` without waiting when the window and the pipeline have room (no
@@ -41,6 +49,14 @@ class OrderedWindow:
             return False
         pending.send_nowait(fut)
         return True
+
+    def room(self) -> int:
+        """How many futures ``extend`` takes now (0 once abandoned)."""
+        return 0 if self._abandoned else self._pending.room()
+
+    def extend(self, futs: list[asyncio.Future[Any]]) -> None:
+        """Add a burst of futures, in order (``room()`` said they fit)."""
+        self._pending.extend_nowait(futs)
 
     async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
         """Submit ``x`` once there is room; False (and nothing left running) once abandoned."""
@@ -59,10 +75,6 @@ class OrderedWindow:
 
     def feeding_done(self) -> None:
         self._pending.close()
-
-    def poll(self) -> Any:
-        """The next future now, ``EMPTY`` when none is due yet, or ``END``."""
-        return self._pending.poll()
 
     async def next(self) -> Any:
         """The next future, or ``END`` once feeding is done and every future was taken."""
@@ -87,6 +99,13 @@ class UnorderedWindow:
     def admit_now(self, x: Any, now: SubmitNow) -> bool:
         """No coroutine-free path here (slots are a semaphore): always ``admit``."""
         return False
+
+    def room(self) -> int:
+        """No bursts either: 0."""
+        return 0
+
+    def extend(self, futs: list[asyncio.Future[Any]]) -> None:
+        raise AssertionError("an unordered window admits one at a time (room() is 0)")
 
     async def admit(self, submit: Submit, x: Any, now: SubmitNow | None = None) -> bool:
         if self._abandoned:
@@ -138,9 +157,13 @@ async def stream(
     start_feeder: Callable[[Callable[[], Awaitable[None]], anyio.CancelScope], None],
     return_exceptions: bool,
     submit_now: SubmitNow | None = None,
+    bulk: Bulk | None = None,
 ) -> AsyncIterator[Any]:
     """Feed ``inputs`` through the window ``open_window()`` makes (from a task ``start_feeder``
-    starts, under the given cancel scope) and yield the results. See ``Pipeline.stream``."""
+    starts, under the given cancel scope) and yield the results. See ``Pipeline.stream``.
+
+    ``submit_now`` admits one item without a coroutine when it fits; ``bulk`` admits a sync
+    iterable's items a burst at a time, as many as fit in both the window and the pipeline."""
     window = open_window()
     feed_error: list[BaseException] = []
     scope = anyio.CancelScope()
@@ -155,18 +178,17 @@ async def stream(
                         if not admit_now(x, now) and not await window.admit(submit, x, now):
                             break
                 else:
-                    for x in inputs:
-                        if not admit_now(x, now) and not await window.admit(submit, x, now):
-                            break
+                    await _feed_sync(iter(inputs), window, submit, now, bulk)
             except Exception as exc:
                 feed_error.append(exc)
             finally:
                 window.feeding_done()
 
     start_feeder(feed, scope)
+    poll = window.poll
     try:
         while True:
-            fut = window.poll()  # the fast path: no suspension while results are ready
+            fut = poll()  # the fast path: no suspension while results are ready
             if fut is EMPTY:
                 fut = await window.next()
             if fut is END:
@@ -184,3 +206,33 @@ async def stream(
         scope.cancel()
         for fut in window.abandon():
             fut.cancel()
+
+
+async def _feed_sync(
+    it: Iterator[Any],
+    window: OrderedWindow | UnorderedWindow,
+    submit: Submit,
+    now: SubmitNow,
+    bulk: Bulk | None,
+) -> None:
+    """Admit a sync iterator's items: in bursts while both the window and the pipeline have
+    room for several (the items taken before the iterator raised are admitted first), else one
+    at a time, waiting for room."""
+    room_now, submit_many = bulk if bulk is not None else (lambda: 0, None)
+    while True:
+        k = min(window.room(), room_now())
+        if k > 1 and submit_many is not None:
+            xs: list[Any] = []
+            try:
+                xs.extend(islice(it, k))
+            finally:
+                if xs:
+                    window.extend(submit_many(xs))
+            if len(xs) < k:
+                return
+            continue
+        x = next(it, _DONE)
+        if x is _DONE:
+            return
+        if not window.admit_now(x, now) and not await window.admit(submit, x, now):
+            return

@@ -166,3 +166,43 @@ def test_drain_and_holds_see_the_overflow():
     assert ch.holds(lambda s: s == "c")
     assert ch.statistics().depth == 3
     assert ch.drain_nowait() == ["a", "b", "c"] and len(ch) == 0
+
+
+async def test_extend_nowait_appends_a_burst_in_order_and_wakes_a_receiver_per_item():
+    ch = Channel[int](4, "c")
+    got: list[int] = []
+
+    async def receiver() -> None:
+        got.append(await ch.receive())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(receiver)
+        await wait_all_tasks_blocked()
+        assert ch.room() == 4
+        ch.extend_nowait([1, 2])  # two receivers woken, the third still waits
+        await wait_all_tasks_blocked()
+        assert sorted(got) == [1, 2] and ch.statistics().waiting_receivers == 1
+        ch.send_nowait(3)
+    assert sorted(got) == [1, 2, 3]
+    ch.extend_nowait([4, 5, 6])
+    assert ch.room() == 1 and ch.statistics().peak_depth == 3
+    with pytest.raises(WouldBlock):
+        ch.extend_nowait([7, 8])  # does not fit: nothing appended
+    assert [ch.receive_nowait() for _ in range(3)] == [4, 5, 6]
+    ch.close()
+    assert ch.room() == 0
+    with pytest.raises(ClosedResourceError):
+        ch.extend_nowait([9])
+
+
+def test_room_is_zero_while_an_overflow_waits():
+    ch = Channel[int](1)
+    ch.send_over(1)
+    assert ch.room() == 0
+    ch.send_over(2)  # past capacity: in the overflow
+    assert ch.room() == 0
+    assert ch.poll() == 1  # the overflow takes the room
+    assert ch.room() == 0
+    assert ch.poll() == 2
+    assert ch.room() == 1

@@ -74,6 +74,17 @@ class Ledger:
         else:
             self.parts += 1
 
+    def admit_many(self, reqs: list[Request]) -> None:
+        """``admit`` for a burst of callers' requests (ids >= 0), counted once."""
+        if self.by_priority is not None:
+            for req in reqs:
+                self.admit(req)
+            return
+        inflight = self.inflight
+        for req in reqs:
+            inflight[req.id] = req
+        self.counters.admitted += len(reqs)
+
     def park(self, req: Request, table: Parking) -> None:
         """``table`` now holds a part of ``req``; it is forgotten there when ``req`` ends."""
         self.parked.setdefault(req.id, []).append(table)
@@ -181,10 +192,14 @@ class Ledger:
 
     def complete(self, req: Request, value: Any) -> bool:
         """End ``req`` with its result; False when it had already ended."""
-        if not self._release(req):
+        rid = req.id
+        if rid < 0 or self.by_priority is not None or self.parked:
+            if not self._release(req):
+                return False
+        elif self.inflight.pop(rid, None) is None:  # ``_release``'s common case, inlined
             return False
         fut = req.future
-        counted = req.id >= 0  # a part of a streaming request is not counted
+        counted = rid >= 0  # a part of a streaming request is not counted
         if fut.done():  # cancelled between the last boundary and now
             if fut.cancelled() and counted:
                 self.counters.cancelled += 1

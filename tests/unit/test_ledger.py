@@ -126,3 +126,16 @@ def test_every_interleaving_ends_each_request_once(ops):
     assert k.completed == sum(
         r.future.done() and not r.future.cancelled() and r.future.exception() is None for r in reqs
     )
+
+
+def test_admit_many_counts_a_burst_once_and_each_request_ends_once():
+    led = Ledger()
+    reqs = [request(i) for i in range(1, 4)]
+    led.admit_many(reqs)
+    assert led.counters.admitted == 3 and len(led) == 3
+    for r in reqs:
+        assert led.complete(r, r.id) and not led.complete(r, "again")
+    assert len(led) == 0 and balanced(led)
+    led.by_priority = {}  # admission control counts by class: the burst is counted per request
+    led.admit_many([request(7), request(8)])
+    assert led.by_priority == {0: 2} and led.counters.admitted == 5
