@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from ._core import (
     verdict,
 )
 from .models import bench_mlp
-from .verdicts import MEETS
+from .verdicts import both, judge
 
 __all__ = ["gpu", "overlap"]
 
@@ -152,15 +153,23 @@ def overlap(ctx: Context) -> list[Row]:
             if not torch.allclose(y, expected[i % len(batches)], rtol=1e-4, atol=1e-5):
                 raise AssertionError(f"overlap: {name} returned a wrong result for batch {i}")
     compute_times: list[float] = []
+    bound_share: list[float] = []  # each run of ours against the bound measured around it
 
     def timed(fn: Any) -> Measure:
-        compute_times.append(_compute_time(model, batches[0]))  # re-measured between runs
+        # The compute term re-measured right before and right after each run: their
+        # geometric mean pairs with the run (this VM's speed drifts within seconds).
+        before = _compute_time(model, batches[0])
         t0 = time.perf_counter()
         outs = run_on_loop(ctx.loop, lambda: fn(n))
-        return Measure(len(outs), time.perf_counter() - t0)
+        m = Measure(len(outs), time.perf_counter() - t0)
+        around = math.sqrt(before * _compute_time(model, batches[0]))
+        compute_times.append(around)
+        if fn is systems[ours_name]:
+            bound_share.append(m.rate * max(READ_S, around, WRITE_S))
+        return m
 
-    runners: dict[str, Any] = {k: functools.partial(timed, fn) for k, fn in systems.items()}
     seq_name, hand_name, ours_name = list(systems)
+    runners: dict[str, Any] = {k: functools.partial(timed, fn) for k, fn in systems.items()}
     runs = interleave(
         ctx.repeats,
         runners,
@@ -188,8 +197,11 @@ def overlap(ctx: Context) -> list[Row]:
         label="vs hand-written",
         goal=f">= {OVERLAP_TARGET}x hand-written, >= {OVERLAP_BOUND} bound",
     )
-    if j.verdict == MEETS and ours.rate / bound < OVERLAP_BOUND:
-        ours.verdict = verdict(False)
+    # Both targets, each from its paired runs: against the hand-written version, and against
+    # the bound measured around each run of ours.
+    near = judge(bound_share, OVERLAP_BOUND)
+    ours.verdict = both(j, near)
+    ours.target += f" (bound paired {near.low:.2f}–{near.high:.2f})"
     return rows
 
 
