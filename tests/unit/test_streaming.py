@@ -67,9 +67,9 @@ async def test_unordered_window_bounds_what_is_outstanding():
     assert set(w.abandon()) == {svc.futures[2], svc.futures[3]}
 
 
-@pytest.mark.parametrize("ordered", [True, False])
-async def test_stream_yields_every_result_and_cancels_what_is_left_when_left_early(ordered):
-    svc = FakeService()
+async def _run_stream(inputs, window, svc, bulk=None, stop_after=None):
+    """Iterate ``stream`` over ``inputs`` while a resolver answers every submitted ``x`` with
+    ``x * 10``; leave after ``stop_after`` results (then the stream is closed)."""
     tasks = []
 
     def start_feeder(feed, scope):
@@ -83,16 +83,25 @@ async def test_stream_yields_every_result_and_cancels_what_is_left_when_left_ear
             await asyncio.sleep(0)
 
     res = asyncio.ensure_future(resolver())
-    window = OrderedWindow(4) if ordered else UnorderedWindow(4)
     got = []
-    gen = stream(range(100), svc.submit, lambda: window, start_feeder, False)
-    async for y in gen:
-        got.append(y)
-        if len(got) == 10:
-            break
-    await gen.aclose()
-    res.cancel()
-    await asyncio.gather(*tasks, res, return_exceptions=True)
+    gen = stream(inputs, svc.submit, lambda: window, start_feeder, False, None, bulk)
+    try:
+        async for y in gen:
+            got.append(y)
+            if len(got) == stop_after:
+                break
+    finally:
+        await gen.aclose()
+        res.cancel()
+        await asyncio.gather(*tasks, res, return_exceptions=True)
+    return got
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_stream_yields_every_result_and_cancels_what_is_left_when_left_early(ordered):
+    svc = FakeService()
+    window = OrderedWindow(4) if ordered else UnorderedWindow(4)
+    got = await _run_stream(range(100), window, svc, stop_after=10)
     assert len(got) == 10 and (not ordered or got == [x * 10 for x in range(10)])
     assert svc.peak <= 4
     assert all(f.done() for f in svc.futures.values())  # results or cancelled, none pending
@@ -118,41 +127,17 @@ class FakeBulk:
         return futs
 
 
-async def _run_stream(inputs, window, bulk, svc):
-    tasks = []
-
-    def start_feeder(feed, scope):
-        tasks.append(asyncio.ensure_future(feed()))
-
-    async def resolve_one_by_one():
-        while True:
-            for x, f in list(svc.futures.items()):
-                if not f.done():
-                    f.set_result(x * 10)
-            await asyncio.sleep(0)
-
-    res = asyncio.ensure_future(resolve_one_by_one())
-    got = []
-    try:
-        async for y in stream(inputs, svc.submit, lambda: window, start_feeder, False, None, bulk):
-            got.append(y)
-    finally:
-        res.cancel()
-        await asyncio.gather(*tasks, res, return_exceptions=True)
-    return got
-
-
 async def test_a_sync_iterable_is_admitted_in_bursts_bounded_by_window_and_pipeline():
     svc = FakeService()
     bulk = FakeBulk(svc, room=3)  # the pipeline has room for 3 at a time
-    got = await _run_stream(range(10), OrderedWindow(5), (bulk.room_now, bulk.submit_many), svc)
+    got = await _run_stream(range(10), OrderedWindow(5), svc, (bulk.room_now, bulk.submit_many))
     assert got == [x * 10 for x in range(10)]
     assert all(2 <= len(b) <= 3 for b in bulk.bursts)  # never past the room, never one alone
     burst = [x for b in bulk.bursts for x in b]
     assert burst == sorted(burst) and len(burst) > 3  # in order, and more than one burst
     bulk.room = 1  # room for one: no burst, one at a time through submit
     bulk.bursts.clear()
-    got = await _run_stream(range(5), OrderedWindow(5), (bulk.room_now, bulk.submit_many), svc)
+    got = await _run_stream(range(5), OrderedWindow(5), svc, (bulk.room_now, bulk.submit_many))
     assert got == [x * 10 for x in range(5)] and bulk.bursts == []
 
 
@@ -164,12 +149,12 @@ async def test_items_taken_before_the_iterator_raises_are_admitted_then_the_erro
     svc = FakeService()
     bulk = FakeBulk(svc, room=8)
     with pytest.raises(KeyError, match="source broke"):
-        await _run_stream(source(), OrderedWindow(8), (bulk.room_now, bulk.submit_many), svc)
+        await _run_stream(source(), OrderedWindow(8), svc, (bulk.room_now, bulk.submit_many))
     assert bulk.bursts == [[0, 1, 2, 3]]
 
 
 async def test_an_unordered_window_takes_no_bursts():
     svc = FakeService()
     bulk = FakeBulk(svc, room=8)
-    got = await _run_stream(range(6), UnorderedWindow(4), (bulk.room_now, bulk.submit_many), svc)
+    got = await _run_stream(range(6), UnorderedWindow(4), svc, (bulk.room_now, bulk.submit_many))
     assert sorted(got) == [x * 10 for x in range(6)] and bulk.bursts == []
