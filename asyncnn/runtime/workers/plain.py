@@ -77,7 +77,8 @@ async def run_plain(
             probe.batches += 1
             env.payload = out
             # ``chan.send_nowait(env)`` inlined for its common case: below its peak depth (so
-            # below capacity, and no new peak), no receiver to wake, open.
+            # below capacity: no new peak, and no overflow, which waits only behind a full
+            # buffer), no receiver to wake, open.
             if chan is not None and len(chan._buf) < chan._peak and not chan._getters:
                 if not chan._closed:
                     chan._buf.append(env)
