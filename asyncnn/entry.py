@@ -170,12 +170,21 @@ class Requests:
             return None
         if not self._plain or runtime.ranked:
             return self._admit(x).future
-        # A plain request (no row check, urgency, admission control, trace or parts): what
-        # ``_admit`` and ``Runtime.admit`` do for it, inlined (the hot path of ``stream``).
+        return self._admit_plain(x, False)
+
+    def _admit_plain(self, x: Any, over: bool) -> asyncio.Future[Any]:
+        """A plain request (no row check, urgency, admission control, trace or parts, and no
+        ranked queue: the caller checked ``_plain`` and ``ranked``): what ``_admit``,
+        ``_enter`` and ``Runtime.admit`` do for it, in one call (the hot path of ``send`` and
+        ``stream``)."""
         fut = self._loop.create_future()  # type: ignore[union-attr]  # set while running
         req = Request(next(self._ids), fut)
+        runtime = self._runtime
         runtime.ledger.admit(req)
-        admission.send_nowait(Envelope(x, [req]))
+        if over:
+            runtime.admission.send_over(Envelope(x, [req]))
+        else:
+            runtime.admission.send_nowait(Envelope(x, [req]))
         return fut
 
     def _room_now(self) -> int:
@@ -267,6 +276,8 @@ class Requests:
         """
         if not self._running() or self._runtime.admission.closed:
             return await (await self.submit(x))  # raises PipelineClosed
+        if timeout is None and not priority and self._plain and not self._runtime.ranked:
+            return await self._admit_plain(x, True)
         urgency = None
         if timeout is not None or priority:
             urgency = _urgency(self._loop, timeout, priority)

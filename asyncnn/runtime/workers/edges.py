@@ -92,9 +92,13 @@ class Sink:
 
     def send_nowait(self, env: Envelope) -> None:
         payload, parts, complete = env.payload, env.parts, self.ledger.complete
-        if parts is None and self.outputs is None and self.chunks is None:
-            for req in env.requests:  # the common case: complete() drops ended requests
-                complete(req, payload)
+        if self.outputs is None and self.chunks is None:  # the common case: nothing to join,
+            if parts is None:  # and complete() drops ended requests
+                for req in env.requests:
+                    complete(req, payload)
+            else:  # a merged batch: each request its part
+                for req, part in zip(env.requests, parts, strict=True):
+                    complete(req, part)
             return
         for k, req in enumerate(env.requests):
             self._finish(req, payload if parts is None else parts[k], env.chunk)
