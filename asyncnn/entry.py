@@ -175,25 +175,17 @@ class Requests:
     def _admit_plain(self, x: Any, over: bool) -> asyncio.Future[Any]:
         """A plain request (no row check, urgency, admission control, trace or parts, and no
         ranked queue: the caller checked ``_plain`` and ``ranked``): what ``_admit``,
-        ``_enter`` and ``Runtime.admit`` do for it, in one call (the hot path of ``send`` and
-        ``stream``)."""
+        ``_enter`` do for it before ``Runtime.admit`` (the hot path of ``send`` and ``stream``)."""
         fut = self._loop.create_future()  # type: ignore[union-attr]  # set while running
-        req = Request(next(self._ids), fut)
-        runtime = self._runtime
-        runtime.ledger.admit(req)
-        if over:
-            runtime.admission.send_over(Envelope(x, [req]))
-        else:
-            runtime.admission.send_nowait(Envelope(x, [req]))
+        self._runtime.admit(Request(next(self._ids), fut), x, over=over)
         return fut
 
     def _room_now(self) -> int:
         """How many plain requests ``_submit_many`` may admit now without waiting (0: none, or
         they are not plain: take the one-at-a-time path)."""
-        run, runtime = self._run, self._runtime
-        if run is None or run.state != "running" or not self._plain or runtime.ranked:
+        if not self._plain or not self._running() or self._runtime.ranked:
             return 0
-        return runtime.admission.room()
+        return self._runtime.admission.room()
 
     def _submit_many(self, xs: list[Any]) -> list[asyncio.Future[Any]]:
         """Admit every item of ``xs`` as a plain request at once, in order, and return their

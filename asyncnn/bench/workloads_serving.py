@@ -103,18 +103,19 @@ def serving(ctx: Context) -> list[Row]:
     sv = _Serving(ctx, model, rows)
     run_on_loop(ctx.loop, sv.check)
     ceiling_rates: list[float] = []
-    size = [MAX_SIZE]  # the batch size the last run reached
+    size = MAX_SIZE  # the batch size the last run reached
 
     def ours_run() -> Measure:
         # The ceiling at the batch size reached, measured right before and right after the
         # run: their geometric mean is the run's pair (this VM's speed drifts within seconds,
         # and one measurement after the run swung the ratio by +-15%).
-        before = sv.ceiling(size[0])
+        nonlocal size
+        before = sv.ceiling(size)
         m: Measure = run_on_loop(ctx.loop, lambda: sv.ours(total))
         reached = max(1, round(m.extra["mean_batch"]))
         after = sv.ceiling(reached)
-        ceiling_rates.append(math.sqrt(before * after) if reached == size[0] else after)
-        size[0] = reached
+        ceiling_rates.append(math.sqrt(before * after) if reached == size else after)
+        size = reached
         return m
 
     runs = interleave(
