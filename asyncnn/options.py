@@ -34,7 +34,7 @@ class PipelineOptions:
     stall_timeout: float | None
     max_in_flight: int | None = None
     aging: float = 1.0
-    compute_nice: int = 0
+    compute_nice: int | str = 0
 
 
 def as_plan(stages: Sequence[Stage | Callable[..., Any]] | Graph) -> Plan:
@@ -68,16 +68,19 @@ def options(
     stall_timeout: float | None,
     max_in_flight: int | None = None,
     aging: float = 1.0,
-    compute_nice: int = 0,
+    compute_nice: int | str = 0,
 ) -> tuple[Plan, PipelineOptions]:
     """Check every argument of ``Pipeline``; raise on the first bad one. Returns the plan."""
     check_whole(queue_size, "Pipeline: queue_size")
     if max_in_flight is not None:
         check_whole(max_in_flight, "Pipeline: max_in_flight")
-    if isinstance(compute_nice, bool) or not isinstance(compute_nice, int) or compute_nice < 0:
+    if compute_nice != "idle" and (
+        isinstance(compute_nice, bool) or not isinstance(compute_nice, int) or compute_nice < 0
+    ):
         raise ValueError(
-            f"Pipeline: compute_nice={compute_nice!r} must be a whole number >= 0 (0: leave "
-            "the compute threads' priority alone)"
+            f"Pipeline: compute_nice={compute_nice!r} must be 'idle' (the idle scheduling "
+            "class) or a whole number >= 0 added to the compute threads' niceness (0: leave "
+            "their priority alone)"
         )
     if isinstance(aging, bool) or not isinstance(aging, (int, float)) or not aging > 0:
         raise ValueError(

@@ -68,11 +68,17 @@ class Pipeline(Requests):
             queueing (``None``: no limit, every request is queued).
         aging: seconds a request waits to rise one priority level in a queue, so that a less
             urgent class is delayed, never starved (``send(x, priority=...)``; default 1.0).
-        compute_nice: added to the scheduling niceness of the threads that run compute stages
-            (Linux, where niceness is per thread; elsewhere nothing changes), so that where the
-            cores are oversubscribed the event loop's thread runs first: its latency (timers,
-            deadlines, results handed back) stays low under load, and the compute threads take
-            every cycle it leaves. 0 leaves the threads alone.
+        compute_nice: how the threads of CPU compute stages yield the cores to the event
+            loop's thread (Linux, where scheduling is per thread; elsewhere nothing changes).
+            An int (default 10) is added to their niceness: the loop gets the larger share of
+            a contended core, but on Linux 6.6+ (the EEVDF scheduler) a woken loop may still
+            wait out a compute thread's time slice (~5 ms stalls measured). ``"idle"``: the
+            idle scheduling class (``SCHED_IDLE``): the loop, woken by a timer, a socket or a
+            result, preempts them at once, so deadlines and timers keep time; but any busy
+            thread or process of ordinary priority takes the cores first (two CPU-bound
+            processes beside it cut an MLP pipeline to ~15 requests/s): for a machine or
+            container that serves nothing else. Threads that launch accelerator work get
+            niceness 10 under ``"idle"``. ``0`` leaves them alone.
         tracing: OpenTelemetry spans (``asyncnn.tracing``): ``True`` for the global tracer
             provider's tracer, or a tracer; a span per request (a child of the caller's current
             span), per stage it passes and per batch (linked to its requests). ``False``
@@ -104,7 +110,7 @@ class Pipeline(Requests):
         stall_timeout: float | None = None,
         max_in_flight: int | None = None,
         aging: float = 1.0,
-        compute_nice: int = 10,
+        compute_nice: int | Literal["idle"] = 10,
         tracing: Any = False,
     ) -> None:
         self._plan, opts = options(

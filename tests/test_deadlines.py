@@ -12,6 +12,7 @@ import torch
 
 from asyncnn import Batching, Graph, Overloaded, Pipeline, PipelineFull, Stage
 from asyncnn.metrics import collector
+from asyncnn.runtime.supervisor import ACCELERATOR_NICE, Supervisor
 
 
 def prometheus_text(pipe):
@@ -277,19 +278,35 @@ async def test_bad_timeouts_and_priorities_are_refused_before_admission():
         Pipeline([recorder("a", [])], max_in_flight=0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
 async def test_compute_threads_yield_the_cpu_to_the_loop():
-    def niceness(x):
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def priority(x):
+        tid = threading.get_native_id()
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    async with Pipeline([Stage(niceness, executor="thread")]) as pipe:
-        assert await pipe.send(0) == min(19, base + 10)
-    async with Pipeline([Stage(niceness, executor="thread")], compute_nice=0) as pipe:
+    base = priority(0)
+    async with Pipeline([Stage(priority, executor="thread")]) as pipe:  # default: niceness + 10
+        assert await pipe.send(0) == (base[0], min(19, base[1] + 10))
+    async with Pipeline([Stage(priority, executor="thread")], compute_nice="idle") as pipe:
+        assert await pipe.send(0) == (os.SCHED_IDLE, base[1])
+    async with Pipeline([Stage(priority, executor="thread")], compute_nice=0) as pipe:
         assert await pipe.send(0) == base
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the loop's
-    with pytest.raises(ValueError, match="compute_nice"):
-        Pipeline([Stage(niceness)], compute_nice=-1)
+    assert priority(0) == base  # the loop's thread is left alone
+    for bad in (-1, "low", True, 2.5):
+        with pytest.raises(ValueError, match="compute_nice"):
+            Pipeline([Stage(priority)], compute_nice=bad)
+
+
+async def test_threads_that_feed_an_accelerator_are_never_in_the_idle_class():
+    """A launching thread in the idle class would wait behind every busy thread while the
+    device starves: under ``"idle"`` it gets a niceness instead (decided by the supervisor)."""
+
+    async with anyio.create_task_group() as tg:
+        sup = Supervisor(tg, None, "idle")
+        cpu, accel = sup.thread("cpu"), sup.thread("gpu", accelerator=True)
+        waiter = sup.thread("wait", compute=False)
+        await sup.stop_threads(5.0)
+    assert [cpu._nice, accel._nice, waiter._nice] == ["idle", ACCELERATOR_NICE, 0]
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])

@@ -116,6 +116,11 @@ class StageContext:
     def name(self) -> str:
         return self.stage.name
 
+    @property
+    def accelerated(self) -> bool:
+        """The stage launches work on an accelerator (its threads keep the device fed)."""
+        return self.device is not None and self.device.type != "cpu"
+
     def fail(
         self, requests: Sequence[Request], cause: Exception, message: str | None = None
     ) -> None:

@@ -62,7 +62,7 @@ def _start_placed(ctx: StageContext, sup: Supervisor) -> None:
     name = ctx.name
     ctx.outbox.open(ctx.workers)  # the completers send
     for w in range(ctx.workers):
-        worker = sup.thread(f"{name}:{w}")
+        worker = sup.thread(f"{name}:{w}", accelerator=ctx.accelerated)
         waiter = sup.thread(f"{name}:{w}:wait", compute=False)
         launched = launched_channel(ctx, w)
         sup.spawn(f"{name}:{w}:launch", run_launch, ctx, worker, launched)
@@ -80,7 +80,9 @@ def _start_batched(ctx: StageContext, sup: Supervisor) -> None:
     ctx.outbox.open(ctx.workers)
     runs_on = ctx.stage.runs_on
     for w in range(ctx.workers):
-        worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
+        worker = (
+            sup.thread(f"{name}:{w}", accelerator=ctx.accelerated) if runs_on == "thread" else None
+        )
         waiter = sup.thread(f"{name}:{w}:wait", compute=False) if ctx.device is not None else None
         launched = launched_channel(ctx, w)
         sup.spawn(f"{name}:{w}:run", run_runner, ctx, worker, batches, launched, paced)
@@ -96,7 +98,9 @@ def _start_yielding(ctx: StageContext, sup: Supervisor) -> None:
 
 def _start_stepped(ctx: StageContext, sup: Supervisor) -> None:
     ctx.outbox.open(1)
-    sup.spawn(f"{ctx.name}:step", run_stepped, ctx, sup.thread(ctx.name))
+    sup.spawn(
+        f"{ctx.name}:step", run_stepped, ctx, sup.thread(ctx.name, accelerator=ctx.accelerated)
+    )
 
 
 KINDS: dict[str, StageKind] = {

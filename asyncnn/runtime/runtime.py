@@ -63,7 +63,7 @@ class Runtime:
         torch_threads: int | None = None,
         microbatch: int | None = None,
         max_in_flight: int | None = None,
-        compute_nice: int = 0,
+        compute_nice: int | str = 0,
         tracing: Any = None,
     ) -> None:
         self.plan = plan

@@ -11,7 +11,9 @@ import anyio.abc
 
 from ..executors import ThreadWorker
 
-__all__ = ["Supervisor"]
+__all__ = ["ACCELERATOR_NICE", "Supervisor"]
+
+ACCELERATOR_NICE = 10  # a launching thread's niceness under compute_nice="idle"
 
 
 class Supervisor:
@@ -24,7 +26,10 @@ class Supervisor:
     """
 
     def __init__(
-        self, tg: anyio.abc.TaskGroup, torch_threads: int | None = None, compute_nice: int = 0
+        self,
+        tg: anyio.abc.TaskGroup,
+        torch_threads: int | None = None,
+        compute_nice: int | str = 0,
     ) -> None:
         self._tg = tg
         self._loop = asyncio.get_running_loop()
@@ -56,10 +61,17 @@ class Supervisor:
 
         self._tg.start_soon(run, name=f"asyncnn:{name}")
 
-    def thread(self, name: str, compute: bool = True, threads: int = 1) -> ThreadWorker:
+    def thread(
+        self, name: str, compute: bool = True, threads: int = 1, accelerator: bool = False
+    ) -> ThreadWorker:
         """A dedicated thread (``threads`` of them sharing one queue of calls), stopped with the
-        run; ``compute`` threads get torch's count."""
-        worker = ThreadWorker(name, self._loop, threads, self.compute_nice if compute else 0)
+        run; ``compute`` threads get torch's count and yield the CPU to the loop. A thread that
+        launches an ``accelerator``'s work is never put in the idle class (it would wait behind
+        every busy thread of the machine while the device starves): it gets a niceness."""
+        nice = self.compute_nice if compute else 0
+        if nice == "idle" and accelerator:
+            nice = ACCELERATOR_NICE
+        worker = ThreadWorker(name, self._loop, threads, nice)
         self.threads.append(worker)
         if compute and self.torch_threads is not None:
             import torch
