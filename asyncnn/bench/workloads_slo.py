@@ -4,10 +4,9 @@ Open-loop Poisson arrivals (a schedule fixed in advance, not clients that wait f
 into the MLP serving pipeline at 30%, 70%, 100% and 150% of the capacity measured in the same
 run. Two classes: 10% urgent (priority 0, a tight deadline) and 90% normal (priority 1, a loose
 one). Every setting gets the same deadlines, priorities and admission control
-(``max_in_flight``), and its compute threads in the idle scheduling class
-(``compute_nice="idle"``, the README's advice for a dedicated machine); only the batching
-policy differs: ``max_delay="auto"`` against fixed ``max_delay`` of 0, 1, 5 and 20 ms.
-Goodput: requests answered within their deadline per second of the schedule.
+(``max_in_flight``); only the batching policy differs: ``max_delay="auto"`` against fixed
+``max_delay`` of 0, 1, 5 and 20 ms. Goodput: requests answered within their deadline per
+second of the schedule.
 """
 
 from __future__ import annotations
@@ -130,9 +129,7 @@ async def _open_loop(
 def _pipeline(model: Any, delay: float | str) -> Pipeline:
     spec = Batching(max_size=MAX_SIZE, max_delay=delay)  # type: ignore[arg-type]
     stage = Stage(model, name="model", batch=spec, workers="auto")
-    # A machine that serves nothing else (the README's advice for deadlines): the compute
-    # threads in the idle class, so that the loop's timers are not held up by their slices.
-    return Pipeline([stage], queue_size=MAX_SIZE, max_in_flight=MAX_IN_FLIGHT, compute_nice="idle")
+    return Pipeline([stage], queue_size=MAX_SIZE, max_in_flight=MAX_IN_FLIGHT)
 
 
 @contextlib.contextmanager
