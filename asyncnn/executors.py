@@ -21,6 +21,7 @@ from typing import Any
 Invoke = Callable[[Any], Awaitable[Any]]
 
 __all__ = [
+    "SKIPPED",
     "Invoke",
     "ThreadWorker",
     "invoker",
@@ -33,6 +34,7 @@ __all__ = [
 log = logging.getLogger("asyncnn")
 
 _STOP = object()
+SKIPPED = object()  # the result of a call skipped because its request had ended (``run``)
 
 
 def is_module(fn: object) -> bool:
@@ -148,7 +150,8 @@ class ThreadWorker:
 
     ``run(fn, args)`` returns an asyncio future of ``fn(*args)`` without blocking the loop. With
     ``threads=1`` calls run in order; with more, the threads share one queue of calls. A call
-    whose future was cancelled before a thread reached it is skipped.
+    whose future was cancelled before a thread reached it is skipped. ``init()`` runs on each
+    thread as it starts (torch's intra-op thread count is set per thread).
     """
 
     def __init__(
@@ -157,9 +160,11 @@ class ThreadWorker:
         loop: asyncio.AbstractEventLoop,
         threads: int = 1,
         nice: int | str = 0,
+        init: Callable[[], Any] | None = None,
     ) -> None:
         self.name = name
         self._nice = nice  # each thread's lower priority, set when it starts (``yield_cpu``)
+        self._init = init
         self._loop = loop
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stopped: asyncio.Future[None] = loop.create_future()
@@ -176,9 +181,14 @@ class ThreadWorker:
         for t in self._threads:
             t.start()
 
-    def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], unless: Any = None
+    ) -> asyncio.Future[Any]:
+        """The future of ``fn(*args)`` on a thread. ``unless``: a future (a request's) that,
+        once done when a thread reaches the call, makes it skip the call: the result is then
+        :data:`SKIPPED`."""
         fut = self._loop.create_future()
-        self._jobs.put((fut, fn, args))
+        self._jobs.put((fut, fn, args, unless))
         return fut
 
     def stop(self) -> None:
@@ -211,17 +221,25 @@ class ThreadWorker:
         if self._nice:
             yield_cpu(self._nice)
         try:
+            if self._init is not None:
+                try:
+                    self._init()
+                except Exception:  # a thread set up less well still runs its calls
+                    log.exception("thread of %r: its set-up failed", self.name)
             while True:
                 job = self._jobs.get()
                 if job is _STOP:
                     return
-                fut, fn, args = job
+                fut, fn, args, unless = job
                 if fut.done():  # cancelled while queued; a racy read only costs one wasted call
                     continue
-                try:
-                    value, ok = fn(*args), True
-                except BaseException as exc:  # handed to the loop, which re-raises it there
-                    value, ok = exc, False
+                if unless is not None and unless.done():  # its request ended while it waited
+                    value, ok = SKIPPED, True
+                else:
+                    try:
+                        value, ok = fn(*args), True
+                    except BaseException as exc:  # handed to the loop, which re-raises it there
+                        value, ok = exc, False
                 try:
                     loop.call_soon_threadsafe(_settle, fut, ok, value)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more

@@ -16,6 +16,7 @@ from ..stage import Stage
 from .context import StageContext
 from .probe import LOOP_SAMPLE
 from .supervisor import Supervisor
+from .workers.ahead import AHEAD, run_ahead
 from .workers.batched import Paced, run_former, run_runner
 from .workers.edges import run_collector
 from .workers.placed import launched_channel, run_complete, run_launch
@@ -23,7 +24,7 @@ from .workers.plain import run_plain
 from .workers.stepped import run_stepped
 from .workers.yielding import run_yielding
 
-__all__ = ["KINDS", "kind_of", "start_stage"]
+__all__ = ["KINDS", "calls_ahead", "kind_of", "queues_ahead", "start_stage"]
 
 StageKind = Callable[[StageContext, Supervisor], None]
 
@@ -41,10 +42,29 @@ def kind_of(stage: Stage) -> str:
     return "plain"
 
 
+def queues_ahead(stage: Stage) -> bool:
+    """A plain stage on its own threads keeps calls queued on them ahead of the running ones
+    (``workers.ahead``; not while tracing, whose spans follow one call at a time)."""
+    return stage.runs_on == "thread" and kind_of(stage) == "plain"
+
+
+def calls_ahead(stage: Stage) -> int:
+    """Items a stage's workers hold queued on their threads, besides the calls they run (for
+    the pipeline's capacity)."""
+    return int(stage.workers) * AHEAD if queues_ahead(stage) else 0
+
+
 def _start_plain(ctx: StageContext, sup: Supervisor) -> None:
     runs_on, name = ctx.stage.runs_on, ctx.name
     sample = LOOP_SAMPLE - 1 if runs_on in ("loop", "inline") else 0
     ctx.outbox.open(ctx.workers)
+    if queues_ahead(ctx.stage) and ctx.tracing is None:
+        # One queue of calls for all the stage's threads: a call queued ahead goes to whichever
+        # thread is free first, never behind one slow call.
+        threads = sup.thread(name, threads=ctx.workers)
+        for w in range(ctx.workers):
+            sup.spawn(f"{name}:{w}", run_ahead, ctx, threads, ctx.join is not None)
+        return
     for w in range(ctx.workers):
         worker = sup.thread(f"{name}:{w}") if runs_on == "thread" else None
         call, carries, join = ctx.call, ctx.tracing is not None, ctx.join is not None

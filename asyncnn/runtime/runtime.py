@@ -28,7 +28,7 @@ from .admission import Admission
 from .context import Outbox, Outlet, StageContext
 from .deadlines import Deadlines
 from .joins import PartTable
-from .kinds import kind_of, start_stage
+from .kinds import calls_ahead, kind_of, start_stage
 from .ledger import Ledger
 from .probe import StageProbe
 from .supervisor import Supervisor
@@ -72,7 +72,8 @@ class Runtime:
         self.microbatch = microbatch
         self.ledger = Ledger()
         w = self.wiring = wire(plan, queue_size, output_device, microbatch)
-        self.capacity = w.capacity
+        # Every buffer and running call, and the calls queued on thread stages' threads.
+        self.capacity = w.capacity + sum(calls_ahead(n.stage) for n in plan.nodes)
         ports = [
             [Channel[Envelope](queue_size, f"{n.stage.name}[{p}]") for p in range(nw.ports)]
             for n, nw in zip(plan.nodes, w.nodes, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -71,12 +72,13 @@ class Supervisor:
         nice = self.compute_nice if compute else 0
         if nice == "idle" and accelerator:
             nice = ACCELERATOR_NICE
-        worker = ThreadWorker(name, self._loop, threads, nice)
-        self.threads.append(worker)
+        init = None
         if compute and self.torch_threads is not None:
             import torch
 
-            worker.run(torch.set_num_threads, (self.torch_threads,))
+            init = functools.partial(torch.set_num_threads, self.torch_threads)  # per thread
+        worker = ThreadWorker(name, self._loop, threads, nice, init)
+        self.threads.append(worker)
         return worker
 
     def cancel_all(self) -> None:

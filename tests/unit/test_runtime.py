@@ -21,8 +21,9 @@ def test_the_view_before_start_lists_every_stage_with_its_kind():
         ("a", "plain", 1),
         ("b", "batched", 2),
     ]
-    # capacity: admission and two stage ports (a sink buffers nothing) x 2, plus 3 workers
-    assert view.elapsed == 0 and view.admitted == 0 and rt.capacity == 3 * 2 + 3
+    # capacity: admission and two stage ports (a sink buffers nothing) x 2, plus 3 workers, and
+    # the call that "a" (a sync function: a thread stage) queues ahead on its thread
+    assert view.elapsed == 0 and view.admitted == 0 and rt.capacity == 3 * 2 + 3 + 1
 
 
 def test_set_observer_reaches_every_stage_and_turns_off():
