@@ -1,0 +1,74 @@
+"""run_ahead driven on its own: pre-filled inbox, real ledger and threads, collecting outputs."""
+
+import asyncio
+import threading
+
+from asyncnn.batching import Envelope
+from asyncnn.errors import StageError
+from asyncnn.executors import ThreadWorker
+from asyncnn.runtime.workers.ahead import run_ahead
+from tests.workers.helpers import admit, drained, feed, make_ctx
+
+
+def picky(x):
+    if x == 1:
+        raise ValueError("one is not allowed")
+    return x * 10
+
+
+async def run(ctx, threads=1, join=False):
+    pool = ThreadWorker("t", asyncio.get_running_loop(), threads)
+    ctx.outbox.open(1)
+    try:
+        await run_ahead(ctx, pool, join)
+    finally:
+        pool.stop()
+        await pool.wait_stopped(5)
+    return drained(ctx.outbox.channels[0])
+
+
+async def test_outputs_keep_the_order_handed_over_and_a_failure_fails_only_its_envelope():
+    ctx = make_ctx(picky)
+    reqs = [admit(ctx, i) for i in range(5)]
+    feed(ctx.inbox, *(Envelope(i, [r]) for i, r in enumerate(reqs)))
+    out = await run(ctx)
+    assert [(e.payload, e.requests) for e in out] == [
+        (0, [reqs[0]]),
+        (20, [reqs[2]]),
+        (30, [reqs[3]]),
+        (40, [reqs[4]]),
+    ]
+    err = reqs[1].future.exception()
+    assert isinstance(err, StageError) and err.stage == "picky"
+    assert ctx.probe.items == 4 and ctx.probe.failures == 1 and ctx.probe.active == 0
+    assert ctx.probe.timed == 4  # every call that ran is timed
+
+
+async def test_a_request_cancelled_before_its_call_starts_is_never_computed():
+    started, release = threading.Event(), threading.Event()
+    seen = []
+
+    def gate(x):
+        seen.append(x)
+        if x == 0:
+            started.set()
+            release.wait(5)
+        return x
+
+    ctx = make_ctx(gate)
+    reqs = [admit(ctx, i) for i in range(3)]
+    feed(ctx.inbox, *(Envelope(i, [r]) for i, r in enumerate(reqs)))
+    worker = asyncio.ensure_future(run(ctx))
+    assert await asyncio.to_thread(started.wait, 5)
+    reqs[1].future.cancel()  # handed over behind call 0 (AHEAD = 1), not started
+    release.set()
+    out = await worker
+    assert [e.payload for e in out] == [0, 2] and seen == [0, 2]
+    assert ctx.ledger.counters.cancelled == 1
+
+
+async def test_a_join_payload_is_spread_into_the_call():
+    ctx = make_ctx(lambda a, b: a + b)
+    feed(ctx.inbox, Envelope((1, 2), [admit(ctx, 0)]))
+    out = await run(ctx, threads=2, join=True)
+    assert [e.payload for e in out] == [3]
