@@ -10,6 +10,7 @@ import time
 import pytest
 
 from asyncnn import Pipeline, Stage
+from tests.workers.helpers import FirstHeld
 
 
 async def _started(event: threading.Event) -> None:
@@ -40,17 +41,8 @@ async def test_a_thread_stage_starts_its_next_call_while_the_loop_is_busy():
 
 @pytest.mark.parametrize("end", ["cancel", "deadline"])
 async def test_a_request_that_ends_while_its_call_waits_on_the_thread_is_not_computed(end):
-    first, release = threading.Event(), threading.Event()
-    called: list[int] = []
-
-    def f(i):
-        called.append(i)
-        if i == 0:
-            first.set()
-            release.wait(5)
-        return i
-
-    async with Pipeline([Stage(f)]) as pipe:
+    f = FirstHeld()
+    async with Pipeline([Stage(f, name="f")]) as pipe:
         # Both wait in the stage's inbox when its worker first runs: it hands both over (the
         # one with a deadline in a less urgent class, so that it waits behind the first).
         head = pipe.submit_nowait(0)
@@ -58,17 +50,17 @@ async def test_a_request_that_ends_while_its_call_waits_on_the_thread_is_not_com
             queued = pipe.submit_nowait(1)
         else:
             queued = pipe.submit_nowait(1, timeout=0.1, priority=1)
-        await _started(first)
+        await _started(f.started)
         if end == "cancel":
             queued.cancel()
         else:
             with pytest.raises(TimeoutError):
                 await queued
         tail = await pipe.submit(2)
-        release.set()
+        f.release.set()
         assert await head == 0 and await tail == 2
         stats = pipe.stats()
-    assert called == [0, 2]
+    assert f.seen == [0, 2]
     assert stats.admitted == 3 and stats.completed == 2
     assert stats.cancelled == 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from asyncnn.batching import Envelope, Request
@@ -53,3 +54,19 @@ def drained(ch: Channel[Any]) -> list[Any]:
     items = ch.drain_nowait()
     assert ch.closed, f"{ch.name} was not closed by its senders"
     return items
+
+
+class FirstHeld:
+    """A stage function that records what it is called with and holds the call of ``0`` until
+    ``release`` is set (``started`` says it began): a call to queue others behind."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.seen: list[Any] = []
+
+    def __call__(self, x: Any) -> Any:
+        self.seen.append(x)
+        if x == 0:
+            self.started.set()
+            self.release.wait(5)
+        return x

@@ -1,13 +1,12 @@
 """run_ahead driven on its own: pre-filled inbox, real ledger and threads, collecting outputs."""
 
 import asyncio
-import threading
 
 from asyncnn.batching import Envelope
 from asyncnn.errors import StageError
 from asyncnn.executors import ThreadWorker
 from asyncnn.runtime.workers.ahead import run_ahead
-from tests.workers.helpers import admit, drained, feed, make_ctx
+from tests.workers.helpers import FirstHeld, admit, drained, feed, make_ctx
 
 
 def picky(x):
@@ -45,25 +44,16 @@ async def test_outputs_keep_the_order_handed_over_and_a_failure_fails_only_its_e
 
 
 async def test_a_request_cancelled_before_its_call_starts_is_never_computed():
-    started, release = threading.Event(), threading.Event()
-    seen = []
-
-    def gate(x):
-        seen.append(x)
-        if x == 0:
-            started.set()
-            release.wait(5)
-        return x
-
+    gate = FirstHeld()
     ctx = make_ctx(gate)
     reqs = [admit(ctx, i) for i in range(3)]
     feed(ctx.inbox, *(Envelope(i, [r]) for i, r in enumerate(reqs)))
     worker = asyncio.ensure_future(run(ctx))
-    assert await asyncio.to_thread(started.wait, 5)
+    assert await asyncio.to_thread(gate.started.wait, 5)
     reqs[1].future.cancel()  # handed over behind call 0 (AHEAD = 1), not started
-    release.set()
+    gate.release.set()
     out = await worker
-    assert [e.payload for e in out] == [0, 2] and seen == [0, 2]
+    assert [e.payload for e in out] == [0, 2] and gate.seen == [0, 2]
     assert ctx.ledger.counters.cancelled == 1
 
 

@@ -26,8 +26,6 @@ from collections import deque
 from types import CoroutineType
 from typing import Any
 
-from anyio import WouldBlock
-
 from ...batching import Envelope
 from ...channels import EMPTY, END
 from ...executors import SKIPPED, ThreadWorker, returned_coroutine
@@ -42,7 +40,7 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
     """Run one worker of a sync plain stage on the stage's threads until its inbox ends.
     ``join``: the payload is a join's tuple of parts, spread into the call."""
     inbox, ledger, probe, outbox = ctx.inbox, ctx.ledger, ctx.probe, ctx.outbox
-    run, call, single = threads.run, ctx.call, outbox.single
+    run, call = threads.run, ctx.call
     held: deque[tuple[Envelope, int, asyncio.Future[Any], float]] = deque()
     ended = False
     last_done = 0.0  # when the previous call's result came back
@@ -95,13 +93,7 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
             probe.items += n
             probe.batches += 1
             env.payload = out
-            if single is not None:
-                try:
-                    single.send_nowait(env)
-                    continue
-                except WouldBlock:
-                    pass
-            await outbox.send(env)
+            await outbox.send(env)  # no wait while there is room (a thread call costs far more)
     finally:
         for _, _, fut, _ in held:  # stopped early: the threads skip what they have not started
             fut.cancel()
