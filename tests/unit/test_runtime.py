@@ -1,5 +1,7 @@
 """A Runtime built but not started: capacity, observers, view, progress and stall location."""
 
+import torch
+
 from asyncnn import Batching, Graph, Stage
 from asyncnn.batching import Envelope
 from asyncnn.runtime import Runtime
@@ -68,3 +70,12 @@ def test_progress_counts_calls_and_ended_requests():
     rt.ledger.admit(r)
     rt.ledger.complete(r, 1)
     assert rt.progress() == before + 3 and rt.in_flight() == 0
+
+
+def test_only_stages_placed_on_an_accelerator_count_as_accelerated():
+    """Their threads keep a niceness under compute_nice="idle" (Supervisor.thread)."""
+    rt = build(Stage(f, name="a"), Stage(f, name="cpu", device="cpu"))
+    assert [ctx.accelerated for ctx in rt.stages] == [False, False]
+    ctx = rt.stages[1]
+    ctx.device = torch.device("cuda", 0)  # placed there once validated, as on a GPU machine
+    assert ctx.accelerated
