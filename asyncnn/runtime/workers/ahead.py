@@ -11,11 +11,10 @@ whichever thread is free first, never behind one slow call. A worker sends its o
 the order it handed the calls over.
 
 A worker holds at most ``AHEAD + 1`` items (counted in the pipeline's capacity). A queued
-item's liveness was checked when it was handed over; a request cancelled while queued is
-skipped by the thread when its call's future was cancelled, and a deadline that passes while it
-waits ends the request by its timer. Service times are counted from when a call could start
-(its hand-over, or the end of the worker's call before it), so the stage's estimates leave out
-most of the wait behind other calls.
+item's liveness was checked when it was handed over; a call whose request ended while it
+waited (cancelled, or ended by its deadline's timer) is skipped by the thread, which answers
+``SKIPPED``. Each call is timed on the thread that runs it, so the stage's service times leave
+out the wait in the queue.
 """
 
 from __future__ import annotations
@@ -41,9 +40,8 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
     ``join``: the payload is a join's tuple of parts, spread into the call."""
     inbox, ledger, probe, outbox = ctx.inbox, ctx.ledger, ctx.probe, ctx.outbox
     run, call = threads.run, ctx.call
-    held: deque[tuple[Envelope, int, asyncio.Future[Any], float]] = deque()
+    held: deque[tuple[Envelope, int, asyncio.Future[Any]]] = deque()
     ended = False
-    last_done = 0.0  # when the previous call's result came back
     try:
         while True:
             # Hand over what waits, up to AHEAD calls behind the first; wait for an item only
@@ -62,30 +60,24 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
                 reqs = env.requests
                 # One request: the thread skips the call if it ended (cancelled, out of time)
                 # while the call waited.
-                fut = run(
-                    call,
-                    env.payload if join else (env.payload,),
-                    reqs[0].future if len(reqs) == 1 else None,
-                )
+                args = env.payload if join else (env.payload,)
+                fut = run(_clocked, (call, args), reqs[0].future if len(reqs) == 1 else None)
                 probe.active += 1
-                held.append((env, len(reqs), fut, time.perf_counter()))
+                held.append((env, len(reqs), fut))
             if not held:
                 return  # ended, and every call's output sent
-            env, n, fut, handed = held[0]
+            env, n, fut = held.popleft()
             try:
-                out = await fut
+                done = await fut
             except Exception as exc:
-                out = _Failed(exc)
-            held.popleft()
+                probe.active -= 1
+                ctx.fail(env.requests, exc)
+                continue
             probe.active -= 1
-            done = time.perf_counter()
-            took, last_done = done - max(handed, last_done), done
-            if out is SKIPPED:
+            if done is SKIPPED:
                 ledger.live(env)  # drops (and counts) the request that ended
                 continue
-            if type(out) is _Failed:
-                ctx.fail(env.requests, out.exc)
-                continue
+            out, took = done
             probe.timed_call(took, n)
             if type(out) is CoroutineType:
                 ctx.fail(env.requests, returned_coroutine(ctx.name, out))
@@ -95,15 +87,13 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
             env.payload = out
             await outbox.send(env)  # no wait while there is room (a thread call costs far more)
     finally:
-        for _, _, fut, _ in held:  # stopped early: the threads skip what they have not started
+        for _, _, fut in held:  # stopped early: the threads skip what they have not started
             fut.cancel()
         outbox.sender_done()
 
 
-class _Failed:
-    """A call's exception, held apart from results (a stage may return an exception)."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
+def _clocked(call: Any, args: tuple[Any, ...]) -> tuple[Any, float]:
+    """``call(*args)`` and the seconds it took, timed on the thread that ran it."""
+    t0 = time.perf_counter()
+    out = call(*args)
+    return out, time.perf_counter() - t0
