@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from asyncnn.batching import Envelope
 from asyncnn.errors import StageError
 from asyncnn.executors import ThreadWorker
@@ -62,3 +64,24 @@ async def test_a_join_payload_is_spread_into_the_call():
     feed(ctx.inbox, Envelope((1, 2), [admit(ctx, 0)]))
     out = await run(ctx, threads=2, join=True)
     assert [e.payload for e in out] == [3]
+
+
+@pytest.mark.parametrize("ended", [1, 2])
+async def test_a_merged_envelope_queued_behind_a_call_is_skipped_once_all_its_requests_ended(ended):
+    gate = FirstHeld()
+    ctx = make_ctx(gate)
+    first, pair = admit(ctx, 0), [admit(ctx, 1), admit(ctx, 2)]
+    feed(ctx.inbox, Envelope(0, [first]), Envelope(5, pair))
+    worker = asyncio.ensure_future(run(ctx))
+    assert await asyncio.to_thread(gate.started.wait, 5)
+    for req in pair[:ended]:  # handed over behind call 0, not started
+        req.future.cancel()
+    gate.release.set()
+    out = await worker
+    if ended == 2:  # skipped, and both counted as cancelled here
+        assert gate.seen == [0] and [e.payload for e in out] == [0]
+        assert ctx.ledger.counters.cancelled == 2
+    else:  # one request still waits for the call's result: it is computed and sent on (the
+        # next boundary drops the cancelled one, as after any call)
+        assert gate.seen == [0, 5] and [e.payload for e in out] == [0, 5]
+        assert pair[1] in out[1].requests

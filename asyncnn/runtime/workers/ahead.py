@@ -11,10 +11,10 @@ whichever thread is free first, never behind one slow call. A worker sends its o
 the order it handed the calls over.
 
 A worker holds at most ``AHEAD + 1`` items (counted in the pipeline's capacity). A queued
-item's liveness was checked when it was handed over; a call whose request ended while it
-waited (cancelled, or ended by its deadline's timer) is skipped by the thread, which answers
-``SKIPPED``. Each call is timed on the thread that runs it, so the stage's service times leave
-out the wait in the queue.
+item's liveness was checked when it was handed over; a call whose requests all ended while it
+waited (cancelled, or ended by their deadline's timer) is skipped by the thread, which answers
+``SKIPPED`` (as before, a merged envelope with one request left is computed). Each call is
+timed on the thread that runs it, so the stage's service times leave out the wait in the queue.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
                 if not ledger.live(env, probe):
                     continue
                 reqs = env.requests
-                # One request: the thread skips the call if it ended (cancelled, out of time)
-                # while the call waited.
+                # The thread skips the call if its requests ended (cancelled, out of time)
+                # while it waited.
                 args = env.payload if join else (env.payload,)
-                fut = run(_clocked, (call, args), reqs[0].future if len(reqs) == 1 else None)
+                fut = run(_clocked, (call, args), reqs[0].future if len(reqs) == 1 else _All(reqs))
                 probe.active += 1
                 held.append((env, len(reqs), fut))
             if not held:
@@ -90,6 +90,18 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
         for _, _, fut in held:  # stopped early: the threads skip what they have not started
             fut.cancel()
         outbox.sender_done()
+
+
+class _All:
+    """``done()`` once every request of a merged envelope has ended (read by the thread)."""
+
+    __slots__ = ("reqs",)
+
+    def __init__(self, reqs: list[Any]) -> None:
+        self.reqs = reqs
+
+    def done(self) -> bool:
+        return all(r.future.done() for r in self.reqs)
 
 
 def _clocked(call: Any, args: tuple[Any, ...]) -> tuple[Any, float]:
