@@ -29,9 +29,9 @@ async def test_a_thread_stage_starts_its_next_call_while_the_loop_is_busy():
         return i
 
     async with Pipeline([Stage(f)]) as pipe:
-        futs = [await pipe.submit(i) for i in range(2)]
+        # Both wait in the inbox when the worker first runs: it hands both over at once.
+        futs = [pipe.submit_nowait(i) for i in range(2)]
         await _started(first)
-        await asyncio.sleep(0.05)  # the worker hands the second call over behind the first
         release.set()
         time.sleep(0.3)  # noqa: ASYNC251  # the loop is busy: only the thread can start call 1
         busy_until = time.perf_counter()
