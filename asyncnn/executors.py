@@ -116,7 +116,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
             fut.set_exception(value)
 
 
-# Niceness ``"idle"`` falls back to where the OS has no idle scheduling class (or refuses it).
+# The niceness ``"idle"`` falls back to where the OS has no idle scheduling class (or refuses it).
 IDLE_FALLBACK_NICE = 19
 
 

@@ -44,7 +44,8 @@ def kind_of(stage: Stage) -> str:
 
 def queues_ahead(stage: Stage) -> bool:
     """A plain stage on its own threads keeps calls queued on them ahead of the running ones
-    (``workers.ahead``; not while tracing, whose spans follow one call at a time)."""
+    (``workers.ahead``). ``_start_plain`` still runs it one call at a time while tracing (its
+    spans follow one call at a time); the capacity counts the queued calls either way."""
     return stage.runs_on == "thread" and kind_of(stage) == "plain"
 
 

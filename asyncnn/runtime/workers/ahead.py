@@ -68,12 +68,13 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
                 return  # ended, and every call's output sent
             env, n, fut = held.popleft()
             try:
-                done = await fut
+                done = await fut  # (output, seconds) from ``_clocked``, or SKIPPED
             except Exception as exc:
-                probe.active -= 1
-                ctx.fail(env.requests, exc)
-                continue
+                done = exc
             probe.active -= 1
+            if isinstance(done, Exception):
+                ctx.fail(env.requests, done)
+                continue
             if done is SKIPPED:
                 ledger.live(env)  # drops (and counts) the request that ended
                 continue
