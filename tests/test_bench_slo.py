@@ -25,6 +25,7 @@ async def test_the_open_loop_client_counts_every_arrival_once():
     assert tally.in_time == tally.offered  # generous deadlines, light load: every one in time
     assert tally.missed == tally.shed == 0
     assert len(tally.latencies["urgent"]) == urgent
+    assert tally.loop.seconds >= 0.2 and tally.loop.cpu > 0.0  # the loop watched over the run
 
 
 async def test_the_open_loop_client_lets_ended_callers_go():

@@ -28,6 +28,7 @@ from ..pipeline import Pipeline
 from ..stage import Stage
 from ._core import Context, Measure, Row, percentile, run_on_loop
 from .clients import drive
+from .loopwatch import LoopWatch
 from .models import bench_mlp
 
 __all__ = ["slo"]
@@ -61,6 +62,7 @@ class Tally:
     shed: int = 0  # refused at admission (Overloaded)
     late: float = 0.0  # the most seconds any request was ended past its deadline
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"urgent": [], "normal": []})
+    loop: LoopWatch = field(default_factory=LoopWatch)  # what stopped the loop meanwhile
 
     def goodput(self, cls: str | None = None) -> float:
         n = sum(self.in_time.values()) if cls is None else self.in_time[cls]
@@ -114,15 +116,16 @@ async def _open_loop(
     # the collector scanned over and over, stopping the loop 40-80 ms at a time at 150% load.
     t0 = loop.time()
     running: set[asyncio.Task[None]] = set()
-    for i, (at, urgent) in enumerate(plan):
-        wait = t0 + at - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        task = loop.create_task(one(i, urgent))
-        running.add(task)
-        task.add_done_callback(running.discard)
-    while running:
-        await asyncio.wait(set(running))
+    with tally.loop:
+        for i, (at, urgent) in enumerate(plan):
+            wait = t0 + at - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            task = loop.create_task(one(i, urgent))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        while running:
+            await asyncio.wait(set(running))
     return tally
 
 
@@ -229,7 +232,8 @@ def _rows(
                 f"{percentile(urgent, 99) * 1e3 if urgent else 0:.1f} ms; normal "
                 f"{_median(ts, lambda t: t.goodput('normal')):.0f}/s; missed "
                 f"{_median(ts, lambda t: t.missed):.0f}, shed {_median(ts, lambda t: t.shed):.0f}; "
-                f"latest end past a deadline {max(t.late for t in ts) * 1e3:.1f} ms"
+                f"latest end past a deadline {max(t.late for t in ts) * 1e3:.1f} ms "
+                f"({max(ts, key=lambda t: t.late).loop.describe()})"
             )
             if name == "auto":
                 share = row.rate / best_fixed if best_fixed else 1.0
