@@ -7,6 +7,14 @@ one). Every setting gets the same deadlines, priorities and admission control
 (``max_in_flight``); only the batching policy differs: ``max_delay="auto"`` against fixed
 ``max_delay`` of 0, 1, 5 and 20 ms. Goodput: requests answered within their deadline per
 second of the schedule.
+
+Every setting runs as the README advises a latency-minded service on a machine of its own: the
+compute threads in the idle scheduling class (``compute_nice="idle"``, so that the loop, woken,
+takes a core at once) and the collector frozen and tuned once the pipeline has started
+(``_started``). With the defaults instead (niceness 10, CPython's collector thresholds) the
+loop's wake-ups wait for a compute thread's time slice and the collector's passes over the
+requests in flight stop it 3-7 ms: the lateness measured is then the interpreter's and the
+kernel's, not the runtime's (``BENCHMARKS.md`` has both).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import random
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,8 +38,9 @@ from ._core import Context, Measure, Row, percentile, run_on_loop
 from .clients import drive
 from .loopwatch import LoopWatch
 from .models import bench_mlp
+from .verdicts import MEETS, MISSES, Judgement, both, judge, paired_ratios
 
-__all__ = ["slo"]
+__all__ = ["slo", "verdicts"]
 
 LOADS = (0.3, 0.7, 1.0, 1.5)  # of the measured capacity
 FIXED = (0.0, 0.001, 0.005, 0.020)  # max_delay settings compared with "auto"
@@ -43,6 +52,8 @@ TIGHT, LOOSE = 3.0, 15.0  # deadlines, in service times of one full batch (a req
 LATE_TOLERANCE = 0.005  # seconds past its deadline a request may take to be ended (loop lag)
 GOODPUT_SHARE = 0.95  # of the best fixed setting at each load
 URGENT_IN_TIME = 0.99  # at 150% load
+GC_THRESHOLDS = (100, 10, 1000)  # the collector's, while a setting runs (see _started)
+COMPUTE_NICE: Literal["idle"] = "idle"  # the compute threads' scheduling (see the module's doc)
 
 
 def _systems() -> dict[str, float | str]:
@@ -132,21 +143,30 @@ async def _open_loop(
 def _pipeline(model: Any, delay: float | str) -> Pipeline:
     spec = Batching(max_size=MAX_SIZE, max_delay=delay)  # type: ignore[arg-type]
     stage = Stage(model, name="model", batch=spec, workers="auto")
-    return Pipeline([stage], queue_size=MAX_SIZE, max_in_flight=MAX_IN_FLIGHT)
+    return Pipeline(
+        [stage], queue_size=MAX_SIZE, max_in_flight=MAX_IN_FLIGHT, compute_nice=COMPUTE_NICE
+    )
 
 
 @contextlib.contextmanager
 def _started() -> Iterator[None]:
-    """What a service does once its models are loaded and its pipeline started (and what we
-    advise in the README): what exists then (the ~170k objects torch brings, the pipeline's
-    own) is moved out of the collector's reach, so a full collection does not stop the loop
-    for 100-250 ms in the middle of an overload, and later ones scan only what came after.
-    Every setting runs under it alike; undone after the run, as the service ends."""
+    """What a latency-minded service does once its models are loaded and its pipeline started
+    (what the README advises). What exists then (the ~170k objects torch brings, the pipeline's
+    own) is moved out of the collector's reach, so a full collection does not stop the loop for
+    100-250 ms in the middle of an overload. And the young objects are collected in small passes
+    (``GC_THRESHOLDS``): with CPython's default (700, 10, 10) a pass over the young generations
+    held the objects of every request admitted in the last ~40 ms and stopped the loop 3-7 ms at
+    150% load on the 2-core VM, longer than the lateness allowed (measured: 0.7-1.1 ms at the
+    longest with these, the same total). Every setting runs under it alike; undone after the
+    run, as the service ends."""
     gc.collect()
     gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         yield
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
 
 
@@ -195,6 +215,44 @@ def _median(tallies: list[Tally], fn: Any) -> float:
     return statistics.median(fn(t) for t in tallies)
 
 
+def verdicts(
+    results: dict[tuple[str, float], list[Tally]], names: list[str]
+) -> dict[float | None, Judgement]:
+    """``auto``'s verdict at each load, and over all loads together (key ``None``), from
+    ratios paired repeat by repeat (repeat ``i`` of every setting ran the same schedule, minutes
+    apart at most): against the fixed setting with the best median at that load (chosen in
+    hindsight), and over all loads against the fixed setting with the best median sum. The
+    lateness bounds every request of every repeat; the urgent share (at the highest load) is
+    judged repeat by repeat too; all must hold (``both``)."""
+    auto, fixed = names[0], names[1:]
+    out: dict[float | None, Judgement] = {}
+    for load in LOADS:
+        best = max(fixed, key=lambda n: _median(results[n, load], Tally.goodput))
+        ours = results[auto, load]
+        goodput = judge(
+            paired_ratios([t.goodput() for t in ours], [t.goodput() for t in results[best, load]]),
+            GOODPUT_SHARE,
+        )
+        late = max(t.late for t in ours)  # a bound on every request: no noise to forgive
+        parts = [goodput, Judgement(late, late, late, MEETS if late <= LATE_TOLERANCE else MISSES)]
+        if load == LOADS[-1]:
+            parts.append(
+                judge(
+                    [t.in_time["urgent"] / max(1, t.offered["urgent"]) for t in ours],
+                    URGENT_IN_TIME,
+                )
+            )
+        out[load] = Judgement(goodput.ratio, goodput.low, goodput.high, both(*parts))
+
+    def totals(name: str) -> list[float]:
+        runs = len(results[name, LOADS[0]])
+        return [sum(results[name, load][r].goodput() for load in LOADS) for r in range(runs)]
+
+    best_total = max(fixed, key=lambda n: statistics.median(totals(n)))
+    out[None] = judge(paired_ratios(totals(auto), totals(best_total)), 1.0)
+    return out
+
+
 def _rows(
     ctx: Context,
     results: dict[tuple[str, float], list[Tally]],
@@ -205,9 +263,8 @@ def _rows(
 ) -> list[Row]:
     out: list[Row] = []
     total = {n: sum(_median(results[n, load], Tally.goodput) for load in LOADS) for n in names}
-    per_load_ok = True
+    judged = verdicts(results, names)
     for load in LOADS:
-        best_fixed = max(_median(results[n, load], Tally.goodput) for n in names[1:])
         for name in names:
             ts = results[name, load]
             rates = [t.goodput() for t in ts]
@@ -236,27 +293,27 @@ def _rows(
                 f"({max(ts, key=lambda t: t.late).loop.describe()})"
             )
             if name == "auto":
-                share = row.rate / best_fixed if best_fixed else 1.0
-                row.ratio, row.ratio_label = share, "of the best fixed setting at this load"
-                row.target = f">= {GOODPUT_SHARE} of the best fixed"
-                ok = share >= GOODPUT_SHARE
-                per_load_ok &= ok
+                j = judged[load]
+                row.ratio, row.ratio_label = j.ratio, "of the best fixed setting at this load"
+                row.target = (
+                    f">= {GOODPUT_SHARE} of the best fixed (paired {j.low:.2f}–{j.high:.2f})"
+                )
                 if load == LOADS[-1]:
                     row.target += f"; >= {URGENT_IN_TIME:.0%} urgent in time"
-                    ok &= urgent_share >= URGENT_IN_TIME
-                late = max(t.late for t in ts)
                 row.target += f"; none ended > {LATE_TOLERANCE * 1e3:g} ms past its deadline"
-                ok &= late <= LATE_TOLERANCE
-                row.verdict = "meets" if ok else "MISSES"
+                row.verdict = j.verdict
             out.append(row)
     summary = Row(
         "slo", "auto over all loads", ctx.loop, total["auto"], 0.0, 0.0, unit="good req/s"
     )
-    best_other = max(total[n] for n in names[1:])
-    summary.ratio = total["auto"] / best_other
+    overall = judged[None]
+    summary.ratio = overall.ratio
     summary.ratio_label = "vs the best single fixed setting"
-    summary.target = "beats every fixed setting over all loads together"
-    summary.verdict = "meets" if total["auto"] > best_other else "MISSES"
+    summary.target = (
+        f"beats every fixed setting over all loads together (paired {overall.low:.2f}–"
+        f"{overall.high:.2f})"
+    )
+    summary.verdict = overall.verdict
     summary.note = (
         f"capacity {cap:,.0f} req/s (closed loop, same run); deadlines urgent "
         f"{tight * 1e3:.0f} ms, normal {loose * 1e3:.0f} ms; sums of goodput: "
