@@ -185,22 +185,37 @@ def slo(ctx: Context) -> list[Row]:
             m.extra["call"] = pipe.stats()["model"].latency_p50
         return m
 
-    ctx.progress("capacity", 0.0)
-    caps = [run_on_loop(ctx.loop, capacity) for _ in range(2)]
-    cap = statistics.median(m.rate for m in caps)
-    # A full batch's call inside the pipeline under full load (every runner busy at once).
-    full = statistics.median(m.extra["call"] for m in caps)
-    tight, loose = TIGHT * full, LOOSE * full
+    def calibrate() -> tuple[float, float]:
+        """(capacity, a full batch's call inside the pipeline under full load): the medians of
+        two closed-loop runs, taken right before the settings they pace run."""
+        caps = [run_on_loop(ctx.loop, capacity) for _ in range(2)]
+        return statistics.median(m.rate for m in caps), statistics.median(
+            m.extra["call"] for m in caps
+        )
+
     systems = _systems()
     results: dict[tuple[str, float], list[Tally]] = {}
+    calibrations: list[tuple[float, float]] = []
     steps, done = len(LOADS) * len(systems) * ctx.repeats, 0
     for r in range(ctx.repeats):
         for load in LOADS:
+            # Capacity and deadlines measured anew for every load of every repeat: this VM's
+            # speed drifts 30% within minutes, and deadlines set from a fast minute were out
+            # of reach in a slow one (urgent requests missed them even at 70% load).
+            ctx.progress(f"capacity before {load:.0%} ({r + 1}/{ctx.repeats})", done / steps)
+            cap, full = calibrate()
+            calibrations.append((cap, full))
+            tight, loose = TIGHT * full, LOOSE * full
             plan = _schedule(load * cap, seconds, seed=1000 * r + int(load * 100))
             for name, delay in systems.items():
                 ctx.progress(f"{name} at {load:.0%} ({r + 1}/{ctx.repeats})", done / steps)
 
-                async def run(delay: float | str = delay, plan: Any = plan) -> Tally:
+                async def run(
+                    delay: float | str = delay,
+                    plan: Any = plan,
+                    tight: float = tight,
+                    loose: float = loose,
+                ) -> Tally:
                     async with _pipeline(model, delay) as pipe:
                         with _started():
                             return await _open_loop(pipe, rows, plan, tight, loose, seconds)
@@ -208,7 +223,7 @@ def slo(ctx: Context) -> list[Row]:
                 results.setdefault((name, load), []).append(run_on_loop(ctx.loop, run))
                 done += 1
     ctx.progress("done", 1.0)
-    return _rows(ctx, results, list(systems), cap, tight, loose)
+    return _rows(ctx, results, list(systems), calibrations)
 
 
 def _median(tallies: list[Tally], fn: Any) -> float:
@@ -257,9 +272,7 @@ def _rows(
     ctx: Context,
     results: dict[tuple[str, float], list[Tally]],
     names: list[str],
-    cap: float,
-    tight: float,
-    loose: float,
+    calibrations: list[tuple[float, float]],
 ) -> list[Row]:
     out: list[Row] = []
     total = {n: sum(_median(results[n, load], Tally.goodput) for load in LOADS) for n in names}
@@ -314,9 +327,13 @@ def _rows(
         f"{overall.high:.2f})"
     )
     summary.verdict = overall.verdict
+    caps = [c for c, _ in calibrations]
+    fulls = [f for _, f in calibrations]
     summary.note = (
-        f"capacity {cap:,.0f} req/s (closed loop, same run); deadlines urgent "
-        f"{tight * 1e3:.0f} ms, normal {loose * 1e3:.0f} ms; sums of goodput: "
+        f"capacity {min(caps):,.0f}–{max(caps):,.0f} req/s (closed loop, before each load of "
+        f"each repeat); deadlines urgent {TIGHT * min(fulls) * 1e3:.0f}–"
+        f"{TIGHT * max(fulls) * 1e3:.0f} ms, normal {LOOSE * min(fulls) * 1e3:.0f}–"
+        f"{LOOSE * max(fulls) * 1e3:.0f} ms; sums of goodput: "
         + ", ".join(f"{n} {total[n]:,.0f}" for n in names)
     )
     out.append(summary)
