@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from . import metrics  # noqa: F401  (asyncnn.metrics.serve_prometheus, as documented)
 from .batching import Batching
+from .collector import latency_gc
 from .errors import (
     AsyncnnError,
     GraphError,
@@ -54,4 +55,5 @@ __all__ = [
     "Stepping",
     "WorkerLost",
     "__version__",
+    "latency_gc",
 ]

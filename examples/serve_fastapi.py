@@ -13,6 +13,8 @@ Then: curl -s -X POST localhost:8000/predict -H 'content-type: application/json'
 - Traced with OpenTelemetry when asked (``TRACE=1``, or ``create_app(tracer_provider=...)``):
   the FastAPI instrumentation opens the HTTP span, and the pipeline's request, stage and batch
   spans sit inside it (``pip install opentelemetry-sdk opentelemetry-instrumentation-fastapi``).
+- Once started, the interpreter's collector is set for deadlines (``asyncnn.latency_gc()``:
+  what is loaded frozen, young objects in small passes), and put back when the app stops.
 - It binds 127.0.0.1 by default: put a reverse proxy in front to expose it.
 - Bodies over 64 KiB are refused with 413 before they are parsed; rows must have exactly 8
   features and there are at most 64 of them (422 otherwise), before any tensor is made.
@@ -134,7 +136,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with pipeline:  # started with the app, drained when it stops
-            yield
+            # The model and the pipeline are loaded: keep the collector's passes short from
+            # here on, so that none stops the loop past a request's deadline (README).
+            with asyncnn.latency_gc():
+                yield
 
     app = FastAPI(lifespan=lifespan)
     app.state.pipeline = pipeline

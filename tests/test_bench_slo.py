@@ -55,11 +55,12 @@ async def test_the_open_loop_client_lets_ended_callers_go():
 
 
 def test_started_tunes_the_collector_and_puts_it_back():
-    from asyncnn.bench.workloads_slo import GC_THRESHOLDS, _started
+    from asyncnn.bench.workloads_slo import _started
+    from asyncnn.collector import LATENCY_THRESHOLDS
 
     before = gc.get_threshold()
     with _started():
-        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_threshold() == LATENCY_THRESHOLDS
         assert gc.get_freeze_count() > 0  # what existed is out of the collector's reach
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0

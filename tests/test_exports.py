@@ -22,6 +22,7 @@ PUBLIC = {
     "Stepping",
     "WorkerLost",
     "__version__",
+    "latency_gc",
 }
 
 

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "asyncnn"
 
 # Bottom to top, as in ARCHITECTURE.md. "x.*" stands for every module under package x.
 LAYERS = [
-    {"errors"},
+    {"errors", "collector"},
     {"urgency"},
     {"tracing"},
     {"channels"},

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import random
 import statistics
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from ..batching import Batching
+from ..collector import latency_gc
 from ..errors import Overloaded
 from ..pipeline import Pipeline
 from ..stage import Stage
@@ -52,7 +52,6 @@ TIGHT, LOOSE = 3.0, 15.0  # deadlines, in service times of one full batch (a req
 LATE_TOLERANCE = 0.005  # seconds past its deadline a request may take to be ended (loop lag)
 GOODPUT_SHARE = 0.95  # of the best fixed setting at each load
 URGENT_IN_TIME = 0.99  # at 150% load
-GC_THRESHOLDS = (100, 10, 1000)  # the collector's, while a setting runs (see _started)
 COMPUTE_NICE: Literal["idle"] = "idle"  # the compute threads' scheduling (see the module's doc)
 
 
@@ -151,23 +150,16 @@ def _pipeline(model: Any, delay: float | str) -> Pipeline:
 @contextlib.contextmanager
 def _started() -> Iterator[None]:
     """What a latency-minded service does once its models are loaded and its pipeline started
-    (what the README advises). What exists then (the ~170k objects torch brings, the pipeline's
-    own) is moved out of the collector's reach, so a full collection does not stop the loop for
-    100-250 ms in the middle of an overload. And the young objects are collected in small passes
-    (``GC_THRESHOLDS``): with CPython's default (700, 10, 10) a pass over the young generations
-    held the objects of every request admitted in the last ~40 ms and stopped the loop 3-7 ms at
-    150% load on the 2-core VM, longer than the lateness allowed (measured: 0.7-1.1 ms at the
-    longest with these, the same total). Every setting runs under it alike; undone after the
-    run, as the service ends."""
-    gc.collect()
-    gc.freeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)
-    try:
+    (what the README advises): ``asyncnn.latency_gc()``. What exists then (the ~170k objects
+    torch brings, the pipeline's own) is moved out of the collector's reach, so a full
+    collection does not stop the loop for 100-250 ms in the middle of an overload; and the
+    young objects are collected in small passes: with CPython's default thresholds
+    (700, 10, 10) a pass over the young generations held the objects of every request admitted
+    in the last ~40 ms and stopped the loop 3-7 ms at 150% load on the 2-core VM, longer than
+    the lateness allowed (0.7-1.1 ms at the longest with ``latency_gc``'s, the same total).
+    Every setting runs under it alike; undone after the run, as the service ends."""
+    with latency_gc():
         yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 def slo(ctx: Context) -> list[Row]:
