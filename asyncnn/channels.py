@@ -135,7 +135,10 @@ class Channel(Generic[T]):
         if self._closed:
             raise ClosedResourceError
         if self._overflow or len(self._buf) >= self._capacity:
-            self._overflow.append(item)
+            if type(self._buf) is RankedBuffer:
+                self._buf.append(item)  # ranked: one heap, past the bound too (see rank)
+            else:
+                self._overflow.append(item)
             return
         self.send_nowait(item)
 
@@ -193,7 +196,7 @@ class Channel(Generic[T]):
             item = buf.popleft()
             if self._overflow:  # the room goes to the overflow first, in order
                 buf.append(self._overflow.popleft())
-            elif self._putters:
+            elif self._putters and len(buf) < self._capacity:
                 self._wake(self._putters)
             return item
         return END if self._closed else EMPTY
@@ -240,23 +243,24 @@ class Channel(Generic[T]):
 
     def rank(self, key: Key, aging: float, clock: Callable[[], float]) -> None:
         """From now on hand items out most urgent first (``urgency.RankedBuffer``: priority
-        class, then deadline, with aging), the buffer and the overflow alike. Items already
-        waiting are re-filed. Irreversible; a no-op when the channel already ranks."""
+        class, then deadline, with aging) among everything that waits: the buffer and the
+        overflow become one heap, which ``send_over`` fills past the bound (the overflow deque
+        stays empty; the bound still holds for ``send``/``send_nowait``, and waiting senders
+        are let in once the heap is under it). Items already waiting are re-filed.
+        Irreversible; a no-op when the channel already ranks."""
         if isinstance(self._buf, RankedBuffer):
             return
         buf: RankedBuffer[T] = RankedBuffer(key, aging, clock)
-        over: RankedBuffer[T] = RankedBuffer(key, aging, clock)
         buf.extend(self._buf)
-        over.extend(self._overflow)
-        self._buf, self._overflow = buf, over  # type: ignore[assignment]
+        buf.extend(self._overflow)
+        self._overflow.clear()
+        self._buf = buf  # type: ignore[assignment]
 
     @property
     def inversions(self) -> int:
         """Items handed out ahead of a more urgent class by aging (0 for a plain FIFO)."""
-        buf, over = self._buf, self._overflow
-        if isinstance(buf, RankedBuffer) and isinstance(over, RankedBuffer):
-            return buf.inversions + over.inversions
-        return 0
+        buf = self._buf
+        return buf.inversions if isinstance(buf, RankedBuffer) else 0
 
     def receivers_waiting(self) -> bool:
         """A receiver waits for an item now."""

@@ -149,6 +149,26 @@ async def test_send_over_keeps_order_past_capacity_and_goes_before_waiting_sende
     assert await ch.receive() == 99
 
 
+async def test_a_ranked_channel_serves_past_the_bound_most_urgent_first_then_lets_senders_in():
+    # Ranked, the buffer and the overflow are one heap: the most urgent item of all goes
+    # first, and a sender waiting for room is let in only once the heap is under the bound.
+    ch = Channel[tuple[int, float, float]](2, "ranked")
+    ch.rank(lambda item: item, 1.0, lambda: 0.0)
+    for deadline in (5.0, 4.0, 3.0, 2.0):
+        ch.send_over((0, deadline, 0.0))
+    with pytest.raises(WouldBlock):
+        ch.send_nowait((0, 0.1, 0.0))  # the bound holds for ordinary senders
+    waiting = asyncio.ensure_future(ch.send((0, 1.0, 0.0)))
+    await asyncio.sleep(0)
+    assert ch.poll() == (0, 2.0, 0.0) and ch.poll() == (0, 3.0, 0.0)
+    await asyncio.sleep(0)
+    assert not waiting.done()  # two still wait: the heap is at the bound
+    assert ch.poll() == (0, 4.0, 0.0)
+    await waiting  # under the bound: let in, and ranked with the rest
+    assert [ch.poll(), ch.poll()] == [(0, 1.0, 0.0), (0, 5.0, 0.0)]
+    assert ch.poll() is EMPTY
+
+
 async def test_closing_drains_the_overflow_before_the_end():
     ch = Channel[int](1)
     ch.send_over(1)

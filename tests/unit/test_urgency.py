@@ -75,8 +75,11 @@ def test_a_channel_ranks_in_place_buffer_and_overflow_alike():
     ch.send_over((0, 1.0, 0.0))  # past capacity: the overflow
     ch.send_over((0, 9.0, 0.0))
     ch.rank(key, 1.0, lambda: now[0])
-    assert ch.poll() == (0, 5.0, 0.0)  # the buffer's most urgent; room goes to the overflow's
-    assert ch.poll() == (0, 1.0, 0.0)
+    assert len(ch) == 4 and not ch.has_room()
+    assert ch.poll() == (0, 1.0, 0.0)  # the most urgent of all, overflow or not
+    ch.send_over((0, 0.5, 0.0))  # still past the bound: ranked with the rest
+    assert ch.poll() == (0, 0.5, 0.0)
+    assert ch.poll() == (0, 5.0, 0.0)
     assert ch.poll() == (0, 9.0, 0.0)  # no deadline comes last
     assert ch.poll() == (0, math.inf, 0.0)
     ch.close()
