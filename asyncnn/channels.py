@@ -131,7 +131,8 @@ class Channel(Generic[T]):
         overflow and enters the buffer, in order, as receivers make room (before any sender
         that waits for room). For a sender that waits on something else anyway (a request's
         caller, on its result) and so need not be woken twice: what waits is bounded by the
-        senders, each holding its one item. ``ClosedResourceError`` when closed."""
+        senders, each holding its one item. Once ranked (``rank``), past ``capacity`` it joins
+        the one heap of everything waiting instead. ``ClosedResourceError`` when closed."""
         if self._closed:
             raise ClosedResourceError
         if self._overflow or len(self._buf) >= self._capacity:
