@@ -13,6 +13,8 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+from .errors import check_whole
+
 __all__ = ["LATENCY_THRESHOLDS", "latency_gc"]
 
 LATENCY_THRESHOLDS = (100, 10, 1000)  # young passes small and frequent, full passes rare
@@ -31,11 +33,13 @@ def latency_gc(thresholds: tuple[int, int, int] = LATENCY_THRESHOLDS) -> Iterato
     without the freeze, full passes stopped the loop 100-250 ms. ``gc.freeze`` is
     process-wide: use one such block per process, not one per pipeline.
     """
-    if len(thresholds) != 3 or not all(isinstance(t, int) and t >= 0 for t in thresholds):
+    if len(thresholds) != 3:
         raise ValueError(
             f"latency_gc: thresholds={thresholds!r} must be three whole numbers >= 0, as "
             "gc.set_threshold takes them (young, middle, full)"
         )
+    for i, t in enumerate(thresholds):
+        check_whole(t, f"latency_gc: thresholds[{i}]", low=0)
     gc.collect()
     gc.freeze()
     before = gc.get_threshold()
