@@ -89,7 +89,8 @@ def options(
         )
     if drain_timeout is not None and not drain_timeout >= 0:
         raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
-    plan = resolve_workers(as_plan(stages), usable_cores())
+    given = as_plan(stages)
+    plan = resolve_workers(given, usable_cores())
     if output_device is not None and str(output_device) != "cpu":
         raise ValueError(
             f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
@@ -103,7 +104,7 @@ def options(
         queue_size=queue_size,
         drain_timeout=drain_timeout,
         output_device=output_device,
-        torch_threads=resolve_threads(plan, torch_threads),
+        torch_threads=resolve_threads(given, torch_threads, plan),
         microbatch=microbatch,
         max_request_rows=max_request_rows,
         stall_timeout=stall_timeout,
@@ -179,13 +180,18 @@ def resolve_workers(plan: Plan, cores: int) -> Plan:
     return Plan(nodes, plan.outputs)
 
 
-def resolve_threads(plan: Plan, threads: int | Literal["auto"] | None) -> int | None:
+def resolve_threads(
+    plan: Plan, threads: int | Literal["auto"] | None, resolved: Plan | None = None
+) -> int | None:
     """torch intra-op threads per compute thread: ``"auto"`` shares the caller's count between
-    the CPU compute threads (module or ``device="cpu"`` stages, counting workers)."""
+    the CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
+    workers). ``plan`` is the plan as given (a ``workers="auto"`` stage counts as compute);
+    ``resolved``, the same plan after ``resolve_workers``, says how many workers each has."""
     if threads is None:
         return None
     if threads == "auto":
-        compute = sum(int(s.workers) for s in plan.stages if _compute(s))
+        counts = (resolved or plan).stages
+        compute = sum(int(r.workers) for s, r in zip(plan.stages, counts) if _compute(s))
         if compute == 0:
             return None
         # torch's count in this (the caller's) thread: new threads may start from another

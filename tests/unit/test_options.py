@@ -135,3 +135,33 @@ async def test_a_pipeline_says_what_auto_chose(monkeypatch):
         assert pipe.stats()["model"].workers == 2
     with pytest.raises(ValueError, match="or 'auto'"):
         Stage(torch.nn.Linear(4, 4), workers="many")  # type: ignore[arg-type]
+
+
+async def test_a_function_stage_with_auto_workers_shares_torch_threads(monkeypatch):
+    # A plain function (not a module) with workers="auto" is compute: its workers split the
+    # caller's torch threads instead of each running torch's whole count (2 x 2 threads on a
+    # 2-core machine before this was fixed).
+    import torch
+
+    from asyncnn import Pipeline, Stage
+    from asyncnn import options as opts
+
+    seen: set[int] = set()
+
+    def infer(x):
+        seen.add(torch.get_num_threads())
+        return x
+
+    monkeypatch.setattr(opts, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    pipe = Pipeline([Stage(infer, name="model", workers="auto")])
+    assert pipe.torch_threads == max(1, before // 2)
+    async with pipe:
+        async for _ in pipe.stream(range(8)):
+            pass
+        assert pipe.stats()["model"].workers == 2
+    assert seen == {pipe.torch_threads}
+    assert torch.get_num_threads() == before  # the caller's count is given back
+    plan = as_plan([Stage(infer, workers="auto")])
+    resolved = opts.resolve_workers(plan, 4)
+    assert resolve_threads(plan, "auto", resolved) == max(1, before // 4)
