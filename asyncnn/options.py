@@ -191,7 +191,9 @@ def resolve_threads(
         return None
     if threads == "auto":
         counts = (resolved or plan).stages
-        compute = sum(int(r.workers) for s, r in zip(plan.stages, counts) if _compute(s))
+        compute = sum(
+            int(r.workers) for s, r in zip(plan.stages, counts, strict=True) if _compute(s)
+        )
         if compute == 0:
             return None
         # torch's count in this (the caller's) thread: new threads may start from another
