@@ -46,9 +46,10 @@ class Pipeline(Requests):
         output_device: where results are returned: ``"cpu"`` (default; a placed CUDA stage
             copies its output back on a copy stream) or ``None`` (left where the stage put it).
         torch_threads: torch intra-op threads for the stage threads. ``"auto"`` (default): the
-            CPU compute threads (module or ``device="cpu"`` stages, counting workers) share the
-            intra-op threads of the thread that builds the pipeline, ``torch.get_num_threads()
-            // compute threads`` each, so several stages do not oversubscribe the cores and one
+            CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
+            workers) share the intra-op threads of the thread that builds the pipeline,
+            ``torch.get_num_threads() // compute threads`` each, so several stages do not
+            oversubscribe the cores and one
             stage gets all of them (a new thread may otherwise start with fewer: torch's setting
             is process-wide and any library may lower it). An int sets it; ``None`` never touches
             it. torch's setting is restored when the pipeline stops.
