@@ -125,6 +125,27 @@ def test_signature_of_structures_and_bad_payloads():
         request_length(Batching(pad=0), torch.zeros(3))
 
 
+def test_batch_key_is_signature_and_rows_in_one_look():
+    from asyncnn.payload import batch_key, count_rows
+
+    class Sub(torch.Tensor):  # a tensor subclass takes the general path
+        pass
+
+    t = torch.zeros(3, 4)
+    cases = [t, torch.zeros(0, 2), t.as_subclass(Sub), {"a": t, "b": (t, t)}, [t, t]]
+    for p in cases:
+        key, rows = batch_key(p)
+        assert key == signature(p) and hash(key) == hash(signature(p))
+        assert rows == count_rows(p)
+    assert batch_key(t)[0] == batch_key(torch.ones(7, 4))[0]  # same trailing shape: one batch
+    assert batch_key(t)[0] != batch_key(torch.zeros(3, 5))[0]
+    assert batch_key(t)[0] != batch_key(torch.zeros(3, 4, dtype=torch.float64))[0]
+    with pytest.raises(TypeError, match="got str"):
+        batch_key("text")
+    with pytest.raises(TypeError, match="0-d"):
+        batch_key(torch.tensor(1.0))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

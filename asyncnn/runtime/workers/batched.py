@@ -26,7 +26,7 @@ from ...errors import WorkerLost
 from ...executors import ThreadWorker
 from ...pacing import Pacer
 from ...padding import pad_signature, padded_length, request_length
-from ...payload import RowMismatch, concat_rows, count_rows, signature, split_rows
+from ...payload import RowMismatch, batch_key, concat_rows, count_rows, split_rows
 from ..context import StageContext
 from ..probe import StageProbe
 from .placed import Launched
@@ -44,8 +44,8 @@ def _key(spec: Batching, payload: Any) -> tuple[Any, int, int | None]:
     if spec.collate is not None:
         return None, 1, None  # hooks: any payload, one row per request
     if spec.pad is None:
-        key = signature(payload)  # first: its message says what a batching stage takes
-        return key, count_rows(payload), None
+        key, rows = batch_key(payload)  # signature first: its message says what a stage takes
+        return key, rows, None
     length = request_length(spec, payload)
     return (pad_signature(spec, payload), spec.bucket(length)), count_rows(payload), length
 
