@@ -314,6 +314,14 @@ class Channel(Generic[T]):
     def __len__(self) -> int:
         return len(self._buf) + len(self._overflow)
 
+    def waiting_upto(self, priority: int) -> int:
+        """How many items wait that go out before any of a class less urgent than ``priority``
+        (once ranked: those of that class or a more urgent one; in a FIFO: every one)."""
+        buf = self._buf
+        if type(buf) is RankedBuffer:
+            return buf.waiting_upto(priority)
+        return len(self)
+
     def statistics(self) -> ChannelStatistics:
         return ChannelStatistics(
             name=self.name,

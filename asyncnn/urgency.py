@@ -82,6 +82,10 @@ class RankedBuffer(Generic[T]):
     def __len__(self) -> int:
         return self._n
 
+    def waiting_upto(self, priority: int) -> int:
+        """How many items of class ``priority`` or a more urgent one wait."""
+        return sum(len(self._heaps[p]) for p in self._classes if p <= priority)
+
     def __bool__(self) -> bool:
         return self._n > 0
 

@@ -145,10 +145,12 @@ class StageProbe:
             self.real_tokens += item.rows * n
             self.padded_tokens += item.rows * target
 
-    def need(self, rows: int = 1) -> float:
-        """Seconds a call of ``rows`` takes here, as measured so far (0.0 before 8 calls)."""
+    def need(self, rows: int = 1, spread: float = 1.0) -> float:
+        """Seconds a call of ``rows`` takes here, as measured so far (0.0 before 8 calls);
+        times ``spread`` (``service.slow``: what 9 calls in 10 take at most; ``service.fast``:
+        at least)."""
         service = self.service
-        return service.estimate(rows) if service.calls >= 8 else 0.0
+        return service.estimate(rows) * spread if service.calls >= 8 else 0.0
 
     def missed(self, reason: str) -> None:
         """A request was ended here, before compute, by its deadline (``expired``/``hopeless``)."""

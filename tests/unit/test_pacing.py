@@ -3,6 +3,7 @@ rate, the pacer's release rule and reasons, and a batcher that takes the most ur
 
 import asyncio
 import math
+import random
 
 import pytest
 
@@ -41,6 +42,21 @@ def test_service_times_with_one_size_scale_by_rows_and_follow_a_slowdown():
     for _ in range(20):
         s.observe(64, 0.0128)  # the machine got twice as slow
     assert s.estimate(64) == pytest.approx(0.0128, rel=1e-3)
+
+
+def test_service_times_track_how_far_calls_spread_around_the_estimate():
+    s = ServiceTimes()
+    rng = random.Random(1)
+    s.observe(64, 0.005)
+    assert (s.fast, s.slow) == (1.0, 1.0)  # no line yet to measure the spread from
+    for _ in range(2000):
+        s.observe(64, 0.010 * rng.uniform(0.7, 1.3))
+    assert s.estimate(64) == pytest.approx(0.010, rel=0.1)
+    assert s.fast == pytest.approx(0.76, abs=0.06)  # the 10th percentile of uniform(0.7, 1.3)
+    assert s.slow == pytest.approx(1.24, abs=0.06)  # the 90th
+    for _ in range(500):
+        s.observe(64, 0.010 * rng.uniform(0.97, 1.03))  # the machine calms down
+    assert 0.9 < s.fast < 1.0 < s.slow < 1.1
 
 
 def test_arrival_rate_folds_windows():
