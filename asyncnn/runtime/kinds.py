@@ -17,8 +17,9 @@ from .context import StageContext
 from .probe import LOOP_SAMPLE
 from .supervisor import Supervisor
 from .workers.ahead import AHEAD, run_ahead
-from .workers.batched import Paced, run_former, run_runner
+from .workers.batched import run_former, run_runner
 from .workers.edges import run_collector
+from .workers.paced import Paced
 from .workers.placed import launched_channel, run_complete, run_launch
 from .workers.plain import run_plain
 from .workers.stepped import run_stepped

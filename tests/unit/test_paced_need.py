@@ -12,7 +12,7 @@ from asyncnn.batcher import Batcher
 from asyncnn.channels import Channel
 from asyncnn.pacing import Pacer
 from asyncnn.runtime.probe import StageProbe
-from asyncnn.runtime.workers.batched import _paced_need
+from asyncnn.runtime.workers.filing import PacedNeed
 
 
 def setup(waiting, slow=1.5):
@@ -37,29 +37,29 @@ def call(rows, spread=1.0):
 
 def test_a_request_whose_class_overflows_the_batch_needs_time_for_a_slow_call():
     ctx, batcher = setup([1] * 100)
-    assert _paced_need(ctx, batcher, 1, 1) == pytest.approx(call(64, 1.5))
+    assert PacedNeed(ctx, batcher)(1, 1) == pytest.approx(call(64, 1.5))
 
 
 def test_an_urgent_request_among_less_urgent_ones_needs_the_mean():
     ctx, batcher = setup([1] * 100 + [0] * 5)
     # Five of its class wait and the batch has room for all: its row would go to a normal one.
-    assert _paced_need(ctx, batcher, 1, 0) == pytest.approx(call(64))
+    assert PacedNeed(ctx, batcher)(1, 0) == pytest.approx(call(64))
 
 
 def test_a_batch_that_takes_everything_waiting_needs_the_mean_of_its_own_size():
     ctx, batcher = setup([1] * 9)
-    assert _paced_need(ctx, batcher, 1, 1) == pytest.approx(call(10))
+    assert PacedNeed(ctx, batcher)(1, 1) == pytest.approx(call(10))
 
 
 def test_a_spread_narrower_than_the_mean_never_lowers_the_need():
     ctx, batcher = setup([1] * 100, slow=0.8)
-    assert _paced_need(ctx, batcher, 1, 1) == pytest.approx(call(64))
+    assert PacedNeed(ctx, batcher)(1, 1) == pytest.approx(call(64))
 
 
 def test_nothing_is_needed_before_the_stage_has_measured_its_calls():
     ctx, batcher = setup([1] * 100)
     ctx.probe = StageProbe("fresh")
-    assert _paced_need(ctx, batcher, 1, 1) == 0.0
+    assert PacedNeed(ctx, batcher)(1, 1) == 0.0
 
 
 def test_in_a_fifo_inbox_everything_waiting_goes_first_and_can_take_the_row():
@@ -68,4 +68,4 @@ def test_in_a_fifo_inbox_everything_waiting_goes_first_and_can_take_the_row():
     for _ in range(100):
         ctx.inbox.send_nowait(object())
     assert ctx.inbox.waiting_upto(5) == 100
-    assert _paced_need(ctx, batcher, 1, 0) == pytest.approx(call(64, 1.5))
+    assert PacedNeed(ctx, batcher)(1, 0) == pytest.approx(call(64, 1.5))

@@ -199,7 +199,8 @@ async def test_the_runner_bisects_a_failing_batch_so_only_the_guilty_request_fai
 async def test_an_idle_paced_runner_forms_its_own_batch_without_the_former():
     """``max_delay="auto"``: a runner about to wait makes the former's decision itself, so its
     next batch needs no loop trip to the former (no former runs here at all)."""
-    from asyncnn.runtime.workers.batched import Paced, run_runner
+    from asyncnn.runtime.workers.batched import run_runner
+    from asyncnn.runtime.workers.paced import Paced
 
     async def model(x):
         return x + 1
@@ -219,3 +220,45 @@ async def test_an_idle_paced_runner_forms_its_own_batch_without_the_former():
     jobs = drained(launched)
     assert [[r.id for r in job.env.requests] for job in jobs] == [[0, 1], [2, 3]]
     assert {k: n for k, n in ctx.probe.released.items() if n} == {"full": 2}
+
+
+async def test_a_paced_former_ends_the_hopeless_a_few_at_a_time_after_the_batch_goes():
+    """Requests without time for the batch about to form are put aside while it forms and are
+    ended (TimeoutError, the stage's miss) by loop callbacks, ``ENDS_A_TURN`` at a time; one
+    that ends otherwise meanwhile (its caller cancelled) is only dropped."""
+    from asyncnn.batching import Request
+    from asyncnn.runtime.workers.paced import ENDS_A_TURN, Paced
+
+    ctx = make_ctx(ident, batch=Batching(max_size=2, max_delay="auto"))
+    for _ in range(8):
+        ctx.probe.service.observe(2, 1.0)  # a call of 2 rows takes a second
+    now = [0.0]
+    ctx.ledger.clock = lambda: now[0]
+    loop = asyncio.get_running_loop()
+
+    def admit_by(rid, deadline):
+        req = Request(rid, loop.create_future(), None, deadline, 0, 0.0)
+        ctx.ledger.admit(req)
+        return req
+
+    doomed = [admit_by(i, 0.5) for i in range(2 * ENDS_A_TURN + 2)]  # 0.5 s left: hopeless
+    live = [admit_by(100 + i, 100.0) for i in range(2)]
+    feed(ctx.inbox, *(Envelope(torch.ones(1, 2), [r]) for r in [*doomed, *live]), close=False)
+    batches = Channel[Batch](1)
+    paced = Paced(ctx, batches, lambda: now[0])
+    assert paced.form(idle=True)  # the batch goes first, holding the two with time
+    assert [i.request.id for i in batches.poll().items] == [100, 101]
+    assert len(paced.doomed) == len(doomed) and not any(r.future.done() for r in doomed)
+    doomed[-1].future.cancel()  # its caller left before it was ended
+    await asyncio.sleep(0)  # one turn of the loop: one callback
+    assert sum(r.future.done() for r in doomed[:-1]) == ENDS_A_TURN
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not paced.doomed and not paced.ending
+    for r in doomed[:-1]:
+        assert isinstance(r.future.exception(), TimeoutError)
+        assert "(hopeless)" in str(r.future.exception())
+    assert ctx.probe.misses == {"expired": 0, "hopeless": len(doomed) - 1}
+    counts = ctx.ledger.counters
+    assert (counts.timed_out, counts.cancelled) == (len(doomed) - 1, len(doomed))
+    assert len(ctx.ledger) == 2  # only the two in the batch are still in flight

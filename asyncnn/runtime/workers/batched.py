@@ -4,6 +4,8 @@ The former files arrivals into a clock-free :class:`~asyncnn.batcher.Batcher` an
 batch (full, delay, or drain) only when a runner is free, so batches grow under load. A runner
 collates, calls, checks rows and splits on the stage's executor; when a merged batch raises it
 bisects until the failing request is alone. Outputs go through the placed stages' completer.
+How arrivals are filed and batches released is ``filing``'s; ``max_delay="auto"``'s former is
+``paced``'s.
 """
 
 from __future__ import annotations
@@ -18,114 +20,25 @@ from typing import Any
 import anyio
 
 from ...batcher import Batch, Batcher, Item
-from ...batching import Batching, Envelope
+from ...batching import Envelope
 from ...batchrun import collate, finish, run_batch
-from ...channels import EMPTY, END, Channel
+from ...channels import END, Channel
 from ...devices import Completion, Device, open_device
 from ...errors import WorkerLost
 from ...executors import ThreadWorker
-from ...pacing import Pacer
-from ...padding import pad_signature, padded_length, request_length
-from ...payload import RowMismatch, batch_key, concat_rows, count_rows, split_rows
+from ...padding import padded_length
+from ...payload import RowMismatch, concat_rows, split_rows
 from ..context import StageContext
-from ..probe import StageProbe
+from .filing import file_request, pull, release
+from .paced import Paced, run_paced
 from .placed import Launched
 
-__all__ = ["Paced", "batch_call", "file_request", "run_former", "run_runner"]
+__all__ = ["batch_call", "run_former", "run_runner"]
 
 _NEVER_RERUN = (RowMismatch, WorkerLost)
 
 # items -> (merged output, rows per item, each item's part, completion or None)
 BatchCall = Callable[[list[Item]], Awaitable[tuple[Any, list[int], list[Any], Any]]]
-
-
-def _key(spec: Batching, payload: Any) -> tuple[Any, int, int | None]:
-    """(what must match to share a batch, rows, length along pad_dim) of one request."""
-    if spec.collate is not None:
-        return None, 1, None  # hooks: any payload, one row per request
-    if spec.pad is None:
-        key, rows = batch_key(payload)  # signature first: its message says what a stage takes
-        return key, rows, None
-    length = request_length(spec, payload)
-    return (pad_signature(spec, payload), spec.bucket(length)), count_rows(payload), length
-
-
-def file_request(ctx: StageContext, batcher: Batcher, env: Envelope, now: float) -> None:
-    """Put an arriving envelope's requests into the batcher (or fail the unbatchable)."""
-    spec = ctx.stage.batch
-    assert spec is not None
-    try:
-        key, total, length = _key(spec, env.payload)
-    except (TypeError, ValueError) as exc:
-        ctx.fail(env.requests, exc, f"cannot batch this request: {exc}")
-        return
-    if total == 0:
-        ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
-        return
-    alive, probe = ctx.ledger.alive, ctx.probe
-    paced = batcher.pacer is not None
-    if paced:
-        batcher.pacer.arrivals.add(now, total)
-    need = None  # a call of one request
-    if env.rows is None:
-        req = env.requests[0]
-        if paced:
-            need = _paced_need(ctx, batcher, total, req.priority)
-        if alive(req, probe, need):
-            batcher.add(Item(req, env.payload, 0, total, now, length), key)
-        return
-    start = 0
-    for req, n in zip(env.requests, env.rows, strict=True):
-        if paced:
-            need = _paced_need(ctx, batcher, n, req.priority)
-        if alive(req, probe, need):
-            batcher.add(Item(req, env.payload, start, start + n, now, length), key)
-        start += n
-
-
-def _paced_need(ctx: StageContext, batcher: Batcher, rows: int, priority: int) -> float:
-    """The time a request of ``rows`` rows must have left to be filed into a paced stage's
-    batch. Paced, it is filed when a runner is free, into the batch about to form: it needs
-    time for that batch's call, not a call of its own, and that batch takes what waits behind
-    it too (a row each at least). A call's time spreads around its estimate (the tracked
-    ``service.slow``: 1.2-1.3x on a loaded 2-core VM), so one filed on the mean misses in
-    flight about half the time, its row spent. When a request of its own class (or a more
-    urgent one) waits that this batch has no room for, that one takes the row instead: the
-    request must have time for a slow call. When none does, its row would go unused or to a
-    less urgent class: the mean will do."""
-    spec, inbox, probe = batcher.spec, ctx.inbox, ctx.probe
-    filed = batcher.pending_rows + rows
-    batch = min(spec.max_size, filed + len(inbox))
-    spare = filed + inbox.waiting_upto(priority) > spec.max_size
-    return probe.need(batch, max(1.0, probe.service.slow) if spare else 1.0)
-
-
-class Paced:
-    """The state of a ``max_delay="auto"`` former, shared with the stage's runners: a runner
-    about to wait for work makes the decision the former would make once woken (file what
-    waits, ask the pacer, release), at once, instead of a loop trip later for the former and
-    another for itself."""
-
-    __slots__ = ("batcher", "batches", "closed", "ctx", "now")
-
-    def __init__(
-        self, ctx: StageContext, batches: Channel[Batch], now: Callable[[], float] | None = None
-    ) -> None:
-        spec = ctx.stage.batch
-        assert spec is not None
-        pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, ctx.probe.service)
-        self.ctx, self.batches, self.batcher = ctx, batches, Batcher(spec, pacer)
-        self.now = now or asyncio.get_running_loop().time
-        self.closed = False  # the input has ended
-
-    def form(self, idle: bool) -> bool:
-        """File what waits (when a runner is idle) and hand the batch due now (if any) to the
-        runners' slot; True when one went."""
-        if idle and not self.closed:
-            self.closed = _pull(self.ctx, self.batcher, self.now)
-        if not self.batches.has_room():
-            return False
-        return _release(self.ctx.probe, self.batcher, self.batches, self.now(), self.closed, idle)
 
 
 async def run_former(
@@ -135,7 +48,7 @@ async def run_former(
     paced: Paced | None = None,
 ) -> None:
     """Form batches: pull arrivals, release on size, delay or drain, when the slot before the
-    runners is free (``max_delay="auto"``: see ``_run_paced``; ``paced``: its state, shared
+    runners is free (``max_delay="auto"``: see ``paced.run_paced``; ``paced``: its state, shared
     with the runners)."""
     spec = ctx.stage.batch
     assert spec is not None
@@ -143,7 +56,7 @@ async def run_former(
     now = clock or asyncio.get_running_loop().time
     if spec.auto:
         try:
-            await _run_paced(ctx, batches, paced or Paced(ctx, batches, now))
+            await run_paced(ctx, batches, paced or Paced(ctx, batches, now))
         finally:
             batches.close()
         return
@@ -151,11 +64,11 @@ async def run_former(
     closed = False
     try:
         while True:
-            closed = _pull(ctx, batcher, now) or closed
+            closed = pull(ctx, batcher, now) or closed
             if not batches.has_room():
                 await batches.wait_room()  # every runner is busy: arrivals wait in the inbox
                 continue
-            if _release(probe, batcher, batches, now(), closed, idle=True):
+            if release(probe, batcher, batches, now(), closed, idle=True):
                 continue
             if closed:
                 return  # drained: pop(draining=True) left nothing behind
@@ -168,42 +81,6 @@ async def run_former(
                     file_request(ctx, batcher, env, now())
     finally:
         batches.close()
-
-
-def _pull(ctx: StageContext, batcher: Batcher, now: Callable[[], float]) -> bool:
-    """File what waits in the inbox, up to a full batch; True once the input has ended."""
-    spec, inbox = batcher.spec, ctx.inbox
-    while batcher.pending_rows < spec.max_size:
-        env = inbox.poll()
-        if env is EMPTY:
-            return False
-        if env is END:
-            return True
-        file_request(ctx, batcher, env, now())
-    return False
-
-
-async def _run_paced(ctx: StageContext, batches: Channel[Batch], paced: Paced) -> None:
-    """``max_delay="auto"``: while every runner is busy, arrivals wait in the inbox (a ranked
-    queue once requests are urgent), so that the batch formed when a runner is free holds the
-    most urgent requests of that moment; then the pacer decides whether to wait for more. A
-    runner about to wait forms its batch itself (``Paced.form``) or, when the pacer says wait,
-    nudges the inbox; the former decides on arrivals, nudges and the pacer's next look."""
-    inbox, batcher = ctx.inbox, paced.batcher
-    while True:
-        idle = batches.receivers_waiting()
-        if paced.form(idle):
-            continue
-        if not batches.has_room():  # form() filed what waits, and had no slot to release into
-            await batches.wait_room()
-            continue
-        if paced.closed:
-            return  # drained: pop(draining=True) left nothing behind
-        recheck = batcher.next_deadline() if idle else None
-        with anyio.move_on_after(math.inf if recheck is None else max(0.0, recheck - paced.now())):
-            # Busy: only a runner going idle (its nudge) matters. Idle and waiting for more
-            # rows: an arrival, a nudge or the pacer's next look.
-            await inbox.wake_up(always=not idle)
 
 
 def _open_batch(ctx: StageContext, items: list[Item], reason: str, box: list[Any] | None) -> Any:
@@ -224,39 +101,6 @@ def _open_batch(ctx: StageContext, items: list[Item], reason: str, box: list[Any
     if box is not None:
         box[0] = ctx.tracing.context_of(span)
     return span
-
-
-def _release(
-    probe: StageProbe,
-    batcher: Batcher,
-    batches: Channel[Batch],
-    now: float,
-    draining: bool,
-    idle: bool,
-) -> bool:
-    """Hand the batch due now (if any) to the runners' slot, counted; True when one went."""
-    batch = batcher.pop(now, draining=draining, idle=idle)
-    if batch is None:
-        return False
-    _dispatch(probe, batcher, batch, now)
-    batches.send_nowait(batch)
-    return True
-
-
-def _dispatch(probe: StageProbe, batcher: Batcher, batch: Batch, now: float) -> None:
-    """Count a released batch: why, its requests' slack, and whether a more urgent request
-    stays behind (in another bucket: it could not share this batch)."""
-    probe.formed(batch.rows, batch.reason)
-    if not batcher.ranked:
-        return
-    worst = 0
-    for item in batch.items:
-        req = item.request
-        if req.deadline is not None:
-            probe.slack.add(max(0.0, req.deadline - now))
-        worst = max(worst, req.priority)
-    if batcher.most_urgent() < worst:
-        probe.inversions += 1
 
 
 def batch_call(
