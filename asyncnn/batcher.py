@@ -46,7 +46,8 @@ REASONS: tuple[Reason, ...] = ("full", "preferred", "deadline", "idle", "delay",
 class Batch:
     """Items released together, and why: ``full`` (max_size or max_tokens), ``preferred`` (a
     delay or the pacer released it, cut to a preferred size), ``deadline`` (waiting longer
-    would cost its most urgent request the deadline), ``idle`` (a runner was free and the batch
+    would cost its most urgent request the deadline, or a paced batch cut to a size whose call
+    ends by that deadline), ``idle`` (a runner was free and the batch
     keeps up with arrivals), ``delay`` (the timer: the oldest waited ``max_delay``, or one full
     batch's time under ``"auto"``) or ``drain`` (shutdown)."""
 
@@ -135,7 +136,31 @@ class Batcher:
             limit = fitting[-1] if fitting else spec.max_size
             if limit < self._rows[key] and reason != "drain":
                 reason = "preferred"
+        if self.pacer is not None and self.ranked and reason != "drain":
+            cut = self._cut_for_head(key, limit, now)
+            if cut < limit:
+                limit, reason = cut, "deadline"
         return Batch(self._take(key, limit), reason)
+
+    def _cut_for_head(self, key: Any, limit: int, now: float) -> int:
+        """Paced: a smaller batch when the full one, running slow, would end past the deadline
+        of its most urgent request and a smaller one would not, cutting only rows of a less
+        urgent class (a request is not given up for one of its own class); else ``limit``."""
+        bucket = self._buckets[key]
+        head = bucket[0].request
+        if head.deadline is None:
+            return limit
+        fits = self.pacer.rows_within(now, head.deadline)
+        if fits == 0 or fits >= min(limit, self._rows[key]):
+            return limit  # out of reach whatever the size, or the batch fits as it is
+        own = 0
+        for item in bucket:
+            if item.request.priority > head.priority:
+                break
+            own += item.rows
+            if own >= fits:
+                return limit  # its own class fills what fits: nothing less urgent to cut
+        return fits
 
     def most_urgent(self) -> int | float:
         """The most urgent priority waiting (``math.inf`` when nothing waits)."""

@@ -153,6 +153,19 @@ class Pacer:
             return self.max_size
         return min(self.max_size, max(1, math.ceil(need * fixed / (1.0 - need * per_row))))
 
+    def rows_within(self, now: float, deadline: float) -> int:
+        """The most rows a call starting ``now`` may take and still end by ``deadline`` when it
+        runs slow (``service.slow``); 0 when not even one row would, ``max_size`` before the
+        stage has measured its calls."""
+        service = self.service
+        if service.calls < SPREAD_AFTER:
+            return self.max_size
+        fixed, per_row = service.line()
+        room = (deadline - now - GUARD) / max(1.0, service.slow) - fixed
+        if room < per_row or room <= 0.0:
+            return 0
+        return self.max_size if per_row <= 0.0 else min(self.max_size, int(room / per_row))
+
     def decide(
         self, now: float, rows: int, oldest: float, deadline: float | None, idle: bool
     ) -> tuple[Release | None, float | None]:

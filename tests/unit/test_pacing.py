@@ -160,3 +160,47 @@ def test_batching_auto_options():
         Batching(max_delay="soon")
     with pytest.raises(ValueError, match="target_latency"):
         Batching(target_latency=0)
+
+
+def test_rows_within_a_deadline_on_a_slow_call():
+    p = pacer()  # 1 ms + 0.1 ms a row
+    p.service.slow = 2.0
+    assert p.rows_within(0.0, 2 * (0.001 + 0.0001 * 20) + GUARD) == 20
+    assert p.rows_within(0.0, 1.0) == 64  # anything fits: max_size
+    assert p.rows_within(0.0, 0.001) == 0  # not even one row
+    assert Pacer(64, 1, None).rows_within(0.0, 0.0001) == 64  # nothing measured yet
+
+
+def paced_batcher(max_size=64):
+    spec = Batching(max_size=max_size, max_delay="auto")
+    p = pacer(rate=5000, max_size=max_size)  # a full call: 7.4 ms
+    return Batcher(spec, p), p
+
+
+def test_a_paced_batch_is_cut_so_its_most_urgent_request_ends_in_time():
+    b, p = paced_batcher()
+    b.add(item(0, deadline=0.005, priority=0), "k")  # 5 ms: a full batch would end past it
+    for i in range(1, 80):
+        b.add(item(i, deadline=1.0, priority=1), "k")
+    batch = b.pop(now=0.0, idle=True)
+    fits = p.rows_within(0.0, 0.005)
+    assert 1 < fits < 64 and batch.reason == "deadline" and batch.rows == fits
+    assert batch.items[0].request.id == 0
+
+
+def test_no_cut_for_requests_of_the_heads_own_class_or_a_head_out_of_reach():
+    b, _ = paced_batcher()
+    for i in range(80):  # one class: cutting would only trade a request for its own kind
+        b.add(item(i, deadline=0.005 + i * 1e-6, priority=1), "k")
+    assert b.pop(now=0.0, idle=True).rows == 64
+    b, _ = paced_batcher()
+    b.add(item(0, deadline=0.0005, priority=0), "k")  # not even alone would it end in time
+    for i in range(1, 80):
+        b.add(item(i, deadline=1.0, priority=1), "k")
+    assert b.pop(now=0.0, idle=True).rows == 64
+    b, _ = paced_batcher()
+    b.add(item(0, deadline=0.02, priority=0), "k")  # the full batch ends in time
+    for i in range(1, 80):
+        b.add(item(i, deadline=1.0, priority=1), "k")
+    batch = b.pop(now=0.0, idle=True)
+    assert batch.rows == 64 and batch.reason == "full"
