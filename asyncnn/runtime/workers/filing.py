@@ -91,21 +91,40 @@ def file_request(
     if total == 0:
         ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
         return
-    alive, probe = ctx.ledger.alive, ctx.probe
     if batcher.pacer is not None:
         batcher.pacer.arrivals.add(now, total)
-    rows = [total] if env.rows is None else env.rows
-    start, need = 0, None  # need None: a call of one request
-    for req, n in zip(env.requests, rows, strict=True):
-        if paced is not None:
-            need = paced(n, req.priority)
-            if doomed is not None and _short(req, now, need):
-                doomed.append((req, need))
-                start += n
-                continue
-        if alive(req, probe, need):
-            batcher.add(Item(req, env.payload, start, start + n, now, length), key)
+    if env.rows is None:  # one request: the common case, without a loop
+        _file_one(
+            ctx, batcher, env.requests[0], env.payload, 0, total, key, length, now, paced, doomed
+        )
+        return
+    start = 0
+    for req, n in zip(env.requests, env.rows, strict=True):
+        _file_one(ctx, batcher, req, env.payload, start, start + n, key, length, now, paced, doomed)
         start += n
+
+
+def _file_one(
+    ctx: StageContext,
+    batcher: Batcher,
+    req: Request,
+    payload: Any,
+    start: int,
+    stop: int,
+    key: Any,
+    length: int | None,
+    now: float,
+    paced: PacedNeed | None,
+    doomed: Doomed | None,
+) -> None:
+    need = None  # a call of one request
+    if paced is not None:
+        need = paced(stop - start, req.priority)
+        if doomed is not None and _short(req, now, need):
+            doomed.append((req, need))
+            return
+    if ctx.ledger.alive(req, ctx.probe, need):
+        batcher.add(Item(req, payload, start, stop, now, length), key)
 
 
 def pull(
