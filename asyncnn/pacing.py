@@ -26,7 +26,7 @@ Release = Literal["full", "deadline", "idle", "delay"]  # a pacer's reasons to r
 
 KEEP_UP = 1.1  # batches must serve arrivals with this much to spare
 GUARD = 0.0005  # seconds kept in hand before a deadline (the release itself takes time)
-SPREAD_AFTER = 8  # calls measured before their spread is tracked (the line must exist first)
+MEASURED = 8  # calls measured before a stage's estimates (its line, their spread) are used
 QUANTILE_STEP = 0.05  # how far one call moves a tracked percentile of the spread
 
 
@@ -46,7 +46,7 @@ class ServiceTimes:
         self.fast = self.slow = 1.0  # the 10th and 90th percentiles of seconds / estimate
 
     def observe(self, rows: int, seconds: float) -> None:
-        if self.calls >= SPREAD_AFTER:
+        if self.ready:
             expected = self.estimate(rows)
             if expected > 0.0:
                 self._spread(seconds / expected)
@@ -72,6 +72,11 @@ class ServiceTimes:
         if fixed < 0.0:
             return 0.0, my / mx
         return fixed, slope
+
+    @property
+    def ready(self) -> bool:
+        """Enough calls were measured (``MEASURED``) for the estimates to be used."""
+        return self.calls >= MEASURED
 
     def estimate(self, rows: int) -> float:
         fixed, per_row = self.line()
@@ -158,7 +163,7 @@ class Pacer:
         runs slow (``service.slow``); 0 when not even one row would, ``max_size`` before the
         stage has measured its calls."""
         service = self.service
-        if service.calls < SPREAD_AFTER:
+        if not service.ready:
             return self.max_size
         fixed, per_row = service.line()
         room = (deadline - now - GUARD) / max(1.0, service.slow) - fixed

@@ -150,7 +150,7 @@ class StageProbe:
         times ``spread`` (``service.slow``: what 9 calls in 10 take at most; ``service.fast``:
         at least)."""
         service = self.service
-        return service.estimate(rows) * spread if service.calls >= 8 else 0.0
+        return service.estimate(rows) * spread if service.ready else 0.0
 
     def missed(self, reason: str) -> None:
         """A request was ended here, before compute, by its deadline (``expired``/``hopeless``)."""

@@ -49,7 +49,7 @@ class PacedNeed:
 
     def __init__(self, ctx: StageContext, batcher: Batcher) -> None:
         service = ctx.probe.service
-        self.fixed, self.per_row = service.line() if service.calls >= 8 else (0.0, 0.0)
+        self.fixed, self.per_row = service.line() if service.ready else (0.0, 0.0)
         self.slow = max(1.0, service.slow)
         self.batcher, self.inbox, self.max_size = batcher, ctx.inbox, batcher.spec.max_size
 
