@@ -31,7 +31,7 @@ from ...payload import RowMismatch, concat_rows, split_rows
 from ..context import StageContext
 from .filing import file_request, pull, release
 from .paced import Paced, run_paced
-from .placed import Launched
+from .placed import Launched, hand_on_now
 
 __all__ = ["batch_call", "run_former", "run_runner"]
 
@@ -257,4 +257,6 @@ async def _run_items(
         if done is None:
             traced(time.perf_counter() - t0)
             traced = None
-    await launched.send(Launched(env, out, Completion(None) if done is None else done, t0, traced))
+    job = Launched(env, out, Completion(None) if done is None else done, t0, traced)
+    if not hand_on_now(ctx, launched, job):
+        await launched.send(job)
