@@ -196,10 +196,19 @@ async def run_runner(
             items = [i for i in batch.items if alive(i.request, probe, need)]
             if items:
                 probe.batches += 1
-                probe.rows += sum(i.rows for i in items)
+                rows = sum(i.rows for i in items)
+                probe.rows += rows
                 if spec.pad is not None:
                     probe.count_tokens(items, spec)
-                await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
+                if paced is None:
+                    await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
+                    continue
+                pacer = paced.pacer  # knows when each runner should come free (stagger_rows)
+                pacer.started(launched, paced.now(), rows)
+                try:
+                    await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
+                finally:
+                    pacer.ended(launched)
     finally:
         launched.close()
 
