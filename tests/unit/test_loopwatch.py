@@ -46,3 +46,19 @@ def test_unhooked_when_the_block_raises():
     with pytest.raises(RuntimeError), LoopWatch():
         raise RuntimeError("boom")
     assert gc.callbacks == callbacks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_the_share_of_cpu_stolen_by_the_hypervisor_is_read_on_linux(monkeypatch):
+    from asyncnn.bench import loopwatch
+
+    ticks = iter([(100, 10_000), (130, 10_200)])  # 30 of 200 ticks stolen meanwhile
+    monkeypatch.setattr(loopwatch, "_cpu_ticks", lambda: next(ticks))
+    with LoopWatch() as watch:
+        pass
+    assert watch.stolen == pytest.approx(0.15)
+    assert "15% of the CPU stolen" in watch.describe()
+    monkeypatch.undo()
+    with LoopWatch() as real:  # the real /proc/stat: a share, whatever this machine's is
+        time.sleep(0.02)
+    assert real.stolen is None or 0.0 <= real.stolen <= 1.0
