@@ -47,14 +47,16 @@ class _Epoch(Protocol):
 
 def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float, float]:
     """On a fetch thread: the samples, the share of the fetch's time this thread spent
-    computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O), and the wall
-    time. Time spent ready to run but waiting for a core (other processes busy) is not
-    counted as waiting, where Linux says how much it was."""
+    computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O), and the CPU
+    seconds it computed. Time spent ready to run but waiting for a core (other processes
+    busy) is not counted as waiting, where Linux says how much it was; nor, being CPU time,
+    as computing: on a loaded machine cheap samples do not look costly."""
     wall, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
     samples = fetch_many(source, idxs)
     took = max(1e-9, time.perf_counter() - wall)
     off_core = min(took * 0.9, _queued() - queued)
-    return samples, (time.thread_time() - cpu) / (took - off_core), took
+    computed = time.thread_time() - cpu
+    return samples, computed / (took - off_core), computed
 
 
 def _queued() -> float:
@@ -234,8 +236,8 @@ def _start_threads(
             handing_off = False
             if not probed:  # the first batch: a few samples show what fetching is
                 probed.append(True)
-                head, busy, took = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
-                per_batch = took / max(1, len(head)) * cfg.batch_size
+                head, busy, cpu = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+                per_batch = cpu / max(1, len(head)) * cfg.batch_size  # computing, the rate
                 idxs = idxs[PROBE:]
                 if busy < IO_BOUND and idxs:
                     # Waiting for the GIL reads as waiting: confirm before spreading what may
