@@ -137,7 +137,7 @@ class Batcher:
             if limit < self._rows[key] and reason != "drain":
                 reason = "preferred"
         if self.pacer is not None and self.ranked and reason != "drain":
-            cut = min(self._cut_for_head(key, limit, now), self._cut_to_stagger(key, limit, now))
+            cut = self._cut_for_head(key, limit, now)
             if cut < limit:
                 limit, reason = cut, "deadline"
         return Batch(self._take(key, limit), reason)
@@ -146,35 +146,21 @@ class Batcher:
         """Paced: a smaller batch when the full one, running slow, would end past the deadline
         of its most urgent request and a smaller one would not, cutting only rows of a less
         urgent class (a request is not given up for one of its own class); else ``limit``."""
-        head = self._buckets[key][0].request
+        bucket = self._buckets[key]
+        head = bucket[0].request
         if head.deadline is None:
             return limit
         fits = self.pacer.rows_within(now, head.deadline)
         if fits == 0 or fits >= min(limit, self._rows[key]):
             return limit  # out of reach whatever the size, or the batch fits as it is
-        return fits if self._class_rows(key, fits) < fits else limit
-
-    def _cut_to_stagger(self, key: Any, limit: int, now: float) -> int:
-        """Paced, serving tight deadlines: a smaller batch so that this runner comes free
-        apart from the others (``Pacer.stagger_rows``), cutting only rows of a less urgent
-        class than its most urgent request's; else ``limit``."""
-        head = self._buckets[key][0].request
-        budget = None if head.deadline is None else head.deadline - head.since
-        rows = self.pacer.stagger_rows(now, budget)
-        if rows >= min(limit, self._rows[key]):
-            return limit
-        return max(rows, self._class_rows(key, limit))
-
-    def _class_rows(self, key: Any, upto: int) -> int:
-        """The rows of the bucket's most urgent class (its first items), counted up to
-        ``upto``."""
-        bucket = self._buckets[key]
-        priority, own = bucket[0].request.priority, 0
+        own = 0
         for item in bucket:
-            if item.request.priority > priority or own >= upto:
+            if item.request.priority > head.priority:
                 break
             own += item.rows
-        return min(own, upto)
+            if own >= fits:
+                return limit  # its own class fills what fits: nothing less urgent to cut
+        return fits
 
     def most_urgent(self) -> int | float:
         """The most urgent priority waiting (``math.inf`` when nothing waits)."""

@@ -28,18 +28,6 @@ KEEP_UP = 1.1  # batches must serve arrivals with this much to spare
 GUARD = 0.0005  # seconds kept in hand before a deadline (the release itself takes time)
 MEASURED = 8  # calls measured before a stage's estimates (its line, their spread) are used
 QUANTILE_STEP = 0.05  # how far one call moves a tracked percentile of the spread
-# Spreading the runners' calls (``Pacer.stagger_rows``): while a request was seen, in the last
-# STAGGER_MEMORY full calls, whose whole deadline budget is under STAGGER_BELOW full calls at the
-# slow end (a wait for a runner and its own call, twice over for the tails a loaded machine
-# has). Runners' ends are kept a 1/(STAGGER_SLACK * runners) of a full call apart, by calls of
-# at least STAGGER_FLOOR of a batch: a dead band about as wide as the calls' own spread
-# (0.8-1.25x their estimate), which moves them that much anyway. Measured at 150% load of the
-# slo bench, 16 paired rounds: this +1.4 points of urgent requests in time, goodput unchanged;
-# strict half-call spacing (1.0, floor 0.25) +4 points at ~5% less goodput.
-STAGGER_BELOW = 4.0
-STAGGER_MEMORY = 32.0
-STAGGER_FLOOR = 0.5
-STAGGER_SLACK = 1.4
 
 
 class ServiceTimes:
@@ -110,25 +98,6 @@ def _track(at: float, value: float, share: float) -> float:
     return at
 
 
-def _spread_end(phases: list[float], full: float, apart: float, shortest: float) -> float | None:
-    """The longest call (seconds, at least ``shortest``, at most ``full``) whose end lies at
-    least ``apart`` from every one of ``phases`` on a circle of ``full`` seconds (other calls'
-    ends, and their later ones a full call apart); None when a full call does or none does."""
-
-    def clear(t: float) -> bool:
-        for p in phases:
-            d = abs(t - p) % full
-            if min(d, full - d) < apart - 1e-12:
-                return False
-        return True
-
-    if clear(full):
-        return None
-    edges = [q for p in phases for q in (p - apart, p + apart, p - apart + full, p + apart - full)]
-    fits = [t for t in edges if shortest <= t <= full and clear(t)]
-    return max(fits) if fits else None
-
-
 class ArrivalRate:
     """Rows per second, an exponential average over windows of at least ``window`` seconds."""
 
@@ -160,7 +129,7 @@ class ArrivalRate:
 class Pacer:
     """The release rule of one ``max_delay="auto"`` stage (see the module's doc)."""
 
-    __slots__ = ("_tight", "arrivals", "ends", "max_size", "runners", "service", "target")
+    __slots__ = ("arrivals", "max_size", "runners", "service", "target")
 
     def __init__(
         self,
@@ -174,45 +143,6 @@ class Pacer:
         self.target = target_latency
         self.service = service if service is not None else ServiceTimes()
         self.arrivals = ArrivalRate()
-        self.ends: dict[object, float] = {}  # each running call's expected end, by runner
-        self._tight = -math.inf  # until when a tight budget was seen (see stagger_rows)
-
-    def started(self, runner: object, now: float, rows: int) -> None:
-        """``runner`` started a call of ``rows`` rows at ``now``."""
-        self.ends[runner] = now + self.service.estimate(rows)
-
-    def ended(self, runner: object) -> None:
-        self.ends.pop(runner, None)
-
-    def stagger_rows(self, now: float, budget: float | None) -> int:
-        """The most rows a call starting ``now`` may take so that the runners come free spread
-        out. Runners in step come free together, and a request arriving just after they
-        started waits a whole call for one; spread a ``1/runners`` of a call apart, at most
-        that long. So the call ends at least ``full / (runners * STAGGER_SLACK)`` away from
-        every other runner's expected end (and its later ones, a full call apart): the
-        largest such call, at least ``STAGGER_FLOOR`` of a batch (runners far out of step
-        come apart over a few calls). Smaller calls cost rows, so only while the stage serves
-        tight deadlines: ``budget`` (admission to deadline of the batch's most urgent request;
-        None: no deadline) under ``STAGGER_BELOW`` full calls at the slow end, remembered for
-        ``STAGGER_MEMORY`` full calls. ``max_size`` otherwise, with one runner, or before the
-        stage has measured its calls."""
-        service = self.service
-        if self.runners < 2 or not service.ready:
-            return self.max_size
-        full = service.estimate(self.max_size)
-        if budget is not None and budget < STAGGER_BELOW * max(1.0, service.slow) * full:
-            self._tight = now + STAGGER_MEMORY * full
-        fixed, per_row = service.line()
-        if now > self._tight or not self.ends or per_row <= 0.0:
-            return self.max_size
-        floor = int(self.max_size * STAGGER_FLOOR)
-        took = _spread_end(
-            [max(0.0, end - now) % full for end in self.ends.values()],
-            full,
-            full / (self.runners * STAGGER_SLACK),
-            fixed + per_row * floor,
-        )
-        return self.max_size if took is None else max(floor, int((took - fixed) / per_row))
 
     def keeps_up(self, rows: int, now: float) -> bool:
         """Batches of ``rows`` rows, on every runner, serve the arrival rate (with room)."""

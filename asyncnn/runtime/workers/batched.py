@@ -196,19 +196,10 @@ async def run_runner(
             items = [i for i in batch.items if alive(i.request, probe, need)]
             if items:
                 probe.batches += 1
-                rows = sum(i.rows for i in items)
-                probe.rows += rows
+                probe.rows += sum(i.rows for i in items)
                 if spec.pad is not None:
                     probe.count_tokens(items, spec)
-                if paced is None:
-                    await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
-                    continue
-                pacer = paced.pacer  # knows when each runner should come free (stagger_rows)
-                pacer.started(launched, paced.now(), rows)
-                try:
-                    await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
-                finally:
-                    pacer.ended(launched)
+                await _run_items(ctx, call, items, launched, reason=batch.reason, box=box)
     finally:
         launched.close()
 

@@ -33,7 +33,7 @@ class Paced:
     3-5 ms in one go while the runner waited for its batch and the deadline timer for the
     loop. They are still in flight meanwhile (a forced stop ends them like any other)."""
 
-    __slots__ = ("batcher", "batches", "closed", "ctx", "doomed", "ending", "now", "pacer")
+    __slots__ = ("batcher", "batches", "closed", "ctx", "doomed", "ending", "now")
 
     def __init__(
         self, ctx: StageContext, batches: Channel[Batch], now: Callable[[], float] | None = None
@@ -42,7 +42,6 @@ class Paced:
         assert spec is not None
         pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, ctx.probe.service)
         self.ctx, self.batches, self.batcher = ctx, batches, Batcher(spec, pacer)
-        self.pacer = pacer
         self.now = now or asyncio.get_running_loop().time
         self.closed = False  # the input has ended
         self.doomed: Doomed = Doomed()
