@@ -109,7 +109,8 @@ class LoopWatch:
             self.stolen = (ticks[0] - self._st0[0]) / (ticks[1] - self._st0[1])
 
     def describe(self) -> str:
-        """One line for a report: the loop's CPU share, the kernel's and the collector's stops."""
+        """One line for a report: the loop's CPU share, the kernel's and the collector's stops,
+        and the CPU the hypervisor took (where known)."""
         share = self.cpu / self.seconds if self.seconds else 0.0
         kernel = "" if self.preempted is None else f", preempted {self.preempted} times"
         stolen = "" if self.stolen is None else f"; {self.stolen:.0%} of the CPU stolen"
