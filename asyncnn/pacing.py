@@ -78,9 +78,13 @@ class ServiceTimes:
         """Enough calls were measured (``MEASURED``) for the estimates to be used."""
         return self.calls >= MEASURED
 
-    def estimate(self, rows: int) -> float:
+    def estimate(self, rows: float) -> float:
         fixed, per_row = self.line()
         return fixed + per_row * rows
+
+    def typical(self) -> float:
+        """The size of recent calls (their mean, recent calls weighing most; 1.0 before any)."""
+        return max(1.0, self._x / self._w) if self._w else 1.0
 
     def _spread(self, ratio: float) -> None:
         self.fast = _track(self.fast, ratio, 0.1)

@@ -237,6 +237,33 @@ async def test_overloaded_at_once_when_the_work_ahead_cannot_finish_by_the_deadl
         await asyncio.gather(*backlog)
 
 
+async def test_admission_counts_the_full_batch_an_urgent_request_would_ride_in():
+    """Behind a batching stage busy with full batches, an urgent request (nothing as urgent
+    ahead of it) still rides in a full batch's call: with less time than that call it is
+    refused at once, not admitted to end hopeless. An idle stage would run it alone: the
+    same timeout is then admitted and answered."""
+
+    def model(x):
+        time.sleep(0.003 * x.shape[0])  # a full batch of 16: ~48 ms; one row: ~3 ms
+        return x + 1
+
+    spec = Batching(max_size=16, max_delay="auto")
+    stage = Stage(model, name="m", batch=spec, executor="thread")
+    async with Pipeline([stage], max_in_flight=1000) as pipe:
+        row = torch.zeros(1, 2)
+        alone = [await pipe.send(row) for _ in range(10)]  # measured: one row a call
+        assert all(torch.equal(y, row + 1) for y in alone)
+        backlog = [asyncio.ensure_future(pipe.send(row, priority=1)) for _ in range(200)]
+        await asyncio.gather(*backlog[:176])  # 11 full batches measured; 24 still in flight
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="past its deadline"):
+            await pipe.send(row, timeout=0.02, priority=0)  # less than a full batch's call
+        assert time.monotonic() - t0 < 0.02  # refused at once
+        await asyncio.gather(*backlog)
+        await asyncio.sleep(0.1)  # idle again: the next request runs alone
+        assert torch.equal(await pipe.send(row, timeout=0.02, priority=0), row + 1)
+
+
 async def test_auto_batching_answers_correctly_and_says_why_it_released():
     def model(x):
         return x * 2

@@ -7,7 +7,8 @@ or failed; not those cancelled or timed out, which cost little) at ``rate`` per 
 exponential average over windows while work is in flight), so the ``ahead`` requests in flight
 that are at least as urgent as a new one (strict priority serves them first) end in about
 ``ahead / rate`` seconds; add the pipeline's service time (``base``: the sum of its
-stages' measured call times) and compare with the request's deadline.
+stages' measured call times, at a batching stage the call of a batch of its recent size, which
+a request rides in under load: ``Runtime.need``) and compare with the request's deadline.
 """
 
 from __future__ import annotations

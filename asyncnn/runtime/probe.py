@@ -152,6 +152,16 @@ class StageProbe:
         service = self.service
         return service.estimate(rows) * spread if service.ready else 0.0
 
+    def ride(self, inflight: int) -> float:
+        """Seconds of the call a request arriving now rides in, with ``inflight`` requests in
+        the pipeline (itself included): a call of the stage's recent size, or of ``inflight``
+        when fewer (a batching stage under load runs full batches, not one request's call;
+        an idle one runs it alone). 0.0 before 8 calls."""
+        service = self.service
+        if not service.ready:
+            return 0.0
+        return service.estimate(min(service.typical(), inflight))
+
     def missed(self, reason: str) -> None:
         """A request was ended here, before compute, by its deadline (``expired``/``hopeless``)."""
         self.misses[reason] += 1

@@ -185,8 +185,10 @@ class Runtime:
             ch.rank(_urgency, aging, clock)
 
     def need(self) -> float:
-        """Seconds one request's calls take through every stage, as measured so far."""
-        return sum(c.probe.need() for c in self.stages)
+        """Seconds one request's calls take through every stage, as measured so far: at a
+        batching stage, the call of a batch of its recent size (what the request rides in)."""
+        inflight = len(self.ledger) + 1
+        return sum(c.probe.ride(inflight) for c in self.stages)
 
     def where_request(self, req: Request) -> str:
         """Where ``req`` is, in words, for the message of a request that ran out of time (a

@@ -44,3 +44,18 @@ def test_progress_grows_with_calls_failures_and_retries():
     p.failed(ValueError(), 1)
     p.retries += 1
     assert p.progress() == before + 3
+
+
+def test_ride_is_the_call_of_the_recent_batch_size_or_of_what_is_in_flight():
+    p = StageProbe("m")
+    assert p.ride(100) == 0.0  # nothing measured yet
+    for _ in range(10):
+        p.timed_call(0.001, 1)  # one request a call: 1 ms
+    assert abs(p.ride(100) - 0.001) < 1e-9
+    for _ in range(200):
+        p.timed_call(0.016, 16)  # then full batches of 16: 1 ms a row
+    assert 15.5 < p.service.typical() <= 16.0  # recent calls weigh most
+    assert abs(p.ride(100) - p.service.estimate(p.service.typical())) < 1e-9
+    assert p.ride(100) > 0.015  # a request under load rides in a full batch
+    assert abs(p.ride(1) - p.service.estimate(1)) < 1e-9  # alone when nothing else is in flight
+    assert p.ride(1) < 0.002
