@@ -64,9 +64,10 @@ class Pipeline(Requests):
             oldest request (``None``: no watchdog).
         max_in_flight: admission control. At most this many requests in flight; and a request
             with a deadline (``timeout=``) that cannot finish in time behind the work already
-            in flight ahead of it is refused at once. Either way ``send``/``submit`` raise
-            ``Overloaded`` (a ``PipelineFull`` with ``retry_after`` seconds) instead of
-            queueing (``None``: no limit, every request is queued).
+            in flight ahead of it, in the calls it would ride in (at a busy batching stage, a
+            batch of the size it has been running), is refused at once. Either way
+            ``send``/``submit`` raise ``Overloaded`` (a ``PipelineFull`` with ``retry_after``
+            seconds) instead of queueing (``None``: no limit, every request is queued).
         aging: seconds a request waits to rise one priority level in a queue, so that a less
             urgent class is delayed, never starved (``send(x, priority=...)``; default 1.0).
         compute_nice: how the threads of CPU compute stages yield the cores to the event
