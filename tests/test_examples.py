@@ -59,3 +59,26 @@ async def test_remote_loader_example_fetches_over_http_in_order_and_names_a_fail
             await mod.load(base, 41)  # index 40 is missing: its read fails, named
         kept = await mod.load(base, 41, on_error="skip")
     assert sum(len(b) for b in kept) == 40
+
+
+async def test_deadlines_overload_example_ends_every_request_once_and_serves_urgent_first():
+    pytest.importorskip("transformers")
+    from tests.fakes import load_example
+
+    mod = load_example("deadlines_overload")
+    result = await mod.main(800, load=2.0)
+    st, out = result["stats"], result["outcomes"]
+    sent = {cls: sum(counts.values()) for cls, counts in out.items()}
+    assert sum(sent.values()) == 800  # every request ended exactly once, by one outcome
+    assert st.in_flight == 0
+    assert st.admitted == st.completed + st.failed + st.cancelled
+    refused = sum(c.get("refused", 0) for c in out.values())
+    assert refused == st.overloaded == len(result["retry_after"])
+    assert all(r > 0 for r in result["retry_after"])
+    assert result["answered"] > 0 and result["wrong"] == []  # answers equal the model alone
+
+    # Twice the capacity: the queue grows, and urgent requests go ahead of it.
+    urgent, normal = (sorted(result["latencies"][c]) for c in ("urgent", "normal"))
+    assert urgent and normal
+    assert urgent[len(urgent) // 2] < normal[len(normal) // 2]
+    assert mod.report(result).count("\n") == 4
