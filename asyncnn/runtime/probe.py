@@ -145,7 +145,7 @@ class StageProbe:
             self.real_tokens += item.rows * n
             self.padded_tokens += item.rows * target
 
-    def need(self, rows: int = 1, spread: float = 1.0) -> float:
+    def need(self, rows: float = 1, spread: float = 1.0) -> float:
         """Seconds a call of ``rows`` takes here, as measured so far (0.0 before 8 calls);
         times ``spread`` (``service.slow``: what 9 calls in 10 take at most; ``service.fast``:
         at least)."""
@@ -157,10 +157,7 @@ class StageProbe:
         the pipeline (itself included): a call of the stage's recent size, or of ``inflight``
         when fewer (a batching stage under load runs full batches, not one request's call;
         an idle one runs it alone). 0.0 before 8 calls."""
-        service = self.service
-        if not service.ready:
-            return 0.0
-        return service.estimate(min(service.typical(), inflight))
+        return self.need(min(self.service.typical(), inflight))
 
     def missed(self, reason: str) -> None:
         """A request was ended here, before compute, by its deadline (``expired``/``hopeless``)."""
