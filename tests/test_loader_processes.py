@@ -62,7 +62,7 @@ def gone(pid: int) -> bool:
     """Ended and reaped (or at least ended: a zombie whose parent is gone)."""
     try:
         state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, it was read
         return True
     return "\nState:\tZ" in state
 
