@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import numbers
+import operator
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,20 +31,44 @@ if TYPE_CHECKING:
 
 __all__ = ["Requests"]
 
+PRIORITY_LIMIT = 2**31  # priorities lie in [-PRIORITY_LIMIT, PRIORITY_LIMIT)
+
 # (timeout, deadline on the loop's clock, priority, now) of one request
 Urgency = tuple["float | None", "float | None", int, float]
 
 
-def _urgency(loop: Any, timeout: float | None, priority: int) -> Urgency:
-    """A request's timeout and priority, checked, with its deadline on the loop's clock."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
+def _default(timeout: Any, priority: Any) -> bool:
+    """No deadline and the default priority (an ``int`` 0): nothing to check."""
+    return timeout is None and priority.__class__ is int and priority == 0
+
+
+def _urgency(loop: Any, timeout: Any, priority: Any) -> Urgency:
+    """A request's timeout and priority, checked, with its deadline on the loop's clock.
+    A priority is any whole number (numpy's too) but a bool; a timeout any real number."""
+    if isinstance(priority, bool) or not hasattr(type(priority), "__index__"):
         raise TypeError(f"priority={priority!r} must be a whole number (lower is more urgent)")
+    priority = operator.index(priority)
+    if not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:  # aging counts levels in floats
+        raise ValueError(
+            f"priority={priority!r} is out of range: use a whole number from -2**31 to "
+            "2**31 - 1 (lower is more urgent)"
+        )
     now = loop.time()
     if timeout is None:
         return None, None, priority, now
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ValueError(f"timeout={timeout!r} must be seconds >= 0, or None (no deadline)")
-    return timeout, now + timeout, priority, now
+    seconds = -1.0
+    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # a whole number past any float
+            seconds = math.inf if operator.gt(timeout, 0) else -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise ValueError(
+            f"timeout={timeout!r} must be seconds >= 0, or None or math.inf (no deadline)"
+        )
+    if seconds == math.inf:  # no deadline, as for asyncio's and anyio's
+        return None, None, priority, now
+    return seconds, now + seconds, priority, now
 
 
 def _expire(runtime: Runtime, rid: int, timeout: float | None) -> None:
@@ -244,15 +271,16 @@ class Requests:
 
         Args:
             x: the request's payload.
-            timeout: seconds from now to its deadline. The deadline travels with the request
-                through every stage: a stage that finds it passed, or nearer than a call of
-                that stage takes, ends the request before computing it; and at the deadline
-                the request is ended wherever it is. Either way ``TimeoutError`` is raised.
-            priority: lower is more urgent (default 0; negative numbers are allowed). Every
-                queue serves the most urgent class first, earliest deadline first within a
-                class; a waiting request rises one level every ``Pipeline(aging=...)``
-                seconds, so no class starves. A batch takes the most urgent compatible
-                requests first.
+            timeout: seconds from now to its deadline (``None`` or ``math.inf``: none). The
+                deadline travels with the request through every stage: a stage that finds it
+                passed, or nearer than a call of that stage takes, ends the request before
+                computing it; and at the deadline the request is ended wherever it is. Either
+                way ``TimeoutError`` is raised.
+            priority: lower is more urgent (default 0; a whole number from -2**31 to
+                2**31 - 1, negative ones allowed). Every queue serves the most urgent class
+                first, earliest deadline first within a class; a waiting request rises one
+                level every ``Pipeline(aging=...)`` seconds, so no class starves. A batch
+                takes the most urgent compatible requests first.
 
         Raises:
             StageError: a stage raised on this request (``.stage`` names it, the cause is chained).
@@ -268,11 +296,11 @@ class Requests:
         """
         if not self._running() or self._runtime.admission.closed:
             return await (await self.submit(x))  # raises PipelineClosed
-        if timeout is None and not priority and self._plain and not self._runtime.ranked:
-            return await self._admit_plain(x, True)
         urgency = None
-        if timeout is not None or priority:
+        if not _default(timeout, priority):
             urgency = _urgency(self._loop, timeout, priority)
+        elif self._plain and not self._runtime.ranked:
+            return await self._admit_plain(x, True)
         return await self._admit(x, over=True, urgency=urgency).future
 
     def send_stream(
@@ -297,9 +325,7 @@ class Requests:
         if not self._running() or self._runtime.admission.closed:
             raise self._closed_error()
         stream = PartStream(buffer)  # checks buffer before anything is admitted
-        urgency = None
-        if timeout is not None or priority:
-            urgency = _urgency(self._loop, timeout, priority)
+        urgency = None if _default(timeout, priority) else _urgency(self._loop, timeout, priority)
         if not self._yields:
             return one_part(self._admit(x, over=True, urgency=urgency).future)
         req = self._admit(x, over=True, stream=stream, urgency=urgency)

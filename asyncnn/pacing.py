@@ -173,7 +173,9 @@ class Pacer:
         room = (deadline - now - GUARD) / max(1.0, service.slow) - fixed
         if room < per_row or room <= 0.0:
             return 0
-        return self.max_size if per_row <= 0.0 else min(self.max_size, int(room / per_row))
+        if per_row <= 0.0 or room >= per_row * self.max_size:  # (room may be ~forever)
+            return self.max_size
+        return int(room / per_row)
 
     def decide(
         self, now: float, rows: int, oldest: float, deadline: float | None, idle: bool

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import sys
 import time
@@ -74,7 +75,7 @@ def make_case(seed: int) -> Case:
     fail = {i: set(rng.sample(rids, k=rng.randint(0, min(3, reqs)))) for i in range(n)}
     cancel = {r: rng.randint(0, 8) for r in rng.sample(rids, k=rng.randint(0, min(4, reqs)))}
     deadline = {
-        r: rng.choice((0.0005, 0.002, 0.05))
+        r: rng.choice((0.0005, 0.002, 0.05, 1e300, math.inf))  # the last two: ~never
         for r in rng.sample(rids, k=rng.randint(0, min(3, reqs)))
     }
     shutdown = (rng.randint(0, 30), rng.choice((0.0, 0.001, 0.05))) if rng.random() < 0.3 else None
@@ -240,7 +241,8 @@ async def run_case(case: Case) -> float:
         elif kind == "closed":
             assert case.shutdown is not None, f"request {rid}: PipelineClosed without a shutdown"
         elif kind == "timeout":
-            assert rid in case.deadline
+            near = case.deadline.get(rid, math.inf) < 1.0
+            assert near, f"request {rid}: TimeoutError without a near deadline"
         elif kind == "overloaded":
             assert case.max_in_flight is not None, f"request {rid}: Overloaded without a limit"
         else:

@@ -1,12 +1,14 @@
 """Deadlines, priorities and admission control end to end, through the public API only."""
 
 import asyncio
+import math
 import os
 import sys
 import threading
 import time
 
 import anyio
+import numpy as np
 import pytest
 import torch
 
@@ -298,11 +300,49 @@ async def test_bad_timeouts_and_priorities_are_refused_before_admission():
             await pipe.send(1, priority=True)
         with pytest.raises(ValueError, match="timeout=-1"):
             await pipe.send(1, timeout=-1)
+        for priority in (2**31, -(2**31) - 1, 10**400):  # aging could not count such levels
+            with pytest.raises(ValueError, match="out of range"):
+                await pipe.send(1, priority=priority)
         assert pipe.stats().admitted == 0
+        assert await pipe.send(1, priority=-(2**31)) == await pipe.send(2, priority=2**31 - 1) - 1
+        for priority in (None, 0.0, False):  # the default is the int 0, not whatever is falsy
+            with pytest.raises(TypeError, match="whole number"):
+                await pipe.send(1, priority=priority)
+        assert await pipe.send(3, priority=np.int64(1), timeout=np.float32(5.0)) == 3  # numpy's
     with pytest.raises(ValueError, match="aging"):
         Pipeline([recorder("a", [])], aging=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         Pipeline([recorder("a", [])], max_in_flight=0)
+
+
+def far_off_pipelines():
+    """Every stage kind a deadline passes through: plain, fixed and paced batching, a join."""
+    auto = Batching(max_size=8, max_delay="auto")
+    yield Pipeline([Stage(lambda t: t + 1, name="plain")], max_in_flight=64)
+    yield Pipeline([Stage(lambda t: t + 1, name="fixed", batch=Batching(max_size=8))])
+    yield Pipeline([Stage(lambda t: t + 1, name="auto", batch=auto)], max_in_flight=64)
+    g = Graph()
+    x = g.input()
+    a = g.add(Stage(lambda t: t + 1, name="a", batch=auto), x)
+    b = g.add(Stage(lambda t: t * 0, name="b"), x)
+    g.output(g.add(Stage(lambda p, q: p + q, name="join"), a, b))
+    yield Pipeline(g, max_in_flight=64)
+
+
+async def test_an_infinite_or_far_off_timeout_never_breaks_the_pipeline():
+    # timeout=math.inf means no deadline (as for asyncio and anyio); a finite one ~forever
+    # away is a deadline like any other. Either once ended the run for every request (a
+    # stage's slack histogram and the pacer took the time left as a number of buckets / rows).
+    for pipe in far_off_pipelines():
+        async with pipe:
+            for timeout in (math.inf, 1e300, sys.float_info.max):
+                xs = [torch.full((1, 2), float(i)) for i in range(20)]
+                sent = [pipe.send(x, timeout=timeout, priority=i % 2) for i, x in enumerate(xs)]
+                for x, y in zip(xs, await asyncio.gather(*sent), strict=True):
+                    assert torch.equal(y, x + 1)
+            assert await pipe.send(torch.zeros(1, 2), timeout=5.0) is not None
+            st = pipe.stats()
+        assert st.completed == st.admitted == 61 and st.timed_out == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")

@@ -144,3 +144,65 @@ def test_reference_helper_sanity():
     assert reference(nodes, [1], 3) == (3, (3 + 1) + 3 + 2)
     with pytest.raises(ValueError):
         make_fn(0, "thread", 1, {5})((5, 5))
+
+
+# What a caller may pass as a request's timeout and priority: anything a program could compute.
+TIMEOUTS = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(),
+    st.sampled_from([True, "1", 1e300, -0.0, 5e-324, 10**400, -(10**400)]),
+)
+PRIORITIES = st.one_of(
+    st.integers(-(2**31), 2**31 - 1), st.integers(), st.sampled_from([True, 1.0, None, "0"])
+)
+
+
+def legal(timeout, priority):
+    """Whether ``send`` should take these (else ValueError or TypeError, before admission)."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return False
+    if not -(2**31) <= priority < 2**31:
+        return False
+    if timeout is None:
+        return True
+    return not isinstance(timeout, bool) and isinstance(timeout, int | float) and timeout >= 0
+
+
+@settings(
+    max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")) // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.lists(st.tuples(TIMEOUTS, PRIORITIES), min_size=1, max_size=12))
+def test_no_timeout_or_priority_a_caller_passes_breaks_the_pipeline(calls):
+    # Deadlines and priorities reach sync arithmetic in every stage (aging, the paced cut,
+    # the slack histogram): whatever a caller passes is refused at once or served, and the
+    # pipeline keeps serving everyone else.
+    import torch
+
+    from asyncnn import Batching, Overloaded
+
+    auto = Stage(lambda x: x + 1, name="auto", batch=Batching(max_size=4, max_delay="auto"))
+    pipe = Pipeline([auto, Stage(lambda x: x * 2, name="plain")], max_in_flight=64)
+
+    async def main():
+        refused = 0
+        with anyio.fail_after(10):
+            async with pipe:
+                for i, (timeout, priority) in enumerate(calls):
+                    try:
+                        y = await pipe.send(torch.full((1,), i), timeout=timeout, priority=priority)
+                    except (ValueError, TypeError):
+                        assert not legal(timeout, priority), (timeout, priority)
+                        refused += 1
+                    except (TimeoutError, Overloaded):
+                        assert legal(timeout, priority) and timeout is not None
+                    else:
+                        assert legal(timeout, priority) and y.item() == (i + 1) * 2
+                assert (await pipe.send(torch.full((1,), -1))).item() == 0  # still serving
+                stats = pipe.stats()
+        assert stats.admitted == len(calls) - refused + 1 == stats.completed + stats.timed_out
+        assert stats.in_flight == 0
+
+    asyncio.run(main())

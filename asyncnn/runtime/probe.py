@@ -20,6 +20,9 @@ __all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]
 LOOP_SAMPLE = 64  # loop and inline stages time one call in this many
 
 
+TOP = 1e-6 * 2**30  # seconds (~18 min): this long or longer lands in the last bucket
+
+
 class LatencyHistogram:
     """Seconds per call in log-spaced buckets (8 per doubling, 1 µs to ~18 min): quantiles
     within ~9% from 250 counters, however many calls."""
@@ -33,8 +36,13 @@ class LatencyHistogram:
         self.total = 0
 
     def add(self, seconds: float) -> None:
-        i = 0 if seconds <= 1e-6 else int(math.log2(seconds * 1e6) * self.PER_DOUBLING) + 1
-        self.counts[min(i, self.BUCKETS - 1)] += 1
+        if seconds <= 1e-6:
+            i = 0
+        elif seconds < TOP:
+            i = int(math.log2(seconds * 1e6) * self.PER_DOUBLING) + 1
+        else:  # the last bucket holds everything longer (a request's slack may be ~forever)
+            i = self.BUCKETS - 1
+        self.counts[i] += 1
         self.total += 1
 
     def quantile(self, q: float) -> float:

@@ -4,6 +4,7 @@ rate, the pacer's release rule and reasons, and a batcher that takes the most ur
 import asyncio
 import math
 import random
+import sys
 
 import pytest
 
@@ -169,6 +170,7 @@ def test_rows_within_a_deadline_on_a_slow_call():
     assert p.rows_within(0.0, 1.0) == 64  # anything fits: max_size
     assert p.rows_within(0.0, 0.001) == 0  # not even one row
     assert Pacer(64, 1, None).rows_within(0.0, 0.0001) == 64  # nothing measured yet
+    assert p.rows_within(0.0, sys.float_info.max) == 64  # a deadline ~forever away
 
 
 def paced_batcher(max_size=64):

@@ -1,6 +1,9 @@
 """StageProbe: counts, timing and events, with a recording observer."""
 
-from asyncnn.runtime.probe import StageProbe
+import math
+import sys
+
+from asyncnn.runtime.probe import LatencyHistogram, StageProbe
 
 
 def test_nothing_is_built_for_events_while_nobody_listens():
@@ -59,3 +62,11 @@ def test_ride_is_the_call_of_the_recent_batch_size_or_of_what_is_in_flight():
     assert p.ride(100) > 0.015  # a request under load rides in a full batch
     assert abs(p.ride(1) - p.service.estimate(1)) < 1e-9  # alone when nothing else is in flight
     assert p.ride(1) < 0.002
+
+
+def test_the_histogram_takes_any_length_of_time():
+    h = LatencyHistogram()
+    for seconds in (0.0, 0.002, 3600.0, 1e300, sys.float_info.max, math.inf, math.nan):
+        h.add(seconds)  # a request's slack may be ~forever: the last bucket holds it
+    assert h.total == 7 and h.counts[-1] == 5  # ~18 minutes and longer (an hour), and NaN
+    assert 0.0 < h.quantile(0.2) < 0.0025 and 1000.0 < h.quantile(1.0) < 2000.0
