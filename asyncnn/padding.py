@@ -12,12 +12,12 @@ nothing is guessed from shapes. Sync and loop-free.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 
-from .payload import RowMismatch
+from .payload import RowMismatch, nested_error
 
 __all__ = [
     "PadSpec",
@@ -51,15 +51,18 @@ class PadSpec(Protocol):
 def _leaves(payload: Any) -> Iterator[tuple[Any, torch.Tensor]]:
     """(key or position, tensor) for the top-level tensors of a request."""
     if isinstance(payload, torch.Tensor):
-        yield None, payload
+        items: Iterable[tuple[Any, Any]] = [(None, payload)]
     elif isinstance(payload, Mapping):
-        for k, v in payload.items():
-            if isinstance(v, torch.Tensor):
-                yield k, v
+        items = payload.items()
     elif isinstance(payload, (tuple, list)):
-        for i, v in enumerate(payload):
-            if isinstance(v, torch.Tensor):
-                yield i, v
+        items = enumerate(payload)
+    else:
+        return
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            if v.is_nested:
+                raise nested_error()
+            yield k, v
 
 
 def pad_value(spec: PadSpec, payload: Any, key: Any) -> float | None:

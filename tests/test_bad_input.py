@@ -5,6 +5,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -282,6 +283,24 @@ async def test_a_deeply_nested_payload_is_refused_before_it_is_walked():
         await still_serves(pipe)
     async with Pipeline([batched(lambda t: t)]) as pipe:
         await fails_alone(pipe, deep, "more than 16 levels deep")
+        await still_serves(pipe)
+
+
+# 22b
+async def test_a_nested_tensor_to_a_batching_stage_fails_alone():
+    # torch raised an internal error reading its shape, outside any request: the run ended.
+    ragged = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    with warnings.catch_warnings():  # the strided layout is a prototype: torch warns
+        warnings.simplefilter("ignore", UserWarning)
+        strided = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    for batch in (Batching(max_size=8, max_delay="auto"), Batching(max_size=8, pad=0.0)):
+        async with Pipeline([Stage(lambda t: t, name="m", batch=batch)]) as pipe:
+            for bad in (ragged, strided):
+                err = await fails_alone(pipe, bad, "nested .ragged. tensor.*Batching.pad=")
+                assert isinstance(err.__cause__, TypeError)
+            await still_serves(pipe)
+    async with Pipeline([batched(lambda t: t)], max_request_rows=4) as pipe:
+        await fails_alone(pipe, ragged, "nested")  # counting its rows at admission: no crash
         await still_serves(pipe)
 
 

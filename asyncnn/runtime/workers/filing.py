@@ -85,7 +85,7 @@ def file_request(
     assert spec is not None
     try:
         key, total, length = _key(spec, env.payload)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # whatever a payload does when looked at, it fails alone
         ctx.fail(env.requests, exc, f"cannot batch this request: {exc}")
         return
     if total == 0:
