@@ -32,7 +32,9 @@ __all__ = [
     "StageError",
     "WorkerLost",
     "check_whole",
+    "describe",
     "first_of",
+    "text_of",
 ]
 
 
@@ -98,6 +100,20 @@ class WorkerLost(AsyncnnError):
 
     Such a call is never run again, by a retry or by bisecting its batch: it may have had
     effects. Its requests fail; the caller may resend."""
+
+
+def text_of(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises: the runtime words a user's
+    exception inside its own tasks, where a failure would end every request in flight."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<str() of this exception raised {type(inner).__name__}>"
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of an exception (see ``text_of``)."""
+    return f"{type(exc).__name__}: {text_of(exc)}"
 
 
 def check_whole(value: object, label: str, low: int = 1) -> int:

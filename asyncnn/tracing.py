@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import describe, text_of
+
 __all__ = ["Carried", "RequestTrace", "Tracing", "tracing_from"]
 
 
@@ -41,6 +43,15 @@ def _otel() -> Any:
             "(opentelemetry-api), and an SDK to export the spans"
         ) from None
     return trace, context
+
+
+def _record(span: Any, exc: BaseException) -> None:
+    """``span.record_exception(exc)``, for an exception whose ``str()`` raises too (the SDK
+    words it: a failure here would end the stage's task and every request in flight)."""
+    try:
+        span.record_exception(exc)
+    except Exception:
+        span.record_exception(RuntimeError(describe(exc)))
 
 
 class RequestTrace:
@@ -66,11 +77,11 @@ class RequestTrace:
         if outcome == "ok":
             span.set_status(trace.Status(trace.StatusCode.OK))
         elif exc is not None:
-            span.record_exception(exc)
+            _record(span, exc)
             stage = getattr(exc, "stage", None)
             if stage is not None:
                 span.set_attribute("asyncnn.stage", stage)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.set_status(trace.Status(trace.StatusCode.ERROR, describe(exc)))
         else:
             span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
         span.end()
@@ -261,8 +272,8 @@ class Tracing:
         each request gets its stage span."""
         ended = time.time_ns()
         if error is not None:
-            span.record_exception(error)
-            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(error)))
+            _record(span, error)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, text_of(error)))
         span.end(end_time=ended)
         if error is None:
             started = ended - int(seconds * 1e9)

@@ -304,6 +304,65 @@ async def test_a_nested_tensor_to_a_batching_stage_fails_alone():
         await still_serves(pipe)
 
 
+class Unprintable(Exception):
+    """An exception whose message cannot be made (a format string that does not match its
+    arguments, say): str() raises."""
+
+    def __str__(self):
+        raise RuntimeError("cannot print")
+
+
+def raises_when_negative(x):
+    if x.sum() < 0:
+        raise Unprintable()
+    return x
+
+
+async def araises_when_negative(x):
+    return raises_when_negative(x)
+
+
+def yields_then_raises(x):
+    yield x
+    raises_when_negative(x)
+
+
+# 22c
+async def test_an_exception_that_cannot_be_printed_fails_its_request_alone():
+    # The runtime words a stage's exception inside its own task: str() raising there ended
+    # the run for every request, whatever the stage's kind.
+    for stage in (
+        Stage(raises_when_negative, name="m"),
+        Stage(araises_when_negative, name="m"),
+        Stage(raises_when_negative, name="m", executor="inline"),
+        batched(raises_when_negative),
+        Stage(yields_then_raises, name="m"),
+    ):
+        async with Pipeline([stage]) as pipe:
+            err = await fails_alone(pipe, -torch.ones(1, 4), "Unprintable: <str.. of this exc")
+            assert isinstance(err.__cause__, Unprintable)
+            await still_serves(pipe)
+
+
+class UnprintableSamples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        if i == 130:
+            raise Unprintable()
+        return torch.full((4,), float(i))
+
+
+# 22d
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_a_loader_sample_whose_exception_cannot_be_printed_is_still_named(kind):
+    with pytest.raises(LoaderError, match="sample 130 failed with Unprintable") as info:
+        async for _ in AsyncLoader(UnprintableSamples(), batch_size=64, worker_kind=kind):
+            pass
+    assert info.value.index == 130
+
+
 # 23
 def test_bad_configuration_is_refused_at_construction():
     with pytest.raises(TypeError, match="must be an async def"):

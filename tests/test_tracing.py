@@ -101,6 +101,30 @@ async def test_a_batch_span_links_every_request_it_carried(otel):
     assert all(len(children(spans, r)) == 1 for r in reqs)  # its stage span
 
 
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("cannot print")
+
+
+async def test_a_batch_whose_exception_cannot_be_printed_is_traced_and_fails_alone(otel):
+    # The SDK words a recorded exception: str() raising there ended the run.
+    tracer, exporter = otel
+
+    def fails_on_negative(x):
+        if (x < 0).any():
+            raise Unprintable()
+        return x
+
+    spec = Batching(max_size=1, max_delay="auto")
+    async with Pipeline([Stage(fails_on_negative, name="m", batch=spec)], tracing=tracer) as pipe:
+        with pytest.raises(StageError, match="Unprintable"):
+            await pipe.send(-torch.ones(1, 2))
+        assert torch.equal(await pipe.send(torch.ones(1, 2)), torch.ones(1, 2))
+    failed = [b for b in named(exporter.get_finished_spans(), "asyncnn.batch m") if b.events]
+    assert failed and failed[0].status.status_code == StatusCode.ERROR
+    assert "Unprintable" in failed[0].events[0].attributes["exception.message"]
+
+
 async def test_padding_waste_is_on_the_batch_span(otel):
     tracer, exporter = otel
     spec = Batching(max_size=2, max_delay=0.05, pad=0)

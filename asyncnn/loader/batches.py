@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import LoaderError
+from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
 from .choice import processes_unsuitable
 from .config import LoaderConfig, usable_cores
@@ -281,9 +281,7 @@ async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
 def _worker_failed(worker: int, error: BaseException) -> LoaderError:
     if isinstance(error, WorkerDied):
         return LoaderError(str(error))
-    err = LoaderError(
-        f"AsyncLoader: worker_init_fn({worker}) raised {type(error).__name__}: {error}"
-    )
+    err = LoaderError(f"AsyncLoader: worker_init_fn({worker}) raised {describe(error)}")
     err.__cause__ = error
     return err
 

@@ -18,7 +18,7 @@ import anyio
 import torch
 
 from ..devices import map_tensors
-from ..errors import LoaderError
+from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
 from .batches import produce_map_batches
 from .config import LoaderConfig
@@ -145,8 +145,7 @@ class Epoch:
                 if self.cfg.on_error == "raise":
                     raise LoaderError(
                         f"AsyncLoader: fetching sample {s.index} failed with "
-                        f"{type(s.error).__name__}: {s.error} (on_error='skip' leaves such "
-                        "samples out)",
+                        f"{describe(s.error)} (on_error='skip' leaves such samples out)",
                         s.index,
                     ) from s.error
                 self.counters["skipped"] += 1
@@ -260,7 +259,7 @@ class Epoch:
         except Exception as exc:
             err = LoaderError(
                 f"AsyncLoader: reading the source failed after {position} samples "
-                f"with {type(exc).__name__}: {exc}",
+                f"with {describe(exc)}",
                 position,
             )
             err.__cause__ = exc

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from ..errors import describe
 from .flow import fetch_many, to_collate
 from .reorder import Failed
 from .transport import receive, send
@@ -73,7 +74,7 @@ def _portable(exc: BaseException) -> Exception:
         pickle.loads(pickle.dumps(out))  # unpickles: from our own worker, on our pipe
         return out
     except Exception:
-        plain = RuntimeError(f"{type(exc).__name__}: {exc}")
+        plain = RuntimeError(describe(exc))
         _note(plain, note)
         return plain
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from ..errors import LoaderError
+from ..errors import LoaderError, describe
 
 __all__ = ["Failed", "Reassembler", "collate_failed"]
 
@@ -26,7 +26,7 @@ def collate_failed(k: int, n: int, exc: Exception) -> Failed:
     """Batch ``k`` of ``n`` samples could not be collated: a ``LoaderError`` naming it."""
     err = LoaderError(
         f"AsyncLoader: collating batch {k} ({n} samples) failed with "
-        f"{type(exc).__name__}: {exc} (check collate= against what the source returns)"
+        f"{describe(exc)} (check collate= against what the source returns)"
     )
     err.__cause__ = exc
     return Failed(-1, err)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..batching import Envelope, Request
-from ..errors import PipelineClosed, StageError
+from ..errors import PipelineClosed, StageError, describe
 
 __all__ = ["Counters", "Ledger", "Parking", "Probe"]
 
@@ -241,7 +241,7 @@ class Ledger:
     @staticmethod
     def stage_error(stage: str, cause: Exception, message: str | None = None) -> StageError:
         """The ``StageError`` that names ``stage``, with ``cause`` chained."""
-        text = message or f"raised {type(cause).__name__}: {cause}"
+        text = message or f"raised {describe(cause)}"
         err = StageError(stage, f"stage {stage!r} {text}")
         err.__cause__ = cause
         return err

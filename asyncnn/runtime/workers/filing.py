@@ -12,6 +12,7 @@ from typing import Any
 from ...batcher import Batch, Batcher, Item
 from ...batching import Batching, Envelope, Request
 from ...channels import EMPTY, END, Channel
+from ...errors import text_of
 from ...padding import pad_signature, request_length
 from ...payload import batch_key, count_rows
 from ..context import StageContext
@@ -86,7 +87,7 @@ def file_request(
     try:
         key, total, length = _key(spec, env.payload)
     except Exception as exc:  # whatever a payload does when looked at, it fails alone
-        ctx.fail(env.requests, exc, f"cannot batch this request: {exc}")
+        ctx.fail(env.requests, exc, f"cannot batch this request: {text_of(exc)}")
         return
     if total == 0:
         ctx.fail(env.requests, ValueError("0 rows"), "got a request with 0 rows (dim 0 is 0)")
