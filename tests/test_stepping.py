@@ -166,6 +166,24 @@ async def test_a_step_that_returns_the_wrong_shape_is_named():
         assert "must return (outputs, done), one of each per state" in str(out.__cause__)
 
 
+async def test_a_key_or_cost_the_stage_cannot_use_fails_that_request_alone():
+    # An unhashable key once ended the run (the stage groups its admissions by key).
+    odd_key = Stepping(key=lambda x: [x[0]] if x[0] == "odd" else "k")
+    odd_cost = Stepping(cost=lambda x: float("nan") if x[0] == "odd" else 1.0, budget=4.0)
+    for stepping, match in ((odd_key, "not hashable"), (odd_cost, "cost= returned nan")):
+        async with Pipeline([Stage(Counter(), name="s", step=stepping)]) as pipe:
+            outs = await asyncio.gather(
+                pipe.send(("a", 2)),
+                pipe.send(("odd", 2)),
+                pipe.send(("b", 1)),
+                return_exceptions=True,
+            )
+            assert outs[0] == [("a", 0), ("a", 1)] and outs[2] == [("b", 0)]
+            assert isinstance(outs[1], StageError) and outs[1].stage == "s"
+            assert match in str(outs[1])
+            assert await pipe.send(("c", 1)) == [("c", 0)]
+
+
 def test_step_stages_are_declared_with_a_step_model():
     with pytest.raises(TypeError, match="needs an object with batched admit"):
         Stage(lambda x: x, step=Stepping())

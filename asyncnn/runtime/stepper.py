@@ -60,7 +60,19 @@ class Stepper:
         end the request with."""
         spec = self.spec
         key = spec.key(payload) if spec.key is not None else None
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(
+                f"Stepping: key= returned a {type(key).__name__}, which is not hashable: "
+                "return a hashable value (a tuple, a string, a number)"
+            ) from None
         cost = float(spec.cost(payload)) if spec.cost is not None else 1.0
+        if not cost >= 0.0:  # NaN would make every budget comparison false
+            raise ValueError(
+                f"Stepping: cost= returned {cost!r} for this request: return a number >= 0 "
+                "(math.inf: it steps alone)"
+            )
         slot = Slot(req, payload, key, cost, self.clock())
         self.waiting.append(slot)
         return slot
@@ -106,7 +118,8 @@ class Stepper:
             return []
         key = keys[self._turn % len(keys)]
         self._turn += 1
-        return [s for s in self.active if s.key == key and ready(s)]
+        # Identity first, as ``in`` above compares (a key that is not equal to itself: NaN).
+        return [s for s in self.active if (s.key is key or s.key == key) and ready(s)]
 
     def stepped(self, slots: Iterable[Slot], done: Iterable[bool]) -> list[Slot]:
         """``slots`` each made an output (``done``: their last); those done leave. Returns them."""

@@ -1,6 +1,7 @@
 """The step stage's decisions, without a loop: joins, budget, keys, readiness, figures."""
 
 import asyncio
+import math
 
 import pytest
 
@@ -101,6 +102,29 @@ def test_step_figures_time_to_first_output_and_gaps_with_an_injected_clock(loop)
     assert c.first_output.quantile(0.5) == pytest.approx(1.0, rel=0.1)
     assert c.gaps.quantile(0.5) == pytest.approx(0.25, rel=0.1)
     assert st.idle
+
+
+def test_a_key_or_cost_the_stepper_cannot_use_is_refused_for_that_request(loop):
+    st = Stepper(Stepping(key=lambda x: x, cost=lambda x: 1.0, budget=4), Clock())
+    with pytest.raises(TypeError, match="key= returned a list, which is not hashable"):
+        st.offer(req(0, loop), [1, 2])  # grouping by it would fail for every request
+    bad_cost = Stepper(Stepping(cost=lambda x: x, budget=4), Clock())
+    for cost in (math.nan, -1.0):  # NaN: every budget comparison false, the budget ignored
+        with pytest.raises(ValueError, match="cost= returned"):
+            bad_cost.offer(req(1, loop), cost)
+    assert not st.waiting and not bad_cost.waiting
+    heavy = bad_cost.offer(req(2, loop), math.inf)  # heavier than any budget: steps alone
+    bad_cost.offer(req(3, loop), 1.0)
+    assert bad_cost.join() == [heavy]
+
+
+def test_a_key_not_equal_to_itself_still_steps(loop):
+    st = Stepper(Stepping(key=lambda x: x), Clock())
+    nan = math.nan
+    st.offer(req(0, loop), nan)
+    st.offer(req(1, loop), nan)
+    st.join()
+    assert [s.req.id for s in st.group()] == [0, 1]  # grouped as `in` finds them, not left
 
 
 def test_stepping_options_are_checked():
