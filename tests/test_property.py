@@ -206,3 +206,72 @@ def test_no_timeout_or_priority_a_caller_passes_breaks_the_pipeline(calls):
         assert stats.in_flight == 0
 
     asyncio.run(main())
+
+
+@st.composite
+def payloads(draw, depth=0):
+    """What a caller may send a batching stage: tensors of any rank, dtype and rows, and
+    tuples, lists and dicts of them (or of anything)."""
+    import torch
+
+    kind = draw(st.sampled_from(["tensor", "tensor", "tuple", "list", "dict", "other"]))
+    if kind == "tensor" or depth >= 2:
+        shape = draw(st.lists(st.integers(0, 3), min_size=0, max_size=3))
+        dtype = draw(st.sampled_from([torch.float32, torch.int64, torch.bool, torch.float16]))
+        return torch.zeros(shape, dtype=dtype)
+    if kind == "other":
+        return draw(st.sampled_from([None, "text", 3, 2.5, b"x", (), {}, []]))
+    items = draw(st.lists(payloads(depth + 1), min_size=0, max_size=3))
+    if kind == "dict":
+        return {f"k{i}": v for i, v in enumerate(items)}
+    return tuple(items) if kind == "tuple" else items
+
+
+@settings(
+    max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")) // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    sent=st.lists(payloads(), min_size=1, max_size=8),
+    batch=st.sampled_from(["fixed", "auto", "padded"]),
+)
+def test_no_payload_a_caller_sends_breaks_a_batching_stage(sent, batch):
+    # Whatever is sent, each request is answered (its own rows back) or fails alone with a
+    # StageError, and the stage keeps serving: the batcher files, keys, pads and splits
+    # every payload inside its own task.
+    import torch
+
+    from asyncnn import Batching
+
+    spec = {
+        "fixed": Batching(max_size=4, max_delay=0.001),
+        "auto": Batching(max_size=4, max_delay="auto"),
+        "padded": Batching(max_size=4, max_delay="auto", pad=0),
+    }[batch]
+    pipe = Pipeline([Stage(lambda x: x, name="m", batch=spec)])
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, (tuple, list)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    async def main():
+        with anyio.fail_after(10):
+            async with pipe:
+                outs = await asyncio.gather(*(pipe.send(x) for x in sent), return_exceptions=True)
+                for x, out in zip(sent, outs, strict=True):
+                    if isinstance(out, BaseException):
+                        assert isinstance(out, StageError) and out.stage == "m", repr(out)
+                    elif batch != "padded":
+                        assert same(x, out)
+                alive = await pipe.send(torch.ones(1, 2))
+                assert torch.equal(alive, torch.ones(1, 2))
+                stats = pipe.stats()
+        assert stats.in_flight == 0 and stats.admitted == stats.completed + stats.failed
+
+    asyncio.run(main())
