@@ -189,15 +189,29 @@ class Requests:
         return req
 
     def _submit_now(self, x: Any) -> asyncio.Future[Any] | None:
-        """``submit``'s future when it would not wait (running, with room), else None. The
-        stream feeder's path for every item: one call, no coroutine."""
+        """``submit``'s future when it would not wait (running, with room, and under
+        ``max_in_flight``), else None. The stream feeder's path for every item: one call, no
+        coroutine."""
         run, runtime = self._run, self._runtime
         admission = runtime.admission
         if run is None or run.state != "running" or not admission.has_room():
             return None
         if not self._plain or runtime.ranked:
+            control = runtime.control
+            if control is not None and len(runtime.ledger) >= control.limit:
+                return None  # the feeder waits (``_submit_in_turn``), as for a full queue
             return self._admit(x).future
         return self._admit_plain(x, False)
+
+    async def _submit_in_turn(self, x: Any) -> asyncio.Future[Any]:
+        """``submit`` for a stream's items: a stream has no deadline, so admission control
+        can refuse an item only for ``max_in_flight``, and the item waits its turn (as for
+        a full queue) instead of ending the stream with ``Overloaded``."""
+        while True:
+            try:
+                return await self.submit(x)
+            except Overloaded as exc:
+                await asyncio.sleep(exc.retry_after)
 
     def _admit_plain(self, x: Any, over: bool) -> asyncio.Future[Any]:
         """A plain request (no row check, urgency, admission control, trace or parts, and no
@@ -349,7 +363,9 @@ class Requests:
         Results come in input order, or in completion order with ``ordered=False``. A failed item
         raises its ``StageError`` from the iteration (ending it) unless ``return_exceptions=True``,
         which yields the exception in its place. At most about the pipeline's capacity of items
-        are in flight, so memory stays flat however long ``inputs`` is. Leaving the loop early
+        are in flight (and no more than ``max_in_flight``: an item waits for room, as other
+        callers' requests take it, rather than being refused), so memory stays flat however
+        long ``inputs`` is. Leaving the loop early
         cancels the items still in flight (use ``contextlib.aclosing`` to leave promptly).
         """
 
@@ -357,12 +373,14 @@ class Requests:
             # Checked when iteration starts, not when stream() is called.
             if not self._running():
                 raise self._closed_error()
-            size = self._runtime.capacity
+            size, control = self._runtime.capacity, self._runtime.control
+            if control is not None:  # the stream alone never meets max_in_flight
+                size = min(size, control.limit)
             return OrderedWindow(size) if ordered else UnorderedWindow(size)
 
         return stream(
             inputs,
-            self.submit,
+            self._submit_in_turn,
             open_window,
             self._start_feeder,
             return_exceptions,

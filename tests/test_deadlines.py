@@ -220,6 +220,35 @@ async def test_max_in_flight_refuses_with_overloaded_and_retry_after():
     assert st.overloaded == 2 and st.admitted == 4
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_stream_waits_its_turn_under_max_in_flight_instead_of_failing(ordered):
+    # stream() sized its window by the queues (64 here), past max_in_flight: its 5th item was
+    # refused and the stream ended with Overloaded. Now it waits for room, alone or while
+    # other callers hold the slots.
+    def work(x):
+        time.sleep(0.001)
+        return x * 2
+
+    async with Pipeline([Stage(work, name="w", workers=2)], max_in_flight=4, queue_size=64) as pipe:
+        got = [y async for y in pipe.stream(range(30), ordered=ordered)]
+        assert sorted(got) == [2 * i for i in range(30)]
+
+        async def other_caller(k):  # sends while the stream runs: may be refused, never hangs
+            for _ in range(20):
+                try:
+                    assert await pipe.send(1000 + k) == 2 * (1000 + k)
+                except Overloaded:
+                    await asyncio.sleep(0.001)
+
+        others = [asyncio.ensure_future(other_caller(k)) for k in range(3)]
+        got = [y async for y in pipe.stream(range(50), ordered=ordered)]
+        await asyncio.gather(*others)
+        assert sorted(got) == [2 * i for i in range(50)]
+        if ordered:
+            assert got == [2 * i for i in range(50)]
+        assert pipe.stats().in_flight == 0
+
+
 async def test_overloaded_at_once_when_the_work_ahead_cannot_finish_by_the_deadline():
     def slow(x):
         time.sleep(0.01)  # at most 100 requests/s
