@@ -2,6 +2,7 @@
 names the stage and says what to do, and the pipeline keeps serving afterwards."""
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -361,6 +362,39 @@ async def test_a_loader_sample_whose_exception_cannot_be_printed_is_still_named(
         async for _ in AsyncLoader(UnprintableSamples(), batch_size=64, worker_kind=kind):
             pass
     assert info.value.index == 130
+
+
+def stubborn(x):
+    while True:
+        try:
+            yield x
+        except GeneratorExit:
+            yield x  # ignores the close: Python raises RuntimeError from close()
+
+
+async def astubborn(x):
+    while True:
+        try:
+            yield x
+        except GeneratorExit:
+            yield x
+
+
+# 22e
+async def test_a_generator_that_ignores_close_is_named_and_the_stage_carries_on(caplog):
+    # Closing an async generator that ignored GeneratorExit raised in the stage's task: the
+    # run ended when a reader left early. A sync one was closed silently.
+    for fn in (stubborn, astubborn):
+        caplog.clear()
+        async with Pipeline([Stage(fn, name="g")]) as pipe:
+            for _ in range(3):  # each reader leaves after one part: the generator is closed
+                async with contextlib.aclosing(pipe.send_stream(torch.ones(1, 4))) as parts:
+                    async for part in parts:
+                        assert torch.equal(part, torch.ones(1, 4))
+                        break
+            await wait_all_tasks_blocked()
+            assert pipe.state == "running" and pipe.stats().in_flight == 0
+        assert "stage 'g': closing a generator raised RuntimeError" in caplog.text, fn
 
 
 # 23

@@ -14,6 +14,7 @@ generator is closed and the parts still in flight are cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +23,13 @@ import anyio
 
 from ...batching import Request
 from ...channels import END
+from ...errors import describe
 from ...executors import ThreadWorker
 from ...streams import PartStream
 from ..context import StageContext, next_live
 from ..supervisor import Supervisor
+
+log = logging.getLogger("asyncnn")
 
 __all__ = ["run_yielding"]
 
@@ -143,7 +147,13 @@ def _stepper(
             except StopAsyncIteration:
                 return _DONE
 
-        return step_async, agen.aclose
+        async def close_async() -> None:
+            try:
+                await agen.aclose()
+            except Exception as exc:  # the request already ended: say so, end nothing else
+                _close_failed(ctx.name, exc)
+
+        return step_async, close_async
 
     inference = ctx.stage.inference_mode
     gen: list[Any] = []
@@ -173,7 +183,16 @@ def _stepper(
         if gen:
             try:
                 await worker.run(close_here, ())
-            except Exception:  # its finally raised: the request already ended
-                pass
+            except Exception as exc:  # the request already ended: say so, end nothing else
+                _close_failed(ctx.name, exc)
 
     return (lambda: worker.run(advance, ())), close_there
+
+
+def _close_failed(stage: str, exc: Exception) -> None:
+    log.warning(
+        "stage %r: closing a generator raised %s (its request had already ended; a generator "
+        "must let GeneratorExit end it: no yield or raise in its clean-up)",
+        stage,
+        describe(exc),
+    )
