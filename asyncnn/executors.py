@@ -108,6 +108,20 @@ def returned_coroutine(stage: str, coro: CoroutineType[Any, Any, Any]) -> TypeEr
     )
 
 
+def _futureproof(exc: BaseException) -> BaseException:
+    """``exc`` as a future can hold it: asyncio refuses a ``StopIteration`` (the future would
+    never end), so it becomes a ``RuntimeError`` with it chained, as Python does for one
+    raised in a coroutine (PEP 479)."""
+    if not isinstance(exc, StopIteration):
+        return exc
+    err = RuntimeError(
+        "the function raised StopIteration (a next() past the end of an iterator?): catch it "
+        "there, or give next() a default"
+    )
+    err.__cause__ = exc
+    return err
+
+
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if not fut.done():
         if ok:
@@ -239,7 +253,7 @@ class ThreadWorker:
                     try:
                         value, ok = fn(*args), True
                     except BaseException as exc:  # handed to the loop, which re-raises it there
-                        value, ok = exc, False
+                        value, ok = _futureproof(exc), False
                 try:
                     loop.call_soon_threadsafe(_settle, fut, ok, value)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more

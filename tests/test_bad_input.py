@@ -397,6 +397,29 @@ async def test_a_generator_that_ignores_close_is_named_and_the_stage_carries_on(
         assert "stage 'g': closing a generator raised RuntimeError" in caplog.text, fn
 
 
+def stops_when_negative(x):
+    if (x < 0).any():
+        next(iter([]))  # a next() past the end: StopIteration
+    return x
+
+
+# 22f
+async def test_a_stage_that_raises_stopiteration_fails_its_request_alone():
+    # asyncio refuses StopIteration in a future: a thread stage's request never ended (its
+    # caller hung) and the loop logged "Exception in callback".
+    for stage in (
+        Stage(stops_when_negative, name="m"),
+        Stage(stops_when_negative, name="m", workers=2),  # calls queued ahead on its threads
+        batched(stops_when_negative),
+        Stage(stops_when_negative, name="m", batch=Batching(max_size=8, max_delay="auto")),
+    ):
+        async with Pipeline([stage]) as pipe:
+            err = await fails_alone(pipe, -torch.ones(1, 4), "StopIteration.*give next.. a def")
+            assert isinstance(err.__cause__, RuntimeError)
+            assert isinstance(err.__cause__.__cause__, StopIteration)
+            await still_serves(pipe)
+
+
 # 23
 def test_bad_configuration_is_refused_at_construction():
     with pytest.raises(TypeError, match="must be an async def"):
