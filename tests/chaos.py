@@ -92,12 +92,25 @@ def make_case(seed: int) -> Case:
     return case
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("cannot print")
+
+
+def _stop(i: int) -> BaseException:
+    return StopIteration(i)  # asyncio refuses it in a future
+
+
+_POISONS = (lambda i: ValueError(f"poisoned at node {i}"), _stop, lambda i: _Unprintable())
+
+
 def _fn(i: int, kind: str, add: int, fail_on: set[int]):
     # A payload is a (1, 2) tensor [[request id, value]] (a batch stacks them); a join sums values.
     def compute(*parts: torch.Tensor) -> torch.Tensor:
         x = parts[0]
-        if any(int(r) in fail_on for r in x[:, 0].tolist()):
-            raise ValueError(f"poisoned at node {i}")
+        poisoned = [int(r) for r in x[:, 0].tolist() if int(r) in fail_on]
+        if poisoned:  # the kinds of exception that once lost a request or ended the run
+            raise _POISONS[poisoned[0] % len(_POISONS)](i)
         out = x.clone()
         out[:, 1] = sum(p[:, 1] for p in parts) + add
         return out
