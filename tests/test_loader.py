@@ -161,6 +161,18 @@ def test_pin_memory_without_accelerator_warns_and_falls_back():
     assert loader.pin_memory is False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_when_the_loader_is_made():
+    # It failed at the first batch with torch's "torch.cuda.Stream requires CUDA support".
+    with pytest.raises(RuntimeError, match="device='cuda' was asked for but CUDA is not avail"):
+        AsyncLoader(SyncDS(4), batch_size=2, device="cuda")
+
+
+def test_threads_is_named_in_its_own_error():
+    with pytest.raises(ValueError, match="threads=0 must be a whole number"):
+        AsyncLoader(SyncDS(4), batch_size=2, threads=0)
+
+
 @pytest.mark.gpu
 async def test_pin_memory_and_early_copy_to_cuda():
     loader = AsyncLoader(SyncDS(8), batch_size=4, pin_memory=True, device="cuda:0")

@@ -147,6 +147,12 @@ class AsyncLoader:
         self.collate = collate if collate is not None else torch.utils.data.default_collate
         self.pin_memory = pin_memory
         self.device = None if device is None else parse_device(device, "AsyncLoader")
+        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"AsyncLoader: device={str(self.device)!r} was asked for but CUDA is not "
+                "available here; leave device=None (batches stay on the CPU) or run on a "
+                "machine with a GPU"
+            )
         self.ordered = ordered
         self.sampler = sampler
         self.generator = generator
@@ -226,6 +232,7 @@ def _resolve_workers(
             raise ValueError(
                 "AsyncLoader: threads= is workers= for worker_kind='thread'; pass workers= only"
             )
+        check_whole(threads, "AsyncLoader: threads")
         workers = threads
     if workers is not None:
         check_whole(workers, "AsyncLoader: workers")
