@@ -105,6 +105,22 @@ class Requests:
         run = self._run
         return run is not None and run.state == "running"
 
+    def _check_loop(self, what: str) -> None:
+        """A running pipeline's queues and ledger belong to its loop's thread: a call from
+        another loop or thread would change them unguarded (and wait on a future of the
+        wrong loop). Raise before anything is touched."""
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is not self._loop:
+            where = "another event loop" if current is not None else "a thread with no loop"
+            raise RuntimeError(
+                f"pipe.{what}() was called from {where}, not the loop the pipeline runs on: "
+                "call it there (from another thread: asyncio.run_coroutine_threadsafe("
+                "pipe.send(x), loop) or anyio.from_thread.run(pipe.send, x))"
+            )
+
     def _closed_error(self) -> PipelineClosed:
         if self.state == "new":
             return PipelineClosed("pipeline is not running: enter it first with `async with pipe:`")
@@ -123,6 +139,7 @@ class Requests:
         """
         if not self._running():
             raise self._closed_error()
+        self._check_loop("submit_nowait")
         if not self._runtime.admission.has_room():
             raise PipelineFull(
                 f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
@@ -255,7 +272,10 @@ class Requests:
             Overloaded: admission control refused it (see ``Pipeline(max_in_flight=...)``).
             TimeoutError: ``timeout`` passed while waiting for room.
         """
-        urgency = _urgency(self._loop, timeout, priority) if self._running() else None
+        urgency = None
+        if self._running():
+            self._check_loop("submit")
+            urgency = _urgency(self._loop, timeout, priority)
         admission = self._runtime.admission
         if urgency is not None and urgency[1] is not None:
             try:
@@ -310,6 +330,7 @@ class Requests:
         """
         if not self._running() or self._runtime.admission.closed:
             return await (await self.submit(x))  # raises PipelineClosed
+        self._check_loop("send")
         urgency = None
         if not _default(timeout, priority):
             urgency = _urgency(self._loop, timeout, priority)
@@ -338,6 +359,7 @@ class Requests:
         """
         if not self._running() or self._runtime.admission.closed:
             raise self._closed_error()
+        self._check_loop("send_stream")
         stream = PartStream(buffer)  # checks buffer before anything is admitted
         urgency = None if _default(timeout, priority) else _urgency(self._loop, timeout, priority)
         if not self._yields:
@@ -373,6 +395,7 @@ class Requests:
             # Checked when iteration starts, not when stream() is called.
             if not self._running():
                 raise self._closed_error()
+            self._check_loop("stream")
             size, control = self._runtime.capacity, self._runtime.control
             if control is not None:  # the stream alone never meets max_in_flight
                 size = min(size, control.limit)

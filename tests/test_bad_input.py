@@ -420,6 +420,27 @@ async def test_a_stage_that_raises_stopiteration_fails_its_request_alone():
             await still_serves(pipe)
 
 
+# 22g
+async def test_a_call_from_another_thread_or_loop_is_refused_before_anything_is_touched():
+    # A sync web handler on a worker thread calling asyncio.run(pipe.send(x)) admitted the
+    # request from that thread (the queues and ledger are the loop's, unguarded) and then
+    # failed on a future of the wrong loop: the answer was computed and lost.
+    async with Pipeline([Stage(lambda t: t * 2, name="m")]) as pipe:
+        loop = asyncio.get_running_loop()
+
+        def handler():
+            with pytest.raises(RuntimeError, match=r"pipe.send\(\) was called from another"):
+                asyncio.run(pipe.send(torch.ones(1)))
+            with pytest.raises(RuntimeError, match=r"submit_nowait.*a thread with no loop"):
+                pipe.submit_nowait(torch.ones(1))
+            ok = asyncio.run_coroutine_threadsafe(pipe.send(torch.ones(1)), loop)  # as advised
+            return ok.result(timeout=10)
+
+        assert torch.equal(await asyncio.to_thread(handler), torch.full((1,), 2.0))
+        assert pipe.stats().admitted == 1 and pipe.stats().in_flight == 0
+        await still_serves(pipe, torch.ones(1), torch.full((1,), 2.0))
+
+
 # 23
 def test_bad_configuration_is_refused_at_construction():
     with pytest.raises(TypeError, match="must be an async def"):
