@@ -12,13 +12,64 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
+import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import check_whole
 
-__all__ = ["Batching", "Envelope", "Request"]
+__all__ = [
+    "PRIORITY_LIMIT",
+    "Batching",
+    "Envelope",
+    "Request",
+    "Urgency",
+    "check_urgency",
+    "default_urgency",
+]
+
+
+PRIORITY_LIMIT = 2**31  # priorities lie in [-PRIORITY_LIMIT, PRIORITY_LIMIT)
+
+# (timeout, deadline on the loop's clock, priority, now) of one request
+Urgency = tuple["float | None", "float | None", int, float]
+
+
+def default_urgency(timeout: Any, priority: Any) -> bool:
+    """No deadline and the default priority (an ``int`` 0): nothing to check."""
+    return timeout is None and priority.__class__ is int and priority == 0
+
+
+def check_urgency(now: float, timeout: Any, priority: Any) -> Urgency:
+    """A request's timeout and priority as a caller passed them, checked, with its deadline on
+    the clock ``now`` is read from. A priority is any whole number (numpy's too) but a bool; a
+    timeout any real number >= 0, ``None`` or ``math.inf`` (no deadline)."""
+    if isinstance(priority, bool) or not hasattr(type(priority), "__index__"):
+        raise TypeError(f"priority={priority!r} must be a whole number (lower is more urgent)")
+    priority = operator.index(priority)
+    if not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:  # aging counts levels in floats
+        raise ValueError(
+            f"priority={priority!r} is out of range: use a whole number from -2**31 to "
+            "2**31 - 1 (lower is more urgent)"
+        )
+    if timeout is None:
+        return None, None, priority, now
+    seconds = -1.0
+    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # a whole number past any float
+            seconds = math.inf if operator.gt(timeout, 0) else -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise ValueError(
+            f"timeout={timeout!r} must be seconds >= 0, or None or math.inf (no deadline)"
+        )
+    if seconds == math.inf:  # no deadline, as for asyncio's and anyio's
+        return None, None, priority, now
+    return seconds, now + seconds, priority, now
 
 
 class Request:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
-import numbers
-import operator
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .batching import Envelope, Request
+from .batching import Envelope, Request, Urgency, check_urgency, default_urgency
 from .errors import Overloaded, PipelineClosed, PipelineFull
 from .options import check_request_rows
 from .runtime.deadlines import RESOLUTION, Deadlines
@@ -30,45 +27,6 @@ if TYPE_CHECKING:
     from .tracing import Tracing
 
 __all__ = ["Requests"]
-
-PRIORITY_LIMIT = 2**31  # priorities lie in [-PRIORITY_LIMIT, PRIORITY_LIMIT)
-
-# (timeout, deadline on the loop's clock, priority, now) of one request
-Urgency = tuple["float | None", "float | None", int, float]
-
-
-def _default(timeout: Any, priority: Any) -> bool:
-    """No deadline and the default priority (an ``int`` 0): nothing to check."""
-    return timeout is None and priority.__class__ is int and priority == 0
-
-
-def _urgency(loop: Any, timeout: Any, priority: Any) -> Urgency:
-    """A request's timeout and priority, checked, with its deadline on the loop's clock.
-    A priority is any whole number (numpy's too) but a bool; a timeout any real number."""
-    if isinstance(priority, bool) or not hasattr(type(priority), "__index__"):
-        raise TypeError(f"priority={priority!r} must be a whole number (lower is more urgent)")
-    priority = operator.index(priority)
-    if not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:  # aging counts levels in floats
-        raise ValueError(
-            f"priority={priority!r} is out of range: use a whole number from -2**31 to "
-            "2**31 - 1 (lower is more urgent)"
-        )
-    now = loop.time()
-    if timeout is None:
-        return None, None, priority, now
-    seconds = -1.0
-    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
-        try:
-            seconds = float(timeout)
-        except OverflowError:  # a whole number past any float
-            seconds = math.inf if operator.gt(timeout, 0) else -1.0
-    if not seconds >= 0:  # (NaN too)
-        raise ValueError(
-            f"timeout={timeout!r} must be seconds >= 0, or None or math.inf (no deadline)"
-        )
-    if seconds == math.inf:  # no deadline, as for asyncio's and anyio's
-        return None, None, priority, now
-    return seconds, now + seconds, priority, now
 
 
 def _expire(runtime: Runtime, rid: int, timeout: float | None) -> None:
@@ -121,6 +79,11 @@ class Requests:
                 "pipe.send(x), loop) or anyio.from_thread.run(pipe.send, x))"
             )
 
+    def _urgency(self, timeout: Any, priority: Any) -> Urgency:
+        """``timeout``/``priority`` checked, the deadline on the loop's clock (running)."""
+        assert self._loop is not None
+        return check_urgency(self._loop.time(), timeout, priority)
+
     def _closed_error(self) -> PipelineClosed:
         if self.state == "new":
             return PipelineClosed("pipeline is not running: enter it first with `async with pipe:`")
@@ -145,7 +108,7 @@ class Requests:
                 f"pipeline is full ({self.queue_size} requests waiting for the first stage): "
                 "retry later, use `await pipe.submit(x)` to wait, or raise queue_size"
             )
-        return self._admit(x, urgency=_urgency(self._loop, timeout, priority)).future
+        return self._admit(x, urgency=self._urgency(timeout, priority)).future
 
     def _admit(
         self,
@@ -157,7 +120,7 @@ class Requests:
     ) -> Request:
         """Admit ``x`` as a request (callers checked that the pipeline runs, and that admission
         has room unless ``over``: the request may wait past a full first queue). ``urgency``:
-        its (timeout, deadline, priority, now), from ``_urgency``."""
+        its (timeout, deadline, priority, now), from ``batching.check_urgency``."""
         if self._check_rows:
             check_request_rows(x, self.max_request_rows, self.microbatch)
         runtime = self._runtime
@@ -165,7 +128,7 @@ class Requests:
         assert loop is not None
         if urgency is None:
             if runtime.control is not None:
-                urgency = _urgency(loop, None, 0)  # admission control needs the time
+                urgency = check_urgency(loop.time(), None, 0)  # admission control needs the time
             elif runtime.ranked:  # aging in ranked queues counts from admission
                 req = Request(next(self._ids), loop.create_future(), since=loop.time())
                 return self._enter(req, x, over, stream)
@@ -275,7 +238,7 @@ class Requests:
         urgency = None
         if self._running():
             self._check_loop("submit")
-            urgency = _urgency(self._loop, timeout, priority)
+            urgency = self._urgency(timeout, priority)
         admission = self._runtime.admission
         if urgency is not None and urgency[1] is not None:
             try:
@@ -332,8 +295,8 @@ class Requests:
             return await (await self.submit(x))  # raises PipelineClosed
         self._check_loop("send")
         urgency = None
-        if not _default(timeout, priority):
-            urgency = _urgency(self._loop, timeout, priority)
+        if not default_urgency(timeout, priority):
+            urgency = self._urgency(timeout, priority)
         elif self._plain and not self._runtime.ranked:
             return await self._admit_plain(x, True)
         return await self._admit(x, over=True, urgency=urgency).future
@@ -361,7 +324,7 @@ class Requests:
             raise self._closed_error()
         self._check_loop("send_stream")
         stream = PartStream(buffer)  # checks buffer before anything is admitted
-        urgency = None if _default(timeout, priority) else _urgency(self._loop, timeout, priority)
+        urgency = None if default_urgency(timeout, priority) else self._urgency(timeout, priority)
         if not self._yields:
             return one_part(self._admit(x, over=True, urgency=urgency).future)
         req = self._admit(x, over=True, stream=stream, urgency=urgency)
