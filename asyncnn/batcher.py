@@ -7,12 +7,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .batching import Batching, Request
 
-__all__ = ["REASONS", "Batch", "Batcher", "Item", "Reason"]
+__all__ = ["HOLD_GUARD", "HOLD_SHARE", "REASONS", "Batch", "Batcher", "Item", "Reason"]
 
 
 class Item:
@@ -59,6 +60,18 @@ class Batch:
         return sum(i.rows for i in self.items)
 
 
+# Fixed delay: seconds kept in hand before the call a request with a deadline rides in, at the
+# least: the former's timer fires ~1 ms late (both loops count whole milliseconds), and the
+# batch's trip to a runner thread and its answer's back to the caller took 1-2 ms more on a
+# 2-core VM. For longer waits, a share of the wait (a loaded loop runs later by more).
+HOLD_GUARD = 0.005
+HOLD_SHARE = 0.05
+
+
+def _no_need(rows: float) -> float | None:
+    return None  # not known
+
+
 def _rank(item: Item) -> tuple[int, float, float]:
     req = item.request
     deadline = req.deadline
@@ -72,15 +85,25 @@ class Batcher:
     ``pop`` returns the next batch that is due (a bucket with ``max_size`` rows or ``max_tokens``
     padded tokens, or whose oldest item has waited ``max_delay``, or anything when draining;
     under ``max_delay="auto"`` the ``pacer`` decides); ``next_deadline`` says when to look
-    again. A batch never takes more than ``max_size`` rows or ``max_tokens`` rows x padded
-    length (a single request larger than that goes alone). Once an urgent request (a deadline
-    or a priority) arrives, each bucket keeps its items most urgent first (priority, then
-    deadline, then arrival), so a batch takes the most urgent compatible requests.
+    again. With a fixed ``max_delay``, a bucket also goes once holding it longer would cost its
+    most urgent request the deadline: ``need(rows)`` is the call it would ride in (the stage's
+    measured service time; None before it is known), so that a delay longer than a caller's
+    timeout does not hold the request until it times out. A batch never takes more than
+    ``max_size`` rows or ``max_tokens`` rows x padded length (a single request larger than
+    that goes alone). Once an urgent request (a deadline or a priority) arrives, each bucket
+    keeps its items most urgent first (priority, then deadline, then arrival), so a batch
+    takes the most urgent compatible requests.
     """
 
-    def __init__(self, spec: Batching, pacer: Any = None) -> None:
+    def __init__(
+        self,
+        spec: Batching,
+        pacer: Any = None,
+        need: Callable[[float], float | None] | None = None,
+    ) -> None:
         self.spec = spec
         self.pacer = pacer  # a pacing.Pacer when spec.auto
+        self._need = need or _no_need  # fixed delay: seconds a call of so many rows takes
         self._buckets: dict[Any, deque[Item]] = {}
         self._rows: dict[Any, int] = {}
         self._due: dict[Any, float] = {}  # earliest deadline in a bucket (ranked buckets)
@@ -108,8 +131,29 @@ class Batcher:
     def next_deadline(self) -> float | None:
         if self.pacer is not None:
             return self._recheck
-        oldest = [b[0].arrived for b in self._buckets.values() if b]
-        return min(oldest) + self.spec.max_delay if oldest else None  # type: ignore[operator]
+        delay: float = self.spec.max_delay  # type: ignore[assignment]
+        times = [
+            min(oldest + delay, self._held_until(key, oldest))
+            for key, oldest in ((k, self._oldest(b)) for k, b in self._buckets.items() if b)
+        ]
+        return min(times) if times else None
+
+    def _held_until(self, key: Any, oldest: float) -> float:
+        """Fixed delay: when holding the bucket longer would cost its most urgent request the
+        deadline (``math.inf`` without one). Before the stage's calls are measured, a request
+        whose deadline comes before the delay's end goes at once."""
+        due = self._due.get(key)
+        if due is None:
+            return math.inf
+        need = self._need(self._rows[key])
+        if need is None:
+            delay: float = self.spec.max_delay  # type: ignore[assignment]
+            return -math.inf if due < oldest + delay else math.inf
+        return due - need - max(HOLD_GUARD, HOLD_SHARE * (due - oldest))
+
+    def _oldest(self, bucket: deque[Item]) -> float:
+        """When the bucket's oldest item arrived (ranked buckets are not in arrival order)."""
+        return min(i.arrived for i in bucket) if self.ranked else bucket[0].arrived
 
     def pop(self, now: float, draining: bool = False, idle: bool = True) -> Batch | None:
         """The next batch due at time ``now``, or None. A full bucket goes first; then the
@@ -118,7 +162,7 @@ class Batcher:
         best: tuple[int, float, Any, Reason] | None = None
         self._recheck = None
         for key, bucket in self._buckets.items():
-            oldest = min(i.arrived for i in bucket) if self.ranked else bucket[0].arrived
+            oldest = self._oldest(bucket)
             reason = self._due_now(key, bucket, now, oldest, idle)
             if reason is None and draining:
                 reason = "drain"
@@ -162,6 +206,10 @@ class Batcher:
                 return limit  # its own class fills what fits: nothing less urgent to cut
         return fits
 
+    def holds(self, req: Request) -> bool:
+        """``req`` waits here for its batch (a scan: for diagnostics, not the hot path)."""
+        return any(i.request is req for b in self._buckets.values() for i in b)
+
     def most_urgent(self) -> int | float:
         """The most urgent priority waiting (``math.inf`` when nothing waits)."""
         return min((b[0].request.priority for b in self._buckets.values() if b), default=math.inf)
@@ -176,7 +224,9 @@ class Batcher:
         if self._rows[key] >= spec.max_size or self._over_budget(bucket):
             return "full"
         if self.pacer is None:
-            return "delay" if now - oldest >= spec.max_delay else None  # type: ignore[operator]
+            if now - oldest >= spec.max_delay:  # type: ignore[operator]
+                return "delay"
+            return "deadline" if now >= self._held_until(key, oldest) else None
         reason: Reason | None
         reason, recheck = self.pacer.decide(now, self._rows[key], oldest, self._due.get(key), idle)
         if recheck is not None and (self._recheck is None or recheck < self._recheck):

@@ -154,11 +154,16 @@ class Batching:
 
     Args:
         max_size: the most rows in one call of the stage (>= 1).
-        max_delay: the longest the oldest waiting request is held for more to arrive (>= 0 s),
-            or ``"auto"``: the stage decides from what it measures (``pacing.Pacer``): a batch
-            is released when waiting longer would cost its most urgent request the deadline
-            (``send(x, timeout=...)``), when a runner is idle and batches of that size keep up
-            with the arrivals, or after one full batch's service time at most.
+        max_delay: the longest the oldest waiting request is held for more to arrive (>= 0 s;
+            ``math.inf``: only full batches, and what is left when the pipeline closes). A
+            request with a deadline (``send(x, timeout=...)``) is never held past the time the
+            call it rides in needs (the stage's measured calls at their slow end, and 5 ms or
+            a twentieth of its wait in hand; before 8 calls are measured, a deadline that comes
+            before the delay's end releases its batch at once). Or ``"auto"``: the stage
+            decides from what it measures (``pacing.Pacer``): a batch is released when waiting
+            longer would cost its most urgent request the deadline, when a runner is idle and
+            batches of that size keep up with the arrivals, or after one full batch's service
+            time at most.
         target_latency: with ``max_delay="auto"`` (implied when this is set), seconds from a
             request's arrival at this stage to the release of its batch, for requests without
             a deadline of their own.

@@ -168,6 +168,24 @@ async def test_a_stage_ends_a_request_whose_time_left_is_below_its_service_time(
     assert sum(st.deadline_misses.values()) == 1
 
 
+async def test_a_fixed_max_delay_longer_than_a_timeout_does_not_hold_the_request_to_death():
+    # max_delay=2 s is the most a batch is held for more to arrive: a lone request with a
+    # 0.3 s timeout is released for its deadline (before any call is measured: at once; after:
+    # once holding it longer would cost the call it needs), not held until it times out.
+    spec = Batching(max_size=8, max_delay=20.0)
+    async with Pipeline([Stage(lambda t: t * 2, name="double", batch=spec)]) as pipe:
+        assert torch.equal(await pipe.send(torch.ones(1, 2), timeout=0.3), torch.full((1, 2), 2.0))
+        for _ in range(10):  # full batches: the stage measures its calls
+            await asyncio.gather(*(pipe.send(torch.ones(1, 2)) for _ in range(8)))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert torch.equal(await pipe.send(torch.ones(1, 2), timeout=1.0), torch.full((1, 2), 2.0))
+        took = loop.time() - start
+        st = pipe.stats()["double"]
+    assert took > 0.5  # held for more to arrive while it could afford to (~0.95 s)
+    assert st.released_deadline == 2 and st.released_full == 10
+
+
 async def test_submit_nowait_and_submit_end_their_futures_at_the_deadline():
     seen = []
     a, gate = gated("a", seen)

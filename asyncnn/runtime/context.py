@@ -111,6 +111,7 @@ class StageContext:
     workers: int = 1  # worker tasks reading the inbox (a Ray stage: one per call its replicas hold)
     join: Any = None  # a join's PartTable: the parts of each request, matched by id
     tracing: Any = None  # a tracing.Tracing while the pipeline traces, else None
+    held: Any = None  # a batching stage's Batcher: requests waiting for their batch to form
 
     @property
     def name(self) -> str:

@@ -200,7 +200,10 @@ class Runtime:
         at = self.locate(req)
         if at["stage"] is None:
             return "it was between stages"
-        state = "queued for" if at["where"].startswith("waiting") else "in"
+        if at["where"] == "waiting for its batch to form":
+            state = "held for its batch to form by"
+        else:
+            state = "queued for" if at["where"].startswith("waiting") else "in"
         return f"it was {state} stage {at['stage']!r}; it is dropped before any further compute"
 
     def admit(self, req: Request, payload: Any, *, over: bool = False) -> None:
@@ -307,6 +310,9 @@ class Runtime:
         for ctx in self.stages:
             if any(ch.holds(lambda e: req in e.requests) for ch in (*ctx.ports, ctx.inbox)):
                 holder, where = ctx, "waiting in the stage's input queue"
+                break
+            if ctx.held is not None and ctx.held.holds(req):
+                holder, where = ctx, "waiting for its batch to form"
                 break
         if holder is None:
             holder = next((c for c in self.stages if self._running_calls(c) > 0), None)

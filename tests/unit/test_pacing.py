@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from asyncnn import Batching
-from asyncnn.batcher import Batcher, Item
+from asyncnn.batcher import HOLD_GUARD, HOLD_SHARE, Batcher, Item
 from asyncnn.batching import Request
 from asyncnn.pacing import GUARD, ArrivalRate, Pacer, ServiceTimes
 
@@ -134,6 +134,47 @@ def test_a_ranked_batcher_takes_the_most_urgent_compatible_requests_first():
     batch = b.pop(now=0.3)
     assert batch.reason == "full" and [i.request.id for i in batch.items] == [3, 2, 0]
     assert b.most_urgent() == 1
+
+
+def test_a_fixed_delay_never_holds_a_request_past_the_time_its_call_needs():
+    # max_delay 1 s, a request with a deadline at 0.5 s and calls of 0.1 s: it goes by 0.375 s
+    # (0.5 - 0.1 - a twentieth of the 0.5 s since the oldest came), released for its deadline,
+    # not held until it times out.
+    b = Batcher(Batching(max_size=8, max_delay=1.0), need=lambda rows: 0.1)
+    b.add(item(0, at=0.0), "k")
+    b.add(item(1, at=0.01, deadline=0.5), "k")
+    assert b.next_deadline() == pytest.approx(0.5 - 0.1 - HOLD_SHARE * 0.5)
+    assert b.pop(now=0.37) is None
+    batch = b.pop(now=0.375)
+    assert batch.reason == "deadline" and [i.request.id for i in batch.items] == [1, 0]
+    assert b.next_deadline() is None
+    # a short wait keeps HOLD_GUARD in hand
+    b.add(item(2, at=1.0, deadline=1.05), "k")
+    assert b.next_deadline() == pytest.approx(1.05 - 0.1 - HOLD_GUARD)
+
+
+def test_a_fixed_delay_with_a_far_deadline_still_waits_its_delay():
+    b = Batcher(Batching(max_size=8, max_delay=0.005), need=lambda rows: 0.1)
+    b.add(item(0, at=0.0, deadline=60.0), "k")
+    assert b.next_deadline() == pytest.approx(0.005)
+    assert b.pop(now=0.004) is None and b.pop(now=0.005).reason == "delay"
+
+
+def test_a_fixed_delay_goes_at_once_for_a_deadline_before_it_until_calls_are_measured():
+    b = Batcher(Batching(max_size=8, max_delay=1.0), need=lambda rows: None)
+    b.add(item(0, at=0.0, deadline=2.0), "k")  # after the delay's end: waits for it
+    assert b.next_deadline() == pytest.approx(1.0) and b.pop(now=0.5) is None
+    b.add(item(1, at=0.5, deadline=0.9), "k")  # before it, with no call measured: goes now
+    batch = b.pop(now=0.5)
+    assert batch.reason == "deadline" and [i.request.id for i in batch.items] == [1, 0]
+
+
+def test_a_ranked_fixed_batcher_times_its_delay_from_the_oldest_not_the_most_urgent():
+    b = Batcher(Batching(max_size=8, max_delay=0.005))
+    b.add(item(0, at=0.0), "k")
+    b.add(item(1, at=0.004, priority=-1), "k")  # ranked first, but arrived later
+    assert b.next_deadline() == pytest.approx(0.005)
+    assert b.pop(now=0.005).reason == "delay"
 
 
 def test_an_auto_batcher_reports_why_it_released():

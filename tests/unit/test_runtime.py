@@ -3,6 +3,7 @@
 import torch
 
 from asyncnn import Batching, Graph, Stage
+from asyncnn.batcher import Batcher, Item
 from asyncnn.batching import Envelope
 from asyncnn.runtime import Runtime
 from tests.fakes import request
@@ -51,6 +52,16 @@ def test_locate_oldest_finds_a_request_waiting_in_a_stage_input():
     assert where["stage"] == "b" and where["request"] == 0
     assert where["where"] == "waiting in the stage's input queue"
     assert not where["input_empty"] and not where["output_full"]
+
+
+def test_a_request_held_for_its_batch_is_located_at_its_stage_and_told_so():
+    rt = build(Stage(f, name="a"), Stage(f, name="b", batch=Batching(max_size=4, max_delay=9.0)))
+    held = request(0)
+    rt.ledger.admit(held)
+    batcher = rt.stages[1].held = Batcher(rt.stages[1].stage.batch)  # as the former sets it
+    batcher.add(Item(held, torch.zeros(1, 2), 0, 1, 0.0), "k")
+    assert rt.locate_oldest()["where"] == "waiting for its batch to form"
+    assert rt.where_request(held).startswith("it was held for its batch to form by stage 'b'")
 
 
 def test_locate_oldest_blames_a_busy_stage_or_says_between_stages():

@@ -60,7 +60,7 @@ async def run_former(
         finally:
             batches.close()
         return
-    batcher = Batcher(spec)
+    batcher = ctx.held = Batcher(spec, need=functools.partial(_slow_call, probe))
     closed = False
     try:
         while True:
@@ -81,6 +81,13 @@ async def run_former(
                     file_request(ctx, batcher, env, now())
     finally:
         batches.close()
+
+
+def _slow_call(probe: Any, rows: float) -> float | None:
+    """Seconds a call of ``rows`` takes at its slow end (9 calls in 10 take less); None until
+    the stage's calls are measured."""
+    service = probe.service
+    return probe.need(rows, max(1.0, service.slow)) if service.ready else None
 
 
 def _open_batch(ctx: StageContext, items: list[Item], reason: str, box: list[Any] | None) -> Any:

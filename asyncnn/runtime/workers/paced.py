@@ -42,6 +42,7 @@ class Paced:
         assert spec is not None
         pacer = Pacer(spec.max_size, ctx.workers, spec.target_latency, ctx.probe.service)
         self.ctx, self.batches, self.batcher = ctx, batches, Batcher(spec, pacer)
+        ctx.held = self.batcher
         self.now = now or asyncio.get_running_loop().time
         self.closed = False  # the input has ended
         self.doomed: Doomed = Doomed()
