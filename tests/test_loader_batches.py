@@ -73,6 +73,31 @@ async def test_a_failing_index_is_still_named(getitems):
     assert 13.0 not in [x for b in got for x in b] and skipped.stats().skipped == 1
 
 
+class ShortGetitems(Counting):
+    """A ``__getitems__`` that drops a sample: its samples cannot be matched to indices."""
+
+    def _getitems(self, idxs):
+        return [self[i] for i in idxs[:-1]]
+
+
+class NoneGetitems(Counting):
+    def _getitems(self, idxs):
+        return None
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("dataset", [ShortGetitems, NoneGetitems])
+async def test_a_getitems_that_breaks_its_contract_is_an_error_naming_it(dataset, on_error, kind):
+    # Before, a __getitems__ returning the wrong count was silently replaced by reads index by
+    # index (and DataLoader collates what it returns): a dataset bug, said as one, even with skip.
+    loader = AsyncLoader(
+        dataset(32, getitems=True), batch_size=8, on_error=on_error, worker_kind=kind, workers=1
+    )
+    with pytest.raises(LoaderError, match=rf"{dataset.__name__}.__getitems__ returned .* for 8 "):
+        await collect(loader)
+
+
 async def test_a_waiting_source_is_spread_over_threads_and_one_thread_stays_one():
     # Sleeping fetches compute nothing, on any machine load: the probe sees I/O and widens.
     # (Whether a decoding source stays on one thread depends on CPU time measured under load,

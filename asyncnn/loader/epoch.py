@@ -22,7 +22,7 @@ from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
 from .batches import produce_map_batches
 from .config import LoaderConfig
-from .flow import Slots, async_chunks, sync_chunks
+from .flow import GetitemsError, Slots, async_chunks, sync_chunks
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
 from .reorder import Failed, Reassembler, collate_failed
 
@@ -142,6 +142,8 @@ class Epoch:
         good = []
         for s in samples:
             if isinstance(s, Failed):
+                if isinstance(s.error, GetitemsError):  # the dataset's bug: never skipped
+                    raise LoaderError(f"AsyncLoader: {s.error}", s.index) from s.error
                 if self.cfg.on_error == "raise":
                     raise LoaderError(
                         f"AsyncLoader: fetching sample {s.index} failed with "

@@ -12,7 +12,20 @@ from ..executors import ThreadWorker
 from .plan import next_chunk
 from .reorder import Failed
 
-__all__ = ["Slots", "async_chunks", "fetch_many", "finish", "sync_chunks", "to_collate"]
+__all__ = [
+    "GetitemsError",
+    "Slots",
+    "async_chunks",
+    "fetch_many",
+    "finish",
+    "sync_chunks",
+    "to_collate",
+]
+
+
+class GetitemsError(TypeError):
+    """A dataset's ``__getitems__`` did not return one sample per index: a bug in the dataset,
+    not a sample that failed, so ``on_error="skip"`` does not leave it out."""
 
 
 class Slots:
@@ -93,15 +106,31 @@ def fetch_many(source: Any, indices: list[int]) -> list[Any]:
     """``source[i]`` for each index, in one call on a fetch thread: the dataset's own
     ``__getitems__`` when it has one (as DataLoader uses it), else a loop. A failing index
     becomes a ``Failed`` naming it (a failing ``__getitems__`` is retried index by index to
-    find which one failed)."""
+    find which one failed); a ``__getitems__`` that returns other than one sample per index
+    fails every index with a ``GetitemsError`` (its samples cannot be matched to indices)."""
     getitems = getattr(source, "__getitems__", None)
     if getitems is not None:
         try:
-            values = list(getitems(indices))
+            got = getitems(indices)
         except Exception:
-            values = []
-        if len(values) == len(indices):
+            return _one_by_one(source, indices)
+        try:
+            values = list(got)
+        except Exception:
+            values = None
+        if values is not None and len(values) == len(indices):
             return values
+        shown = f"{len(values)} samples" if values is not None else repr(type(got).__name__)
+        err = GetitemsError(
+            f"{type(source).__name__}.__getitems__ returned {shown} for {len(indices)} "
+            f"indices (from {indices[0]}): it must return a list of one sample per index, "
+            "in the order given (or drop __getitems__ to read index by index)"
+        )
+        return [Failed(i, err) for i in indices]
+    return _one_by_one(source, indices)
+
+
+def _one_by_one(source: Any, indices: list[int]) -> list[Any]:
     out: list[Any] = []
     for i in indices:
         try:
