@@ -35,3 +35,25 @@ def test_bad_thresholds_are_named(bad):
     with pytest.raises(ValueError, match="thresholds"), asyncnn.latency_gc(bad):
         pass
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_nested_block_leaves_the_enclosing_freeze_and_thresholds_in_place():
+    before = gc.get_threshold()
+    with asyncnn.latency_gc((200, 10, 1000)):
+        outer = gc.get_freeze_count()
+        with asyncnn.latency_gc((50, 5, 500)):
+            assert gc.get_threshold() == (50, 5, 500)
+        assert gc.get_threshold() == (200, 10, 1000)
+        assert gc.get_freeze_count() >= outer > 0  # the inner exit did not unfreeze everything
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_what_the_app_froze_itself_stays_frozen():
+    gc.freeze()  # as a pre-fork server does at start-up
+    try:
+        frozen = gc.get_freeze_count()
+        with asyncnn.latency_gc():
+            pass
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
