@@ -73,6 +73,8 @@ class Tally:
     late: float = 0.0  # the most seconds any request was ended past its deadline
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"urgent": [], "normal": []})
     loop: LoopWatch = field(default_factory=LoopWatch)  # what stopped the loop meanwhile
+    call: float = 0.0  # the stage's call, p50 seconds, over this run
+    calibrated: float = 0.0  # the full batch's call the deadlines were set from (closed loop)
 
     def goodput(self, cls: str | None = None) -> float:
         n = sum(self.in_time.values()) if cls is None else self.in_time[cls]
@@ -207,10 +209,14 @@ def slo(ctx: Context) -> list[Row]:
                     plan: Any = plan,
                     tight: float = tight,
                     loose: float = loose,
+                    full: float = full,
                 ) -> Tally:
                     async with _pipeline(model, delay) as pipe:
                         with _started():
-                            return await _open_loop(pipe, rows, plan, tight, loose, seconds)
+                            tally = await _open_loop(pipe, rows, plan, tight, loose, seconds)
+                        tally.call = pipe.stats()["model"].latency_p50
+                    tally.calibrated = full
+                    return tally
 
                 results.setdefault((name, load), []).append(run_on_loop(ctx.loop, run))
                 done += 1
@@ -295,7 +301,10 @@ def _rows(
                 f"{_median(ts, lambda t: t.goodput('normal')):.0f}/s; missed "
                 f"{_median(ts, lambda t: t.missed):.0f}, shed {_median(ts, lambda t: t.shed):.0f}; "
                 f"latest end past a deadline {max(t.late for t in ts) * 1e3:.1f} ms "
-                f"({max(ts, key=lambda t: t.late).loop.describe()})"
+                f"({max(ts, key=lambda t: t.late).loop.describe()}); calls p50 "
+                f"{_median(ts, lambda t: t.call) * 1e3:.1f} ms, "
+                f"{_median(ts, lambda t: t.call / t.calibrated if t.calibrated else 0):.2f}x the "
+                "closed-loop call the deadlines are set from"
             )
             if name == "auto":
                 j = judged[load]
