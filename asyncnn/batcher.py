@@ -131,6 +131,9 @@ class Batcher:
     def next_deadline(self) -> float | None:
         if self.pacer is not None:
             return self._recheck
+        if not self.ranked:  # no deadline or priority came: the delay alone (once per arrival)
+            oldest = [b[0].arrived for b in self._buckets.values() if b]
+            return min(oldest) + self.spec.max_delay if oldest else None  # type: ignore[operator]
         delay: float = self.spec.max_delay  # type: ignore[assignment]
         times = [
             min(oldest + delay, self._held_until(key, oldest))
