@@ -229,7 +229,9 @@ class Batcher:
         if self.pacer is None:
             if now - oldest >= spec.max_delay:  # type: ignore[operator]
                 return "delay"
-            return "deadline" if now >= self._held_until(key, oldest) else None
+            if self._due and now >= self._held_until(key, oldest):
+                return "deadline"
+            return None
         reason: Reason | None
         reason, recheck = self.pacer.decide(now, self._rows[key], oldest, self._due.get(key), idle)
         if recheck is not None and (self._recheck is None or recheck < self._recheck):
