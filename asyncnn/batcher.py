@@ -227,7 +227,7 @@ class Batcher:
         if self._rows[key] >= spec.max_size or self._over_budget(bucket):
             return "full"
         if self.pacer is None:
-            if now - oldest >= spec.max_delay:  # type: ignore[operator]
+            if now >= oldest + spec.max_delay:  # type: ignore[operator]  # as next_deadline
                 return "delay"
             if self._due and now >= self._held_until(key, oldest):
                 return "deadline"

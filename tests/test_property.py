@@ -2,6 +2,7 @@
 admitted request ends exactly once, with the right result, and the counters add up."""
 
 import asyncio
+import math
 import os
 
 import anyio
@@ -9,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncnn import Graph, Pipeline, Stage, StageError
+from asyncnn import Batching, Graph, Pipeline, Stage, StageError
+from asyncnn.batcher import Batcher, Item
+from asyncnn.batching import Request
 
 
 @st.composite
@@ -275,3 +278,71 @@ def test_no_payload_a_caller_sends_breaks_a_batching_stage(sent, batch):
         assert stats.in_flight == 0 and stats.admitted == stats.completed + stats.failed
 
     asyncio.run(main())
+
+
+ARRIVALS = st.lists(
+    st.tuples(
+        st.floats(0.0, 0.1),  # when it arrives
+        st.one_of(st.none(), st.floats(0.0, 0.2)),  # its timeout, if any
+        st.integers(-1, 1),  # its priority
+        st.sampled_from(["a", "b"]),  # what it can share a batch with
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")), deadline=None)
+@given(
+    ARRIVALS,
+    st.sampled_from([0.0, 0.001, 0.005, 0.05, math.inf]),
+    st.sampled_from([None, 0.0, 0.002, 0.03]),
+    st.integers(1, 8),
+)
+def test_a_fixed_delay_former_wakes_to_release_and_never_outwaits_a_deadline(
+    arrivals, delay, need, max_size
+):
+    # The former of a fixed max_delay sleeps until next_deadline() and then pops: at that time
+    # something must be due (else it would spin), every item goes once, by its delay and by
+    # the time its call needs before its deadline (or at once if it came too late for that).
+    spec = Batching(max_size=max_size, max_delay=delay)
+    b = Batcher(spec, need=lambda rows: need)
+    loop = asyncio.new_event_loop()
+    items = []
+    for i, (at, timeout, priority, key) in enumerate(sorted(arrivals, key=lambda a: a[0])):
+        deadline = None if timeout is None else at + timeout
+        r = Request(i, loop.create_future(), None, deadline, priority, at)
+        items.append((Item(r, None, 0, 1, at), key))
+    loop.close()
+    released: dict[int, float] = {}
+
+    def take(now, draining=False):
+        while (batch := b.pop(now, draining=draining)) is not None:
+            if batch.reason == "deadline":
+                assert any(i.request.deadline is not None for i in batch.items)
+            for it in batch.items:
+                assert it.request.id not in released, "released twice"
+                released[it.request.id] = now
+
+    pending, clock = list(items), 0.0
+    while pending or b.pending_rows:
+        wake = b.next_deadline()
+        if pending and (wake is None or pending[0][0].arrived <= wake):
+            it, key = pending.pop(0)
+            clock = it.arrived
+            b.add(it, key)
+            take(clock)
+        elif wake is None or wake == math.inf:
+            take(clock, draining=True)  # nothing is due before the pipeline closes
+        else:
+            clock = max(clock, wake)
+            before = len(released)
+            take(clock)
+            assert len(released) > before, f"woke at {wake} with nothing due: the former spins"
+    assert sorted(released) == list(range(len(items)))
+    for it, _ in items:
+        at, deadline, out = it.arrived, it.request.deadline, released[it.request.id]
+        assert out <= at + delay + 1e-9 or delay == math.inf and deadline is None
+        if deadline is not None:
+            latest = deadline if need is None else deadline - need
+            assert out <= max(at, latest) + 1e-9
