@@ -193,7 +193,7 @@ class Pacer:
         due = deadline
         if self.target is not None:
             due = oldest + self.target if due is None else min(due, oldest + self.target)
-        if due is not None and now + took + GUARD >= due:
+        if due is not None and now >= due - took - GUARD:  # the same sum as the next look
             return "deadline", None
         if self.keeps_up(rows, now):
             return "idle", None

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from asyncnn import Batching, Graph, Pipeline, Stage, StageError
 from asyncnn.batcher import Batcher, Item
 from asyncnn.batching import Request
+from asyncnn.pacing import Pacer, ServiceTimes
 
 
 @st.composite
@@ -292,21 +293,8 @@ ARRIVALS = st.lists(
 )
 
 
-@settings(max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")), deadline=None)
-@given(
-    ARRIVALS,
-    st.sampled_from([0.0, 0.001, 0.005, 0.05, math.inf]),
-    st.sampled_from([None, 0.0, 0.002, 0.03]),
-    st.integers(1, 8),
-)
-def test_a_fixed_delay_former_wakes_to_release_and_never_outwaits_a_deadline(
-    arrivals, delay, need, max_size
-):
-    # The former of a fixed max_delay sleeps until next_deadline() and then pops: at that time
-    # something must be due (else it would spin), every item goes once, by its delay and by
-    # the time its call needs before its deadline (or at once if it came too late for that).
-    spec = Batching(max_size=max_size, max_delay=delay)
-    b = Batcher(spec, need=lambda rows: need)
+def arriving(arrivals):
+    """(Item, key) in arrival order, each with its deadline and priority."""
     loop = asyncio.new_event_loop()
     items = []
     for i, (at, timeout, priority, key) in enumerate(sorted(arrivals, key=lambda a: a[0])):
@@ -314,11 +302,19 @@ def test_a_fixed_delay_former_wakes_to_release_and_never_outwaits_a_deadline(
         r = Request(i, loop.create_future(), None, deadline, priority, at)
         items.append((Item(r, None, 0, 1, at), key))
     loop.close()
+    return items
+
+
+def drive_former(b, items, strict):
+    """Drive a batcher as a former does, a runner always free: file each arrival at its time
+    and pop; else sleep until ``next_deadline()`` and pop; with nothing left to wait for,
+    close (drain). Each wake-up must release something (``strict``: a fixed delay) or look
+    again later, never at once (the former would spin). Returns when each item went."""
     released: dict[int, float] = {}
 
     def take(now, draining=False):
-        while (batch := b.pop(now, draining=draining)) is not None:
-            if batch.reason == "deadline":
+        while (batch := b.pop(now, draining=draining, idle=True)) is not None:
+            if batch.reason == "deadline" and b.pacer is None:  # (paced: or target_latency)
                 assert any(i.request.deadline is not None for i in batch.items)
             for it in batch.items:
                 assert it.request.id not in released, "released twice"
@@ -330,19 +326,62 @@ def test_a_fixed_delay_former_wakes_to_release_and_never_outwaits_a_deadline(
         if pending and (wake is None or pending[0][0].arrived <= wake):
             it, key = pending.pop(0)
             clock = it.arrived
+            if b.pacer is not None:
+                b.pacer.arrivals.add(clock, it.rows)
             b.add(it, key)
             take(clock)
         elif wake is None or wake == math.inf:
             take(clock, draining=True)  # nothing is due before the pipeline closes
         else:
-            clock = max(clock, wake)
-            before = len(released)
+            clock, before = max(clock, wake), len(released)
             take(clock)
-            assert len(released) > before, f"woke at {wake} with nothing due: the former spins"
+            if len(released) == before:
+                again = b.next_deadline()
+                assert not strict and (again is None or again > clock), (
+                    f"woke at {wake} with nothing due, next look {again}: the former spins"
+                )
     assert sorted(released) == list(range(len(items)))
+    return released
+
+
+@settings(max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")), deadline=None)
+@given(
+    ARRIVALS,
+    st.sampled_from([0.0, 0.001, 0.005, 0.05, math.inf]),
+    st.sampled_from([None, 0.0, 0.002, 0.03]),
+    st.integers(1, 8),
+)
+def test_a_fixed_delay_former_wakes_to_release_and_never_outwaits_a_deadline(
+    arrivals, delay, need, max_size
+):
+    # Every item goes once, by its delay and by the time its call needs before its deadline
+    # (or at once if it came too late for that); every wake-up of the former releases.
+    b = Batcher(Batching(max_size=max_size, max_delay=delay), need=lambda rows: need)
+    items = arriving(arrivals)
+    released = drive_former(b, items, strict=True)
     for it, _ in items:
         at, deadline, out = it.arrived, it.request.deadline, released[it.request.id]
         assert out <= at + delay + 1e-9  # (math.inf: only at the close)
         if deadline is not None:
             latest = deadline if need is None else deadline - need
             assert out <= max(at, latest) + 1e-9
+
+
+@settings(max_examples=int(os.environ.get("ASYNCNN_PROPERTY_EXAMPLES", "200")), deadline=None)
+@given(
+    ARRIVALS,
+    st.floats(0.0, 0.01),
+    st.floats(0.0, 0.001),
+    st.integers(1, 64),
+    st.integers(1, 3),
+    st.one_of(st.none(), st.floats(0.001, 0.1)),
+)
+def test_a_paced_former_never_looks_again_at_once_and_releases_everything(
+    arrivals, fixed, per_row, max_size, runners, target
+):
+    service = ServiceTimes()
+    for rows in (1, 8, 32, 64) * 3:  # a measured stage: calls of fixed + per_row * rows
+        service.observe(rows, fixed + per_row * rows)
+    spec = Batching(max_size=max_size, target_latency=target)
+    b = Batcher(spec, Pacer(max_size, runners, spec.target_latency, service))
+    drive_former(b, arriving(arrivals), strict=False)
