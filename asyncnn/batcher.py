@@ -165,7 +165,7 @@ class Batcher:
         best: tuple[int, float, Any, Reason] | None = None
         self._recheck = None
         for key, bucket in self._buckets.items():
-            oldest = self._oldest(bucket)
+            oldest = min(i.arrived for i in bucket) if self.ranked else bucket[0].arrived
             reason = self._due_now(key, bucket, now, oldest, idle)
             if reason is None and draining:
                 reason = "drain"
