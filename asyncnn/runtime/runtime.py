@@ -23,7 +23,7 @@ import anyio.abc
 from ..batching import Envelope, Request
 from ..channels import Channel
 from ..executors import prepare_call
-from ..graph import Plan
+from ..graph import Plan, PlanNode
 from .admission import Admission
 from .context import Outbox, Outlet, StageContext
 from .deadlines import Deadlines
@@ -33,7 +33,7 @@ from .ledger import Ledger
 from .probe import StageProbe
 from .supervisor import Supervisor
 from .view import RuntimeView, StageView, StepStats
-from .wiring import SINK, Target, wire
+from .wiring import SINK, NodeWiring, Target, wire
 from .workers.edges import Sink, run_input
 
 __all__ = ["Runtime"]
@@ -74,7 +74,7 @@ class Runtime:
         w = self.wiring = wire(plan, queue_size, output_device, microbatch)
         # Every buffer and running call, and the calls queued on thread stages' threads.
         self.capacity = w.capacity + sum(calls_ahead(n.stage) for n in plan.nodes)
-        ports = [
+        self._ports = [
             [Channel[Envelope](queue_size, f"{n.stage.name}[{p}]") for p in range(nw.ports)]
             for n, nw in zip(plan.nodes, w.nodes, strict=True)
         ]
@@ -86,35 +86,11 @@ class Runtime:
             Sink(self.ledger, p, self.outputs, w.outputs, self.chunks, self._done)
             for p in range(w.outputs)
         ]
-
-        def channel(t: Target) -> Outlet:
-            return self.sinks[t.port] if t.node == SINK else ports[t.node][t.port]
-
-        def outbox(targets: tuple[Target, ...], probe: StageProbe) -> Outbox:
-            return Outbox([channel(t) for t in targets], [t.merged for t in targets], probe)
-
-        self.stages: list[StageContext] = []
-        for i, (node, nw) in enumerate(zip(plan.nodes, w.nodes, strict=True)):
-            st = node.stage
-            probe = StageProbe(st.name)
-            self.stages.append(
-                StageContext(
-                    stage=st,
-                    index=i,
-                    inbox=Channel(queue_size, f"{st.name}.joined") if nw.join else ports[i][0],
-                    ports=ports[i],
-                    outbox=outbox(nw.outs, probe),
-                    ledger=self.ledger,
-                    probe=probe,
-                    call=prepare_call(st.fn, st.runs_on, st.inference_mode),
-                    to_host=nw.to_host,
-                    device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
-                    workers=int(st.workers),  # resolved by options.resolve_workers
-                    join=PartTable(self.ledger) if nw.join else None,
-                    tracing=tracing,
-                )
-            )
-        self._input_outbox = outbox(w.input_outs, StageProbe("input"))
+        self.stages = [
+            self._context(i, node, nw, queue_size, tracing)
+            for i, (node, nw) in enumerate(zip(plan.nodes, w.nodes, strict=True))
+        ]
+        self._input_outbox = self._outbox(w.input_outs, StageProbe("input"))
         first = self._input_outbox.channels[0]
         # Without an input task the first stage's port is admission (wire() ensures a channel).
         assert w.input_task or isinstance(first, Channel)
@@ -127,6 +103,37 @@ class Runtime:
         self.deadlines: Deadlines | None = None  # requests' deadlines (made by the first one)
         self.control = (  # predictive admission: None without max_in_flight
             None if max_in_flight is None else Admission(max_in_flight, self.ledger, self.need)
+        )
+
+    def _outbox(self, targets: tuple[Target, ...], probe: StageProbe) -> Outbox:
+        """Where a stage (or the input) sends: stage ports and sinks, by the wiring's targets."""
+        ports = self._ports
+        outlets: list[Outlet] = [
+            self.sinks[t.port] if t.node == SINK else ports[t.node][t.port] for t in targets
+        ]
+        return Outbox(outlets, [t.merged for t in targets], probe)
+
+    def _context(
+        self, i: int, node: PlanNode, nw: NodeWiring, queue_size: int, tracing: Any
+    ) -> StageContext:
+        """Stage ``i`` at run time: its queues, outbox, probe and prepared call."""
+        st = node.stage
+        probe = StageProbe(st.name)
+        ports = self._ports[i]
+        return StageContext(
+            stage=st,
+            index=i,
+            inbox=Channel(queue_size, f"{st.name}.joined") if nw.join else ports[0],
+            ports=ports,
+            outbox=self._outbox(nw.outs, probe),
+            ledger=self.ledger,
+            probe=probe,
+            call=prepare_call(st.fn, st.runs_on, st.inference_mode),
+            to_host=nw.to_host,
+            device=st.device,  # type: ignore[arg-type]  # a torch.device once validated
+            workers=int(st.workers),  # resolved by options.resolve_workers
+            join=PartTable(self.ledger) if nw.join else None,
+            tracing=tracing,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
