@@ -119,16 +119,7 @@ class AsyncLoader:
         check_whole(prefetch, "AsyncLoader: prefetch", 0)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"AsyncLoader: on_error={on_error!r}: use 'raise' or 'skip'")
-        if fetch is not None and not inspect.iscoroutinefunction(fetch):
-            raise TypeError("AsyncLoader: fetch must be an `async def fetch(index)`")
-        kind = source_kind(source, fetch)
-        if (shuffle or sampler is not None) and kind not in ("map", "async-map"):
-            raise ValueError(
-                f"AsyncLoader: shuffle/sampler need a map-style source (__len__ + __getitem__) "
-                f"or fetch=; this source is {kind}"
-            )
-        if shuffle and sampler is not None:
-            raise ValueError("AsyncLoader: pass shuffle=True or a sampler, not both")
+        kind = _checked_source(source, fetch, shuffle, sampler)
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "AsyncLoader(pin_memory=True): no accelerator here, so batches stay in pageable "
@@ -146,13 +137,7 @@ class AsyncLoader:
         self.drop_last = drop_last
         self.collate = collate if collate is not None else torch.utils.data.default_collate
         self.pin_memory = pin_memory
-        self.device = None if device is None else parse_device(device, "AsyncLoader")
-        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"AsyncLoader: device={str(self.device)!r} was asked for but CUDA is not "
-                "available here; leave device=None (batches stay on the CPU) or run on a "
-                "machine with a GPU"
-            )
+        self.device = _checked_device(device)
         self.ordered = ordered
         self.sampler = sampler
         self.generator = generator
@@ -160,18 +145,7 @@ class AsyncLoader:
         self.on_error = on_error
         self.workers = _resolve_workers(kind, workers, threads, worker_kind)
         self.worker_kind = worker_kind
-        if multiprocessing_context is not None and multiprocessing_context not in (
-            starts := multiprocessing.get_all_start_methods()
-        ):
-            raise ValueError(
-                f"AsyncLoader: multiprocessing_context={multiprocessing_context!r} is not a start "
-                f"method here; use one of {starts}"
-            )
-        if worker_init_fn is not None and worker_kind == "thread":
-            raise ValueError(
-                "AsyncLoader: worker_init_fn runs in worker processes, and "
-                "worker_kind='thread' starts none; use 'process' or 'auto'"
-            )
+        _check_processes(multiprocessing_context, worker_init_fn, worker_kind)
         self.multiprocessing_context = multiprocessing_context
         self.worker_init_fn = worker_init_fn
         self._counters = loader_counters()
@@ -243,3 +217,49 @@ def _resolve_workers(
             "worker_kind='thread' (async sources run on the loop, iterables on a reader thread)"
         )
     return workers
+
+
+def _checked_source(
+    source: Any, fetch: Callable[[int], Any] | None, shuffle: bool, sampler: Any
+) -> str:
+    """The source's kind, once ``fetch``, ``shuffle`` and ``sampler`` are known to fit it."""
+    if fetch is not None and not inspect.iscoroutinefunction(fetch):
+        raise TypeError("AsyncLoader: fetch must be an `async def fetch(index)`")
+    kind = source_kind(source, fetch)
+    if (shuffle or sampler is not None) and kind not in ("map", "async-map"):
+        raise ValueError(
+            f"AsyncLoader: shuffle/sampler need a map-style source (__len__ + __getitem__) "
+            f"or fetch=; this source is {kind}"
+        )
+    if shuffle and sampler is not None:
+        raise ValueError("AsyncLoader: pass shuffle=True or a sampler, not both")
+    return kind
+
+
+def _checked_device(device: str | torch.device | None) -> torch.device | None:
+    """Where batches go (None: stay on the CPU); CUDA only where there is one."""
+    if device is None:
+        return None
+    parsed = parse_device(device, "AsyncLoader")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"AsyncLoader: device={str(parsed)!r} was asked for but CUDA is not "
+            "available here; leave device=None (batches stay on the CPU) or run on a "
+            "machine with a GPU"
+        )
+    return parsed
+
+
+def _check_processes(
+    context: str | None, init: Callable[[int], None] | None, worker_kind: str
+) -> None:
+    if context is not None and context not in (starts := multiprocessing.get_all_start_methods()):
+        raise ValueError(
+            f"AsyncLoader: multiprocessing_context={context!r} is not a start "
+            f"method here; use one of {starts}"
+        )
+    if init is not None and worker_kind == "thread":
+        raise ValueError(
+            "AsyncLoader: worker_init_fn runs in worker processes, and "
+            "worker_kind='thread' starts none; use 'process' or 'auto'"
+        )
