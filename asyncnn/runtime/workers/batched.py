@@ -29,6 +29,7 @@ from ...executors import ThreadWorker
 from ...padding import padded_length
 from ...payload import RowMismatch, concat_rows, split_rows
 from ..context import StageContext
+from ..probe import StageProbe
 from .filing import file_request, pull, release
 from .paced import Paced, run_paced
 from .placed import Launched, hand_on_now
@@ -83,7 +84,7 @@ async def run_former(
         batches.close()
 
 
-def _slow_call(probe: Any, rows: float) -> float | None:
+def _slow_call(probe: StageProbe, rows: float) -> float | None:
     """Seconds a call of ``rows`` takes at its slow end (9 calls in 10 take less); None until
     the stage's calls are measured."""
     service = probe.service
