@@ -2,6 +2,7 @@
 
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -108,3 +109,45 @@ async def test_a_waiting_source_is_spread_over_threads_and_one_thread_stays_one(
     pinned = Counting(64, delay=0.002)
     await collect(AsyncLoader(pinned, batch_size=16, threads=1))
     assert pinned.most_at_once == 1
+
+
+class Sample:
+    """A sample that records the thread it is freed on."""
+
+    freed_on: ClassVar[list[str]] = []
+
+    def __init__(self, i):
+        self.i = i
+
+    def __del__(self):
+        Sample.freed_on.append(threading.current_thread().name)
+
+
+class Objects(Counting):
+    def __getitem__(self, i):
+        super().__getitem__(i)
+        return Sample(i)
+
+
+def values(samples):
+    return torch.tensor([s.i for s in samples])
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+async def test_samples_are_freed_on_the_thread_that_collated_them_not_on_the_loop(threads):
+    # 64 small tensors take ~0.5 ms to free: on the loop that is time the decoding thread
+    # waits for the GIL, every batch.
+    Sample.freed_on.clear()
+    ds = Objects(64, getitems=True, delay=0.001)
+    loader = AsyncLoader(ds, batch_size=16, collate=values, threads=threads)
+    got = [b.tolist() async for b in loader]
+    assert got == [list(range(s, s + 16)) for s in range(0, 64, 16)]
+    assert len(Sample.freed_on) == 64
+    assert threading.current_thread().name not in Sample.freed_on, Sample.freed_on
+
+
+async def test_decoding_stays_on_one_thread_at_a_time_with_the_next_batch_queued_behind():
+    ds = Counting(96, getitems=True)
+    got = await collect(AsyncLoader(ds, batch_size=8, threads=1))
+    assert [x for b in got for x in b] == [float(i) for i in range(96)]
+    assert ds.most_at_once == 1 and len(ds.threads) == 1

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -302,6 +303,18 @@ def test_auto_says_why_it_keeps_threads():
     )
     assert "does not pickle" in processes_unsuitable(config(Handle()), 100, 2, ms)
     assert pickles(torch.zeros(1000)) and not pickles(Handle())
+
+
+class Table:
+    def __init__(self):
+        self.buffer = pickle.PickleBuffer(bytearray(1 << 20))
+
+
+def test_a_dataset_whose_pickle_writes_large_buffers_as_they_are_pickles():
+    # Protocol 5 hands a large buffer to the file's write() as a PickleBuffer (pyarrow's
+    # tables: a Hugging Face dataset), which has no len(): it was judged not to pickle, and
+    # auto never chose processes for it.
+    assert pickles(Table())
 
 
 async def test_auto_hands_costly_decoding_to_processes(monkeypatch):

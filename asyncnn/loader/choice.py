@@ -28,8 +28,10 @@ MIN_BATCH_SECONDS = 0.002  # cheaper batches cost less to fetch than to send bet
 
 
 class _Discard:
-    def write(self, data: bytes) -> int:
-        return len(data)
+    def write(self, data: Any) -> int:
+        # bytes, or a ``pickle.PickleBuffer`` (protocol 5 writes large buffers as they are:
+        # pyarrow's, so a Hugging Face dataset's), which has no len()
+        return memoryview(data).nbytes
 
 
 _ALWAYS = (str, bytes, int, float, bool, PurePath, torch.Tensor)  # pickle, and are common
