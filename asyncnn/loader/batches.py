@@ -24,7 +24,7 @@ from ..executors import ThreadWorker
 from .choice import processes_unsuitable
 from .config import LoaderConfig, usable_cores
 from .flow import fetch_many, finish, to_collate
-from .plan import batch_plan, epoch_indices
+from .plan import batch_count, batches_of, epoch_indices
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
@@ -33,6 +33,9 @@ __all__ = ["IO_BOUND", "produce_map_batches"]
 Entry = tuple[list[Failed], int, Any]  # a batch's failed samples, its sample count, the batch
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
+SPREAD_WAIT = 0.002  # seconds a batch waits on I/O, at the least, for spreading it over threads
+# to pay (each part is a thread hand-off: an in-memory dataset's 8 samples take ~20 us, and
+# the few microseconds of reading the clocks made them look like waiting)
 PROBE = 8  # samples fetched alone first, to measure that
 
 
@@ -51,17 +54,25 @@ class _Epoch(Protocol):
 
 
 def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float, float]:
-    """On a fetch thread: the samples, the share of the fetch's time this thread spent
-    computing (near 1: decoding, which holds the GIL; near 0: waiting on I/O), and the CPU
-    seconds it computed. Time spent ready to run but waiting for a core (other processes
-    busy) is not counted as waiting, where Linux says how much it was; nor, being CPU time,
-    as computing: on a loaded machine cheap samples do not look costly."""
-    wall, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
+    """On a fetch thread: the samples, the CPU seconds this thread computed fetching them
+    (decoding, which holds the GIL), and the seconds it waited (on I/O, or for the GIL). Time
+    spent ready to run but waiting for a core (other processes busy) is neither, where Linux
+    says how much it was: on a loaded machine cheap samples do not look costly or slow."""
+    queued = _queued()  # reading it costs ~35 us of CPU: outside what is timed
+    wall, cpu = time.perf_counter(), time.thread_time()
     samples = fetch_many(source, idxs)
-    took = max(1e-9, time.perf_counter() - wall)
-    off_core = min(took * 0.9, _queued() - queued)
     computed = time.thread_time() - cpu
-    return samples, computed / (took - off_core), computed
+    took = time.perf_counter() - wall
+    off_core = min(took * 0.9, _queued() - queued)
+    return samples, computed, max(0.0, took - off_core - computed)
+
+
+def waits(computed: float, waited: float, samples: int, batch_size: int) -> bool:
+    """Is fetching I/O-bound enough to spread each batch over threads? It must mostly wait
+    (compute under ``IO_BOUND`` of its time), and a batch must wait long enough at that rate
+    (``SPREAD_WAIT``) to pay for the hand-offs."""
+    busy = computed / max(1e-9, computed + waited)
+    return busy < IO_BOUND and waited / max(1, samples) * batch_size >= SPREAD_WAIT
 
 
 def _queued() -> float:
@@ -103,7 +114,7 @@ def _fetch_and_collate(
 ) -> Entry:
     """Decoding work: fetch (after ``head``, already fetched) and collate on one thread.
     ``head`` is emptied with the rest: its samples are freed here too."""
-    head += _timed_fetch(source, idxs)[0]
+    head += fetch_many(source, idxs)
     return _collate(head, k, skip, finish)
 
 
@@ -199,16 +210,16 @@ async def produce_map_batches(
     processes (chosen, or measured with ``worker_kind="auto"``), handed over in plan order."""
     cfg = ep.cfg
     indices = epoch_indices(len(cfg.source), cfg.sampler, cfg.shuffle, cfg.generator)
-    plan = list(enumerate(batch_plan(indices, cfg.batch_size, cfg.drop_last)))
-    todo = iter(plan)
+    count = batch_count(len(indices), cfg.batch_size, cfg.drop_last)
+    todo = enumerate(batches_of(indices, cfg.batch_size, cfg.drop_last))
     feeds = _Feeds(ep, collator)
     try:
         if cfg.processes:
             await feeds.start_processes(todo)
         else:
             assert pool is not None
-            _start_threads(feeds, pool, todo, len(plan))
-        await _deliver(ep, feeds, len(plan))
+            _start_threads(feeds, pool, todo, count)
+        await _deliver(ep, feeds, count)
     finally:
         await finish(feeds.close())
 
@@ -252,17 +263,8 @@ def _start_threads(
             handing_off = False
             if not probed:  # the first batch: a few samples show what fetching is
                 probed.append(True)
-                head, busy, cpu = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
-                per_batch = cpu / max(1, len(head)) * cfg.batch_size  # computing, the rate
-                idxs = idxs[PROBE:]
-                if busy < IO_BOUND and idxs:
-                    # Waiting for the GIL reads as waiting: confirm before spreading what may
-                    # be decoding over many threads (the worst choice for it).
-                    more, again, _ = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
-                    head += more  # one list, emptied (its samples freed) where it is collated
-                    del more
-                    busy, idxs = max(busy, again), idxs[PROBE:]
-                if busy < IO_BOUND:
+                head, spread, per_batch, idxs = await _probe(pool, cfg, idxs)
+                if spread:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
                     widen.set()
                     ahead.set()
@@ -286,6 +288,29 @@ def _start_threads(
         asyncio.create_task(fetcher(i), name="asyncnn:loader-fetch")
         for i in range(min(max(2, cfg.fetch_threads), batches) or 1)
     ]
+
+
+async def _probe(
+    pool: ThreadWorker, cfg: LoaderConfig, idxs: list[int]
+) -> tuple[list[Any], bool, float, list[int]]:
+    """The first batch's first samples, fetched alone on a thread and timed: (the samples,
+    whether fetching waits enough to spread batches over threads, the CPU seconds a batch
+    computes at this rate, the batch's indices left to fetch)."""
+    head, cpu, waited = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+    per_sample = cpu / max(1, len(head))
+    spread = waits(cpu, waited, len(head), cfg.batch_size)
+    idxs = idxs[PROBE:]
+    if idxs:
+        # A second look. Waiting for the GIL reads as waiting: confirm before spreading what
+        # may be decoding over many threads (the worst choice for it). And the first call on a
+        # fresh thread pays its warm-up (an in-memory dataset's first 8 samples took 10-20x
+        # their cost): the cheaper look is the rate, or processes would take over for it.
+        more, cpu, waited = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+        spread = spread and waits(cpu, waited, len(more), cfg.batch_size)
+        per_sample = min(per_sample, cpu / max(1, len(more)))
+        head += more  # one list, emptied (its samples freed) where it is collated
+        idxs = idxs[PROBE:]
+    return head, spread, per_sample * cfg.batch_size, idxs
 
 
 async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
@@ -335,7 +360,7 @@ async def _spread(pool: ThreadWorker, source: Any, idxs: list[int], threads: int
     size = -(-len(idxs) // threads)
     parts = [idxs[i : i + size] for i in range(0, len(idxs), size)]
     got = await asyncio.gather(*(pool.run(_timed_fetch, (source, p)) for p in parts))
-    return [s for samples, _, _ in got for s in samples]
+    return [s for fetched in got for s in fetched[0]]
 
 
 def _hand_over(ep: _Epoch, failures: list[Failed], n: int, batch: Any) -> bool:

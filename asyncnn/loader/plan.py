@@ -8,7 +8,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["END", "batch_plan", "epoch_indices", "next_chunk", "next_or_end", "rows", "source_kind"]
+__all__ = [
+    "END",
+    "batch_count",
+    "batch_plan",
+    "batches_of",
+    "epoch_indices",
+    "next_chunk",
+    "next_or_end",
+    "rows",
+    "source_kind",
+]
 
 END = object()  # the end of a source read on a thread
 
@@ -51,10 +61,19 @@ def epoch_indices(
 
 def batch_plan(indices: list[int], batch_size: int, drop_last: bool) -> list[list[int]]:
     """The indices cut into batches (the last one shorter, or dropped with ``drop_last``)."""
-    plan = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if drop_last and plan and len(plan[-1]) < batch_size:
-        plan.pop()
-    return plan
+    return list(batches_of(indices, batch_size, drop_last))
+
+
+def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
+    """How many batches ``batches_of`` cuts ``n`` indices into."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batches_of(indices: list[int], batch_size: int, drop_last: bool) -> Iterator[list[int]]:
+    """``batch_plan``, one batch at a time: an epoch of a million samples does not build
+    15,625 lists on the loop before its first batch (nor wake the collector for them)."""
+    for i in range(0, batch_count(len(indices), batch_size, drop_last) * batch_size, batch_size):
+        yield indices[i : i + batch_size]
 
 
 def next_chunk(it: Iterator[Any], n: int) -> list[Any]:
