@@ -333,6 +333,41 @@ async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
     assert loader.stats().process_epochs == 1
 
 
+class LazyHandle(Samples):
+    """Opens its handle on first use, as DataLoader's docs advise for HDF5 or LMDB."""
+
+    handle = None
+
+    def __getitem__(self, i):
+        if self.handle is None:
+            self.handle = Handle()  # does not pickle, and must not be shared with a fork
+        return super().__getitem__(i)
+
+
+async def test_auto_measures_on_a_copy_so_a_handle_opened_lazily_stays_out_of_the_workers(
+    monkeypatch,
+):
+    # The probe used to open the handle in the parent's dataset: it no longer pickled, and auto
+    # kept threads for the very pattern that lets worker processes open their own.
+    monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)  # as above: computing, on any VM
+    ds = LazyHandle(160, spin=0.0005)
+    loader = AsyncLoader(ds, batch_size=8)
+    got = await batches(loader)
+    assert [i for b in got for i in b["i"].tolist()] == list(range(160))
+    assert loader.stats().process_epochs == 1
+    assert ds.handle is None  # the parent's dataset never opened it
+
+
+async def test_threads_means_thread_workers_even_for_costly_decoding(monkeypatch):
+    monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)
+    loader = AsyncLoader(Samples(160, spin=0.0005), batch_size=8, threads=2)
+    got = await batches(loader)
+    assert {int(p) for b in got for p in b["pid"]} == {os.getpid()}
+    assert loader.stats().process_epochs == 0 and loader.worker_kind == "thread"
+
+
 async def test_auto_keeps_cheap_or_unpicklable_datasets_on_threads(monkeypatch):
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
     cheap = AsyncLoader(Samples(160), batch_size=8)

@@ -144,7 +144,8 @@ class AsyncLoader:
         self.fetch = fetch
         self.on_error = on_error
         self.workers = _resolve_workers(kind, workers, threads, worker_kind)
-        self.worker_kind = worker_kind
+        # threads=N is workers=N of the thread kind: auto must not hand the epoch to processes
+        self.worker_kind = "thread" if threads is not None else worker_kind
         _check_processes(multiprocessing_context, worker_init_fn, worker_kind)
         self.multiprocessing_context = multiprocessing_context
         self.worker_init_fn = worker_init_fn

@@ -13,6 +13,7 @@ finish with ``ordered=False``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -295,8 +296,15 @@ async def _probe(
 ) -> tuple[list[Any], bool, float, list[int]]:
     """The first batch's first samples, fetched alone on a thread and timed: (the samples,
     whether fetching waits enough to spread batches over threads, the CPU seconds a batch
-    computes at this rate, the batch's indices left to fetch)."""
-    head, cpu, waited = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+    computes at this rate, the batch's indices left to fetch).
+
+    Where worker processes may take over (``worker_kind="auto"``), the samples come from a
+    shallow copy of the dataset: a handle it opens lazily in ``__getitem__`` (an HDF5 file,
+    an LMDB environment, a connection: the pattern DataLoader's workers need) stays out of
+    the dataset the workers inherit, which would otherwise no longer pickle (and, forked,
+    share the parent's handle)."""
+    source = _probe_source(cfg)
+    head, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
     per_sample = cpu / max(1, len(head))
     spread = waits(cpu, waited, len(head), cfg.batch_size)
     idxs = idxs[PROBE:]
@@ -305,12 +313,23 @@ async def _probe(
         # may be decoding over many threads (the worst choice for it). And the first call on a
         # fresh thread pays its warm-up (an in-memory dataset's first 8 samples took 10-20x
         # their cost): the cheaper look is the rate, or processes would take over for it.
-        more, cpu, waited = await pool.run(_timed_fetch, (cfg.source, idxs[:PROBE]))
+        more, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
         spread = spread and waits(cpu, waited, len(more), cfg.batch_size)
         per_sample = min(per_sample, cpu / max(1, len(more)))
         head += more  # one list, emptied (its samples freed) where it is collated
         idxs = idxs[PROBE:]
     return head, spread, per_sample * cfg.batch_size, idxs
+
+
+def _probe_source(cfg: LoaderConfig) -> Any:
+    """What the first samples are fetched from: a shallow copy of the dataset where worker
+    processes may take over, else the dataset itself (also where it does not copy)."""
+    if cfg.worker_kind != "auto":
+        return cfg.source
+    try:
+        return copy.copy(cfg.source)
+    except Exception:
+        return cfg.source
 
 
 async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
