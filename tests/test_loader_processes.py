@@ -336,27 +336,34 @@ async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
 class LazyHandle(Samples):
     """Opens its handle on first use, as DataLoader's docs advise for HDF5 or LMDB."""
 
-    handle = None
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.handle = None
 
     def __getitem__(self, i):
         if self.handle is None:
             self.handle = Handle()  # does not pickle, and must not be shared with a fork
-        return super().__getitem__(i)
+            self.handle.pid = os.getpid()
+        return {**super().__getitem__(i), "opener": self.handle.pid}
 
 
-async def test_auto_measures_on_a_copy_so_a_handle_opened_lazily_stays_out_of_the_workers(
+async def test_auto_gives_workers_the_dataset_as_it_was_before_the_probe_opened_its_handle(
     monkeypatch,
 ):
-    # The probe used to open the handle in the parent's dataset: it no longer pickled, and auto
-    # kept threads for the very pattern that lets worker processes open their own.
+    # The probe's first samples open the handle in the parent's dataset, which then no longer
+    # pickles: auto kept threads for the very pattern that lets worker processes open their
+    # own. Now the workers get the dataset as it was before it fetched, in every epoch.
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
     monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)  # as above: computing, on any VM
     ds = LazyHandle(160, spin=0.0005)
     loader = AsyncLoader(ds, batch_size=8)
-    got = await batches(loader)
-    assert [i for b in got for i in b["i"].tolist()] == list(range(160))
-    assert loader.stats().process_epochs == 1
-    assert ds.handle is None  # the parent's dataset never opened it
+    for epoch in (1, 2):
+        got = await batches(loader)
+        assert [i for b in got for i in b["i"].tolist()] == list(range(160))
+        assert loader.stats().process_epochs == epoch
+        made = {(int(p), int(o)) for b in got[1:] for p, o in zip(b["pid"], b["opener"])}
+        assert all(p == o != os.getpid() for p, o in made)  # each worker opened its own
+    assert ds.handle is not None and ds.handle.pid == os.getpid()  # the probe's, in the parent
 
 
 async def test_threads_means_thread_workers_even_for_costly_decoding(monkeypatch):

@@ -13,8 +13,8 @@ finish with ``ordered=False``.
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .choice import processes_unsuitable
+from .choice import as_before_fetching, attributes, processes_unsuitable, set_by_fetching
 from .config import LoaderConfig, usable_cores
 from .flow import fetch_many, finish, to_collate
 from .plan import batch_count, batches_of, epoch_indices
@@ -131,6 +131,7 @@ class _Feeds:
         self.tasks: list[asyncio.Task[None]] = []
         self.lost: list[BaseException] = []
         self.pool: ProcessPool | None = None
+        self.source = ep.cfg.source  # what worker processes fetch from
 
     def put(self, k: int, entry: Entry) -> None:
         self.done[k] = entry
@@ -158,7 +159,7 @@ class _Feeds:
                 self.put(k, (failures, n, batch))
 
         self.pool = ProcessPool(
-            cfg.source,
+            self.source,
             cfg.collate,
             cfg.process_workers,
             skip=cfg.on_error == "skip",
@@ -298,12 +299,11 @@ async def _probe(
     whether fetching waits enough to spread batches over threads, the CPU seconds a batch
     computes at this rate, the batch's indices left to fetch).
 
-    Where worker processes may take over (``worker_kind="auto"``), the samples come from a
-    shallow copy of the dataset: a handle it opens lazily in ``__getitem__`` (an HDF5 file,
-    an LMDB environment, a connection: the pattern DataLoader's workers need) stays out of
-    the dataset the workers inherit, which would otherwise no longer pickle (and, forked,
-    share the parent's handle)."""
-    source = _probe_source(cfg)
+    What the dataset sets while it fetches (a handle it opens lazily in ``__getitem__``: an
+    HDF5 file, an LMDB environment, a connection) is remembered with its value before, so
+    that worker processes can get the dataset as it was (``_for_workers``)."""
+    source = cfg.source
+    before = attributes(source)
     head, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
     per_sample = cpu / max(1, len(head))
     spread = waits(cpu, waited, len(head), cfg.batch_size)
@@ -318,18 +318,37 @@ async def _probe(
         per_sample = min(per_sample, cpu / max(1, len(more)))
         head += more  # one list, emptied (its samples freed) where it is collated
         idxs = idxs[PROBE:]
+    after = attributes(source)
+    if before is not None and after is not None:
+        _remember(source, set_by_fetching(before, after))
     return head, spread, per_sample * cfg.batch_size, idxs
 
 
-def _probe_source(cfg: LoaderConfig) -> Any:
-    """What the first samples are fetched from: a shallow copy of the dataset where worker
-    processes may take over, else the dataset itself (also where it does not copy)."""
-    if cfg.worker_kind != "auto":
-        return cfg.source
+# Per dataset, the attributes its fetches set, with their values before the first: kept across
+# epochs (a later epoch's dataset already holds what the first probe opened).
+_BEFORE_FETCHING: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _remember(source: Any, initial: dict[str, Any]) -> None:
     try:
-        return copy.copy(cfg.source)
-    except Exception:
-        return cfg.source
+        known = _BEFORE_FETCHING.setdefault(source, {})
+    except TypeError:  # not hashable, or no weak reference to it
+        return
+    for k, v in initial.items():
+        known.setdefault(k, v)
+
+
+def _for_workers(source: Any) -> Any:
+    """The dataset worker processes get: as it was before this process fetched from it (a
+    DataLoader's workers get it so: its parent never fetches), where it can be copied so."""
+    try:
+        initial = _BEFORE_FETCHING.get(source)
+    except TypeError:
+        initial = None
+    if not initial:
+        return source
+    clean = as_before_fetching(source, initial)
+    return source if clean is None else clean
 
 
 async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
@@ -337,9 +356,12 @@ async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
     cfg = feeds.ep.cfg
     if cfg.worker_kind != "auto":
         return False
+    source = _for_workers(cfg.source)
     why_not = await feeds.collator.run(
-        processes_unsuitable, (cfg, batches, usable_cores(), per_batch)
+        processes_unsuitable, (cfg, batches, usable_cores(), per_batch, source)
     )
+    if why_not is None:
+        feeds.source = source
     return why_not is None
 
 

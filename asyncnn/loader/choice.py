@@ -12,6 +12,7 @@ handle, a connection) that forked processes must not share. Anything else keeps 
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import pickle
 from pathlib import PurePath
@@ -21,7 +22,15 @@ import torch
 
 from .config import LoaderConfig
 
-__all__ = ["MIN_BATCHES_PER_CORE", "MIN_BATCH_SECONDS", "pickles", "processes_unsuitable"]
+__all__ = [
+    "MIN_BATCHES_PER_CORE",
+    "MIN_BATCH_SECONDS",
+    "as_before_fetching",
+    "attributes",
+    "pickles",
+    "processes_unsuitable",
+    "set_by_fetching",
+]
 
 MIN_BATCHES_PER_CORE = 4  # fewer batches left than this per core: starting workers does not pay
 MIN_BATCH_SECONDS = 0.002  # cheaper batches cost less to fetch than to send between processes
@@ -56,11 +65,46 @@ def pickles(obj: Any) -> bool:
     return True
 
 
+_UNSET = object()  # an attribute the dataset did not have before it fetched
+
+
+def attributes(obj: Any) -> dict[str, Any] | None:
+    """``obj``'s instance attributes as they are now (None where it keeps none)."""
+    try:
+        return dict(vars(obj))
+    except TypeError:
+        return None
+
+
+def set_by_fetching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a dataset set or rebound while it fetched (a handle it opens lazily, a
+    cache, a count), each with its value before: ``_UNSET`` if it had none."""
+    return {k: before.get(k, _UNSET) for k, v in after.items() if before.get(k, _UNSET) is not v}
+
+
+def as_before_fetching(source: Any, initial: dict[str, Any]) -> Any:
+    """A shallow copy of ``source`` with the attributes in ``initial`` as they were before it
+    first fetched: what a DataLoader's worker gets (its parent never fetches). None where it
+    cannot be made."""
+    try:
+        clean = copy.copy(source)
+        state = vars(clean)
+        for k, v in initial.items():
+            if v is _UNSET:
+                state.pop(k, None)
+            else:
+                state[k] = v
+    except Exception:
+        return None
+    return clean
+
+
 def processes_unsuitable(
-    cfg: LoaderConfig, batches: int, cores: int, per_batch: float
+    cfg: LoaderConfig, batches: int, cores: int, per_batch: float, source: Any = None
 ) -> str | None:
     """Why worker processes should not take over an epoch of ``batches`` batches whose first
-    samples computed, ``per_batch`` seconds a batch at that rate; None when they should."""
+    samples computed, ``per_batch`` seconds a batch at that rate; None when they should.
+    ``source``: the dataset the workers would get, when not ``cfg.source``."""
     if per_batch < MIN_BATCH_SECONDS:
         return (
             f"a batch takes {per_batch * 1e3:.2f} ms to fetch, too little to pay for sending "
@@ -76,6 +120,6 @@ def processes_unsuitable(
         return "workers cannot be forked here"
     if torch.cuda.is_initialized():
         return "CUDA is initialised in this process, and a forked worker could not use it"
-    if not pickles(cfg.source):
+    if not pickles(cfg.source if source is None else source):
         return "the dataset does not pickle (it holds a handle forked workers must not share)"
     return None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from asyncnn.loader.batches import waits
+from asyncnn.loader.choice import as_before_fetching, attributes, pickles, set_by_fetching
 from asyncnn.loader.plan import batch_count, batch_plan, epoch_indices, rows, source_kind
 from asyncnn.loader.reorder import Reassembler
 
@@ -78,3 +79,31 @@ def test_every_arrival_order_gives_back_every_sample_in_planned_batch_sizes(orde
             assert sorted(x for t in taken for x in t) == [10, 11, 12, 13, 14]
             arrived = [plan[b][p] for b, p in order]
             assert [x for t in taken for x in t] == arrived  # as they came
+
+
+class Lazy:
+    def __init__(self):
+        self.paths = ["a", "b"]
+        self.handle = None
+
+    def __getitem__(self, i):
+        if self.handle is None:
+            self.handle = open(__file__)  # noqa: SIM115 (a handle held, as HDF5's would be)
+        self.cache = i
+        return self.paths[i]
+
+
+def test_the_dataset_workers_get_is_as_it_was_before_it_fetched():
+    ds = Lazy()
+    before = attributes(ds)
+    ds[0]
+    try:
+        initial = set_by_fetching(before, attributes(ds))
+        assert set(initial) == {"handle", "cache"} and initial["handle"] is None
+        assert not pickles(ds)
+        clean = as_before_fetching(ds, initial)
+        assert clean.handle is None and not hasattr(clean, "cache") and pickles(clean)
+        assert clean.paths is ds.paths and ds.handle is not None  # the original is untouched
+        assert attributes(3) is None and as_before_fetching(3, {"x": 1}) is None
+    finally:
+        ds.handle.close()
