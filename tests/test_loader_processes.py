@@ -361,7 +361,9 @@ async def test_auto_gives_workers_the_dataset_as_it_was_before_the_probe_opened_
         got = await batches(loader)
         assert [i for b in got for i in b["i"].tolist()] == list(range(160))
         assert loader.stats().process_epochs == epoch
-        made = {(int(p), int(o)) for b in got[1:] for p, o in zip(b["pid"], b["opener"])}
+        made = {
+            (int(p), int(o)) for b in got[1:] for p, o in zip(b["pid"], b["opener"], strict=True)
+        }
         assert all(p == o != os.getpid() for p, o in made)  # each worker opened its own
     assert ds.handle is not None and ds.handle.pid == os.getpid()  # the probe's, in the parent
 

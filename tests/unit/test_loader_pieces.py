@@ -88,7 +88,7 @@ class Lazy:
 
     def __getitem__(self, i):
         if self.handle is None:
-            self.handle = open(__file__)  # noqa: SIM115 (a handle held, as HDF5's would be)
+            self.handle = open(__file__)  # a handle held, as HDF5's would be
         self.cache = i
         return self.paths[i]
 
