@@ -310,6 +310,19 @@ class Table:
         self.buffer = pickle.PickleBuffer(bytearray(1 << 20))
 
 
+def test_code_in_a_dataset_is_no_handle():
+    # A lambda transform or a class defined in a function does not pickle, but a forked
+    # worker inherits it: auto kept threads for such datasets, "holding a handle".
+    class Local(Samples):
+        pass
+
+    ds = Local(8)
+    ds.transform = lambda x: x * 2
+    assert pickles(ds)
+    ds.lock = Handle()
+    assert not pickles(ds)
+
+
 def test_a_dataset_whose_pickle_writes_large_buffers_as_they_are_pickles():
     # Protocol 5 hands a large buffer to the file's write() as a PickleBuffer (pyarrow's
     # tables: a Hugging Face dataset), which has no len(): it was judged not to pickle, and

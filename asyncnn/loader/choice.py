@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import pickle
+import types
 from pathlib import PurePath
 from typing import Any
 
@@ -44,14 +45,25 @@ class _Discard:
 
 
 _ALWAYS = (str, bytes, int, float, bool, PurePath, torch.Tensor)  # pickle, and are common
+# Code, not state: a forked worker inherits it whether or not it pickles (a lambda transform,
+# a class defined in a function), and it holds no handle.
+_CODE = (
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+)
 
 
 class _ShapeOnly(pickle.Pickler):
-    """Pickles everything but what always pickles (paths, strings, numbers, tensors, arrays):
-    a dataset's list of 100,000 paths is checked in milliseconds."""
+    """Pickles everything but what always pickles (paths, strings, numbers, tensors, arrays)
+    and code (classes, functions, modules: forked workers inherit them): a dataset's list of
+    100,000 paths is checked in milliseconds, and a lambda among its transforms is no
+    handle."""
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _ALWAYS) or type(obj).__name__ == "ndarray":
+        if isinstance(obj, _ALWAYS + _CODE) or type(obj).__name__ == "ndarray":
             return 0
         return None
 
