@@ -3,7 +3,9 @@ thread path, shared-memory tensors intact, and no process left behind however an
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
+import operator
 import os
 import pickle
 import signal
@@ -318,7 +320,15 @@ def test_code_in_a_dataset_is_no_handle():
 
     ds = Local(8)
     ds.transform = lambda x: x * 2
+    ds.scale = functools.partial(operator.mul, 2)
     assert pickles(ds)
+    # ... but what code holds is state: a handle in a closure, or a method bound to it
+    lock = Handle()
+    ds.transform = lambda x: (lock, x)
+    assert not pickles(ds)
+    ds.transform = lock.lock.acquire
+    assert not pickles(ds)
+    ds.transform = lambda x: x * 2
     ds.lock = Handle()
     assert not pickles(ds)
 

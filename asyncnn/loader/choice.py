@@ -59,19 +59,48 @@ _CODE = (
 class _ShapeOnly(pickle.Pickler):
     """Pickles everything but what always pickles (paths, strings, numbers, tensors, arrays)
     and code (classes, functions, modules: forked workers inherit them): a dataset's list of
-    100,000 paths is checked in milliseconds, and a lambda among its transforms is no
-    handle."""
+    100,000 paths is checked in milliseconds, and a lambda among its transforms is no handle.
+    What code holds is state, and is checked: a closure's cells and defaults, the object a
+    method is bound to (``f.read`` holds the file ``f``)."""
+
+    def __init__(self, seen: set[int] | None = None) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.seen = set() if seen is None else seen
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _ALWAYS + _CODE) or type(obj).__name__ == "ndarray":
+        if isinstance(obj, _ALWAYS) or type(obj).__name__ == "ndarray":
+            return 0
+        if isinstance(obj, _CODE):
+            if id(obj) not in self.seen:
+                self.seen.add(id(obj))
+                _ShapeOnly(self.seen).dump(_held_by(obj))
             return 0
         return None
+
+
+def _held_by(code: Any) -> list[Any]:
+    """What a piece of code keeps alive besides code: its closure's cells, its defaults, the
+    object it is bound to."""
+    held: list[Any] = []
+    if isinstance(code, types.FunctionType):
+        for cell in code.__closure__ or ():
+            try:
+                held.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        held += [code.__defaults__, code.__kwdefaults__]
+    bound = getattr(code, "__self__", None)
+    if isinstance(code, types.MethodType | types.BuiltinFunctionType) and not isinstance(
+        bound, types.ModuleType
+    ):
+        held.append(bound)
+    return held
 
 
 def pickles(obj: Any) -> bool:
     """Does ``obj`` pickle? Nothing is kept: the bytes are discarded as they are written."""
     try:
-        _ShapeOnly(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _ShapeOnly().dump(obj)
     except Exception:
         return False
     return True
