@@ -272,6 +272,8 @@ def test_bad_settings_say_what_to_do_instead():
         AsyncLoader(Samples(4), worker_kind="process", multiprocessing_context="teleport")
     with pytest.raises(ValueError, match="worker_init_fn runs in worker processes"):
         AsyncLoader(Samples(4), worker_kind="thread", worker_init_fn=failing_init)
+    with pytest.raises(ValueError, match="worker_init_fn runs in worker processes"):
+        AsyncLoader(Samples(4), threads=2, worker_init_fn=failing_init)  # never runs
     with pytest.raises(ValueError, match="worker_kind='fiber'"):
         AsyncLoader(Samples(4), worker_kind="fiber")  # type: ignore[arg-type]
 

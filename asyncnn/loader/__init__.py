@@ -146,7 +146,7 @@ class AsyncLoader:
         self.workers = _resolve_workers(kind, workers, threads, worker_kind)
         # threads=N is workers=N of the thread kind: auto must not hand the epoch to processes
         self.worker_kind = "thread" if threads is not None else worker_kind
-        _check_processes(multiprocessing_context, worker_init_fn, worker_kind)
+        _check_processes(multiprocessing_context, worker_init_fn, self.worker_kind)
         self.multiprocessing_context = multiprocessing_context
         self.worker_init_fn = worker_init_fn
         self._counters = loader_counters()
@@ -262,5 +262,6 @@ def _check_processes(
     if init is not None and worker_kind == "thread":
         raise ValueError(
             "AsyncLoader: worker_init_fn runs in worker processes, and "
-            "worker_kind='thread' starts none; use 'process' or 'auto'"
+            "worker_kind='thread' (or threads=N) starts none; use worker_kind='process' or "
+            "'auto', with workers=N"
         )
