@@ -151,3 +151,42 @@ async def test_decoding_stays_on_one_thread_at_a_time_with_the_next_batch_queued
     got = await collect(AsyncLoader(ds, batch_size=8, threads=1))
     assert [x for b in got for x in b] == [float(i) for i in range(96)]
     assert ds.most_at_once == 1 and len(ds.threads) == 1
+
+
+async def test_a_sync_iterable_is_read_and_collated_on_its_reader_thread_and_freed_there():
+    Sample.freed_on.clear()
+    loader = AsyncLoader((Sample(i) for i in range(50)), batch_size=16, collate=values)
+    got = [b.tolist() async for b in loader]
+    assert got == [list(range(s, min(s + 16, 50))) for s in range(0, 50, 16)]
+    assert len(Sample.freed_on) == 50
+    assert threading.current_thread().name not in Sample.freed_on, Sample.freed_on
+    short = AsyncLoader(iter(range(50)), batch_size=16, drop_last=True)
+    assert [len(b) async for b in short] == [16, 16, 16]
+
+    # one thread reads and collates (no second thread taking turns with it for the GIL)
+    readers, collators = set(), set()
+
+    def read():
+        for i in range(50):
+            readers.add(threading.current_thread().name)
+            yield i
+
+    def collate(samples):
+        collators.add(threading.current_thread().name)
+        return torch.tensor(samples)
+
+    got = [b.tolist() async for b in AsyncLoader(read(), batch_size=16, collate=collate)]
+    assert [x for b in got for x in b] == list(range(50))
+    assert len(readers) == 1 and collators == readers
+
+
+async def test_a_sync_iterable_batch_that_does_not_collate_is_named():
+    def collate(samples):
+        if samples[0] == 16:
+            raise ValueError("ragged")
+        return torch.tensor(samples)
+
+    loader = AsyncLoader(iter(range(50)), batch_size=16, collate=collate)
+    with pytest.raises(LoaderError, match="batch 1") as info:
+        [b async for b in loader]
+    assert isinstance(info.value.__cause__, ValueError)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
 from .batches import produce_map_batches
 from .config import LoaderConfig
-from .flow import GetitemsError, Slots, async_chunks, sync_chunks
+from .flow import GetitemsError, Slots, async_chunks, sync_batches
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
 from .reorder import Failed, Reassembler, collate_failed
 
@@ -38,6 +38,7 @@ class Epoch:
         self.buffered = 0  # samples fetched (or being fetched) and not handed over
         self.ready: asyncio.Queue[Any] = asyncio.Queue()  # bounded by `room`
         self.room = asyncio.Semaphore(cfg.prefetch)
+        self._read = 0  # samples read from a sync iterable so far
         self.slots = Slots(cfg.buffer_bound)
         self.copy_stream: Any = None
 
@@ -228,6 +229,26 @@ class Epoch:
 
     # -- iterable sources ------------------------------------------------------------------------
 
+    async def _read_iterable(self, reader: ThreadWorker) -> None:
+        """A sync iterable: each batch read and collated in one call on the reader thread,
+        the next one queued behind it (``sync_batches``)."""
+        cfg = self.cfg
+        batches = sync_batches(
+            iter(cfg.source), cfg.batch_size, self.room, reader, self._finish_batch, cfg.drop_last
+        )
+        async with contextlib.aclosing(batches):
+            k = 0
+            async for count, made in batches:
+                self._read += count
+                if made is None:
+                    return  # a short last batch, dropped
+                if isinstance(made, Exception):
+                    self.ready.put_nowait(collate_failed(k, count, made))
+                    return
+                batch, pending = made
+                self.ready.put_nowait((batch, count, 0, pending))
+                k += 1
+
     async def _produce_iterable(self, collator: ThreadWorker, reader: ThreadWorker) -> None:
         """One reader thread reads a sync source (a DataLoader too), in order."""
         cfg, position = self.cfg, 0
@@ -242,11 +263,10 @@ class Epoch:
                     n = rows(batch)
                     position += n
                     self.ready.put_nowait((batch, n, 0, None))
-            chunks: AsyncGenerator[list[Any], None]
-            if cfg.kind == "async-iterable":
-                chunks = async_chunks(cfg.source, cfg.batch_size, self.room)
-            else:
-                chunks = sync_chunks(iter(cfg.source), cfg.batch_size, self.room, reader)
+            if cfg.kind != "async-iterable":
+                await self._read_iterable(reader)
+                return
+            chunks = async_chunks(cfg.source, cfg.batch_size, self.room)
             async with contextlib.aclosing(chunks):
                 k = 0
                 async for chunk in chunks:
@@ -259,6 +279,7 @@ class Epoch:
                         return
                     k += 1
         except Exception as exc:
+            position += self._read
             err = LoaderError(
                 f"AsyncLoader: reading the source failed after {position} samples "
                 f"with {describe(exc)}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Iterator
 from typing import Any
 
 from ..executors import ThreadWorker
@@ -18,7 +18,8 @@ __all__ = [
     "async_chunks",
     "fetch_many",
     "finish",
-    "sync_chunks",
+    "read_batch",
+    "sync_batches",
     "to_collate",
 ]
 
@@ -81,16 +82,53 @@ async def async_chunks(
         yield chunk
 
 
-async def sync_chunks(
-    it: Iterator[Any], n: int, room: asyncio.Semaphore, reader: ThreadWorker
-) -> AsyncGenerator[list[Any], None]:
-    """Lists of ``n`` samples read on the reader thread; each read begins once ``room`` allows."""
-    while True:
-        await room.acquire()
-        chunk = await reader.run(next_chunk, (it, n))
-        if not chunk:
-            return
-        yield chunk
+def read_batch(
+    it: Iterator[Any], n: int, finish: Callable[[list[Any]], Any], drop_last: bool
+) -> tuple[int, Any]:
+    """On the reader thread: the next ``n`` samples of ``it``, collated there by ``finish``
+    (and freed there): ``(samples read, what finish returned, or the exception it raised;
+    None when nothing was left, or a short last batch is dropped)``. A read that fails
+    raises."""
+    chunk = next_chunk(it, n)
+    count = len(chunk)
+    if not chunk or (count < n and drop_last):
+        return count, None
+    try:
+        return count, finish(chunk)
+    except Exception as exc:
+        return count, exc
+    finally:
+        chunk.clear()
+
+
+async def sync_batches(
+    it: Iterator[Any],
+    n: int,
+    room: asyncio.Semaphore,
+    reader: ThreadWorker,
+    finish: Callable[[list[Any]], Any],
+    drop_last: bool,
+) -> AsyncGenerator[tuple[int, Any], None]:
+    """``read_batch`` results in order, read on the one reader thread as ``room`` allows, with
+    the next read queued behind the running one (so the thread does not wait for the loop
+    between batches); ends after the first short or empty read."""
+    queued: deque[asyncio.Future[Any]] = deque()
+    try:
+        while True:
+            if not queued:
+                await room.acquire()
+                queued.append(reader.run(read_batch, (it, n, finish, drop_last)))
+            if len(queued) < 2 and not room.locked():
+                await room.acquire()  # a permit is there: no wait
+                queued.append(reader.run(read_batch, (it, n, finish, drop_last)))
+            count, made = await queued.popleft()
+            if count:
+                yield count, made
+            if count < n:
+                return
+    finally:
+        for fut in queued:
+            fut.cancel()
 
 
 def to_collate(samples: list[Any], skip: bool) -> list[Any] | None:
