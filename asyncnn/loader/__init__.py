@@ -3,7 +3,8 @@
 ``AsyncLoader`` replaces a ``torch.utils.data.DataLoader``'s worker processes with concurrency on
 one event loop: ``async`` fetches (network, object storage, databases) run on the loop, up to
 ``concurrency`` at once; a sync ``__getitem__`` runs on a small set of dedicated threads.
-Collation, pinning and the early host-to-device copy run on a collate thread, never on the loop.
+Collation, pinning and the early host-to-device copy run on a thread (the one that read the
+batch, where one did, else a collate thread), never on the loop.
 Batches are prepared ahead of the consumer by a producer task, ``prefetch`` of them and no more.
 Memory is bounded: at most ``max(concurrency, batch_size) + prefetch * batch_size`` samples are
 fetched (or being fetched) and not yet handed to the consumer.
