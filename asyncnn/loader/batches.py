@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -22,7 +21,13 @@ import torch
 
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .choice import as_before_fetching, attributes, processes_unsuitable, set_by_fetching
+from .choice import (
+    attributes,
+    for_workers,
+    processes_unsuitable,
+    remember_fetching,
+    set_by_fetching,
+)
 from .config import LoaderConfig, usable_cores
 from .flow import fetch_many, finish, to_collate
 from .plan import batch_count, batches_of, epoch_indices
@@ -301,7 +306,7 @@ async def _probe(
 
     What the dataset sets while it fetches (a handle it opens lazily in ``__getitem__``: an
     HDF5 file, an LMDB environment, a connection) is remembered with its value before, so
-    that worker processes can get the dataset as it was (``_for_workers``)."""
+    that worker processes can get the dataset as it was (``choice.for_workers``)."""
     source = cfg.source
     before = attributes(source)
     head, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
@@ -320,35 +325,8 @@ async def _probe(
         idxs = idxs[PROBE:]
     after = attributes(source)
     if before is not None and after is not None:
-        _remember(source, set_by_fetching(before, after))
+        remember_fetching(source, set_by_fetching(before, after))
     return head, spread, per_sample * cfg.batch_size, idxs
-
-
-# Per dataset, the attributes its fetches set, with their values before the first: kept across
-# epochs (a later epoch's dataset already holds what the first probe opened).
-_BEFORE_FETCHING: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _remember(source: Any, initial: dict[str, Any]) -> None:
-    try:
-        known = _BEFORE_FETCHING.setdefault(source, {})
-    except TypeError:  # not hashable, or no weak reference to it
-        return
-    for k, v in initial.items():
-        known.setdefault(k, v)
-
-
-def _for_workers(source: Any) -> Any:
-    """The dataset worker processes get: as it was before this process fetched from it (a
-    DataLoader's workers get it so: its parent never fetches), where it can be copied so."""
-    try:
-        initial = _BEFORE_FETCHING.get(source)
-    except TypeError:
-        initial = None
-    if not initial:
-        return source
-    clean = as_before_fetching(source, initial)
-    return source if clean is None else clean
 
 
 async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
@@ -356,7 +334,7 @@ async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
     cfg = feeds.ep.cfg
     if cfg.worker_kind != "auto":
         return False
-    source = _for_workers(cfg.source)
+    source = for_workers(cfg.source)
     why_not = await feeds.collator.run(
         processes_unsuitable, (cfg, batches, usable_cores(), per_batch, source)
     )

@@ -16,6 +16,7 @@ import copy
 import multiprocessing
 import pickle
 import types
+import weakref
 from pathlib import PurePath
 from typing import Any
 
@@ -28,8 +29,10 @@ __all__ = [
     "MIN_BATCH_SECONDS",
     "as_before_fetching",
     "attributes",
+    "for_workers",
     "pickles",
     "processes_unsuitable",
+    "remember_fetching",
     "set_by_fetching",
 ]
 
@@ -164,3 +167,32 @@ def processes_unsuitable(
     if not pickles(cfg.source if source is None else source):
         return "the dataset does not pickle (it holds a handle forked workers must not share)"
     return None
+
+
+# Per dataset, the attributes its fetches set, with their values before the first: kept across
+# epochs (a later epoch's dataset already holds what the first probe opened).
+_BEFORE_FETCHING: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def remember_fetching(source: Any, initial: dict[str, Any]) -> None:
+    """Keep what ``source``'s fetches set, with the values before the first (``initial``,
+    from ``set_by_fetching``), for ``for_workers``."""
+    try:
+        known = _BEFORE_FETCHING.setdefault(source, {})
+    except TypeError:  # not hashable, or no weak reference to it
+        return
+    for k, v in initial.items():
+        known.setdefault(k, v)
+
+
+def for_workers(source: Any) -> Any:
+    """The dataset worker processes get: as it was before this process fetched from it (a
+    DataLoader's workers get it so: its parent never fetches), where it can be copied so."""
+    try:
+        initial = _BEFORE_FETCHING.get(source)
+    except TypeError:
+        initial = None
+    if not initial:
+        return source
+    clean = as_before_fetching(source, initial)
+    return source if clean is None else clean
