@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -29,14 +29,12 @@ from .choice import (
     set_by_fetching,
 )
 from .config import LoaderConfig, usable_cores
-from .flow import fetch_many, finish, to_collate
+from .flow import Entry, collate_batch, fetch_and_collate, fetch_many, finish
 from .plan import batch_count, batches_of, epoch_indices
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
 __all__ = ["IO_BOUND", "produce_map_batches"]
-
-Entry = tuple[list[Failed], int, Any]  # a batch's failed samples, its sample count, the batch
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
 SPREAD_WAIT = 0.002  # seconds a batch waits on I/O, at the least, for spreading it over threads
@@ -88,40 +86,6 @@ def _queued() -> float:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
-
-
-def _collate(samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]], Any]) -> Entry:
-    """On a thread: a batch's entry (its failed samples, its sample count, and the collated
-    batch of the good ones: None when a sample failed and errors raise, or when none is left;
-    a ``Failed`` naming the batch when collate raised). ``samples`` is emptied here, so the
-    samples are freed on this thread, not on the loop (64 small tensors: ~0.5 ms)."""
-    good = to_collate(samples, skip)
-    failures = [s for s in samples if isinstance(s, Failed)]
-    n = len(samples)
-    if good is None:
-        batch = None
-    else:
-        try:
-            batch = finish(good)
-        except Exception as exc:
-            batch = collate_failed(k, len(good), exc)
-        good.clear()
-    samples.clear()
-    return failures, n, batch
-
-
-def _fetch_and_collate(
-    source: Any,
-    idxs: list[int],
-    k: int,
-    skip: bool,
-    finish: Callable[[list[Any]], Any],
-    head: list[Any],
-) -> Entry:
-    """Decoding work: fetch (after ``head``, already fetched) and collate on one thread.
-    ``head`` is emptied with the rest: its samples are freed here too."""
-    head += fetch_many(source, idxs)
-    return _collate(head, k, skip, finish)
 
 
 class _Feeds:
@@ -282,10 +246,10 @@ def _start_threads(
                     ahead.set()
             if waiting:
                 head += await _spread(pool, cfg.source, idxs, cfg.fetch_threads)
-                entry = await pool.run(_collate, (head, k, skip, ep._finish_batch))
+                entry = await pool.run(collate_batch, (head, k, skip, ep._finish_batch))
             else:
                 entry = await decoder.run(
-                    _fetch_and_collate, (cfg.source, idxs, k, skip, ep._finish_batch, head)
+                    fetch_and_collate, (cfg.source, idxs, k, skip, ep._finish_batch, head)
                 )
             feeds.put(k, entry)
             if handing_off:

@@ -38,7 +38,7 @@ class Epoch:
         self.buffered = 0  # samples fetched (or being fetched) and not handed over
         self.ready: asyncio.Queue[Any] = asyncio.Queue()  # bounded by `room`
         self.room = asyncio.Semaphore(cfg.prefetch)
-        self._read = 0  # samples read from a sync iterable so far
+        self._read = 0  # samples read from an iterable source so far (named when it fails)
         self.slots = Slots(cfg.buffer_bound)
         self.copy_stream: Any = None
 
@@ -251,7 +251,7 @@ class Epoch:
 
     async def _produce_iterable(self, collator: ThreadWorker, reader: ThreadWorker) -> None:
         """One reader thread reads a sync source (a DataLoader too), in order."""
-        cfg, position = self.cfg, 0
+        cfg = self.cfg
         try:
             if cfg.kind == "dataloader":
                 it = iter(cfg.source)
@@ -261,7 +261,7 @@ class Epoch:
                     if batch is END:
                         return
                     n = rows(batch)
-                    position += n
+                    self._read += n
                     self.ready.put_nowait((batch, n, 0, None))
             if cfg.kind != "async-iterable":
                 await self._read_iterable(reader)
@@ -270,7 +270,7 @@ class Epoch:
             async with contextlib.aclosing(chunks):
                 k = 0
                 async for chunk in chunks:
-                    position += len(chunk)
+                    self._read += len(chunk)
                     if len(chunk) < cfg.batch_size and cfg.drop_last:
                         return
                     item = await self._prepare(collator, chunk, 0, k)
@@ -279,7 +279,7 @@ class Epoch:
                         return
                     k += 1
         except Exception as exc:
-            position += self._read
+            position = self._read
             err = LoaderError(
                 f"AsyncLoader: reading the source failed after {position} samples "
                 f"with {describe(exc)}",

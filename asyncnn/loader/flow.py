@@ -1,4 +1,5 @@
-"""Flow control for an epoch: sample slots, and sources read in chunks as room allows."""
+"""Flow control for an epoch: sample slots, sources read in chunks as room allows, and the
+work a thread does for one batch (fetch or read, then collate, freeing the samples there)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,24 @@ from typing import Any
 
 from ..executors import ThreadWorker
 from .plan import next_chunk
-from .reorder import Failed
+from .reorder import Failed, collate_failed
 
 __all__ = [
+    "Entry",
     "GetitemsError",
     "Slots",
     "async_chunks",
+    "collate_batch",
+    "fetch_and_collate",
     "fetch_many",
     "finish",
     "read_batch",
     "sync_batches",
     "to_collate",
 ]
+
+
+Entry = tuple[list[Failed], int, Any]  # a batch's failed samples, its sample count, the batch
 
 
 class GetitemsError(TypeError):
@@ -80,6 +87,42 @@ async def async_chunks(
             await room.acquire()
     if chunk:
         yield chunk
+
+
+def collate_batch(
+    samples: list[Any], k: int, skip: bool, finish: Callable[[list[Any]], Any]
+) -> Entry:
+    """On a thread: a batch's entry (its failed samples, its sample count, and the collated
+    batch of the good ones: None when a sample failed and errors raise, or when none is left;
+    a ``Failed`` naming the batch when collate raised). ``samples`` is emptied here, so the
+    samples are freed on this thread, not on the loop (64 small tensors: ~0.5 ms)."""
+    good = to_collate(samples, skip)
+    failures = [s for s in samples if isinstance(s, Failed)]
+    n = len(samples)
+    if good is None:
+        batch = None
+    else:
+        try:
+            batch = finish(good)
+        except Exception as exc:
+            batch = collate_failed(k, len(good), exc)
+        good.clear()
+    samples.clear()
+    return failures, n, batch
+
+
+def fetch_and_collate(
+    source: Any,
+    idxs: list[int],
+    k: int,
+    skip: bool,
+    finish: Callable[[list[Any]], Any],
+    head: list[Any],
+) -> Entry:
+    """Decoding work: fetch (after ``head``, already fetched) and collate on one thread.
+    ``head`` is emptied with the rest: its samples are freed here too."""
+    head += fetch_many(source, idxs)
+    return collate_batch(head, k, skip, finish)
 
 
 def read_batch(
