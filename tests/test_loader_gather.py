@@ -1,7 +1,9 @@
 """TensorDataset (and Subsets of one): a batch gathered in one indexing per tensor, equal to what
 DataLoader makes of the same samples; anything else still goes through ``__getitem__``."""
 
+import contextlib
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate, random_split
 
 from asyncnn import AsyncLoader, LoaderError
-from asyncnn.loader import batches
+from asyncnn.loader import batches as loader_batches
 from asyncnn.loader.flow import gatherer
 
 
@@ -138,7 +140,26 @@ def test_the_batch_size_decides_loop_or_thread():
     assert small is not None and wide is not None
     assert small.row_bytes == 3 * 4 + 8 + 4 * 8
     loader = AsyncLoader(dataset(), batch_size=64)
-    assert batches._on_loop(loader._config(), small)
-    assert not batches._on_loop(loader._config(), wide)
+    assert loader_batches._on_loop(loader._config(), small)
+    assert not loader_batches._on_loop(loader._config(), wide)
     pinned = dataclasses.replace(loader._config(), pin_memory=True)  # the collate thread's work
-    assert not batches._on_loop(pinned, small)
+    assert not loader_batches._on_loop(pinned, small)
+
+
+@pytest.mark.parametrize("width", [3, 4096])
+async def test_leaving_an_epoch_early_then_running_another(width):
+    ds = dataset(40, width)
+    loader = AsyncLoader(ds, batch_size=8)
+    async with contextlib.aclosing(aiter(loader)) as batches:
+        async for b in batches:
+            assert torch.equal(b[1], torch.arange(8))
+            break
+    assert_same_batches(await gathered(loader), list(DataLoader(ds, batch_size=8)))
+    assert loader.stats().epochs == 2
+
+
+async def test_small_batches_start_no_fetch_thread():
+    names = set()
+    async for _ in AsyncLoader(dataset(40), batch_size=8):
+        names |= {t.name for t in threading.enumerate()}
+    assert not any(n.startswith("asyncnn:loader:fetch") for n in names)

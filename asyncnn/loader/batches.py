@@ -34,7 +34,7 @@ from .plan import batch_count, batches_of, epoch_indices
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
-__all__ = ["IO_BOUND", "produce_map_batches"]
+__all__ = ["IO_BOUND", "gather_for", "produce_map_batches"]
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
 SPREAD_WAIT = 0.002  # seconds a batch waits on I/O, at the least, for spreading it over threads
@@ -177,17 +177,25 @@ class _Feeds:
             await self.collator.run(self.pool.close, ())
 
 
+def gather_for(cfg: LoaderConfig) -> tuple[Gather | None, bool]:
+    """A sync map-style source's :class:`Gather` (None unless it is a ``TensorDataset`` read
+    on threads), and whether its batches are gathered on the loop (then no fetch thread is
+    needed)."""
+    gather = None if cfg.kind != "map" or cfg.processes else gatherer(cfg.source, cfg.collate)
+    return gather, gather is not None and _on_loop(cfg, gather)
+
+
 async def produce_map_batches(
-    ep: _Epoch, pool: ThreadWorker | None, collator: ThreadWorker
+    ep: _Epoch, pool: ThreadWorker | None, collator: ThreadWorker, gather: Gather | None
 ) -> None:
     """Batches of a sync map-style source: fetched and collated on fetch threads, or in worker
-    processes (chosen, or measured with ``worker_kind="auto"``), handed over in plan order."""
+    processes (chosen, or measured with ``worker_kind="auto"``), handed over in plan order;
+    ``gather``'s batches on the loop when there is no fetch thread."""
     cfg = ep.cfg
     indices = epoch_indices(len(cfg.source), cfg.sampler, cfg.shuffle, cfg.generator)
     count = batch_count(len(indices), cfg.batch_size, cfg.drop_last)
     todo = enumerate(batches_of(indices, cfg.batch_size, cfg.drop_last))
-    gather = None if cfg.processes else gatherer(cfg.source, cfg.collate)
-    if gather is not None and _on_loop(cfg, gather):
+    if gather is not None and pool is None:
         await _gather_on_loop(ep, gather, todo)
         return
     feeds = _Feeds(ep, collator)

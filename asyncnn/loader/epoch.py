@@ -20,7 +20,7 @@ import torch
 from ..devices import map_tensors
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .batches import produce_map_batches
+from .batches import Gather, gather_for, produce_map_batches
 from .config import LoaderConfig
 from .flow import GetitemsError, Slots, async_chunks, sync_batches
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
@@ -46,11 +46,12 @@ class Epoch:
         """The consumer's side: take prepared batches, release their slots, wait for copies."""
         cfg = self.cfg
         threads = (cfg.fetch_threads if cfg.kind == "map" else 0) if cfg.map_style else 1
-        if cfg.processes:
+        gather, on_loop = gather_for(cfg)
+        if cfg.processes or on_loop:
             threads = 0
         async with self._helpers(threads) as (collator, waiter, pool):
             producer = asyncio.create_task(
-                self._produce(collator, pool), name="asyncnn:loader-produce"
+                self._produce(collator, pool, gather), name="asyncnn:loader-produce"
             )
             try:
                 while True:
@@ -73,10 +74,12 @@ class Epoch:
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
 
-    async def _produce(self, collator: ThreadWorker, pool: ThreadWorker | None) -> None:
+    async def _produce(
+        self, collator: ThreadWorker, pool: ThreadWorker | None, gather: Gather | None
+    ) -> None:
         try:
             if self.cfg.kind == "map":
-                await produce_map_batches(self, pool, collator)
+                await produce_map_batches(self, pool, collator, gather)
             elif self.cfg.map_style:
                 await self._produce_map(collator)
             else:
