@@ -82,3 +82,22 @@ async def test_deadlines_overload_example_ends_every_request_once_and_serves_urg
     assert urgent and normal
     assert urgent[len(urgent) // 2] < normal[len(normal) // 2]
     assert mod.report(result).count("\n") == 4
+
+
+async def test_in_memory_split_example_scores_the_validation_split_in_order():
+    import torch
+    from torch.utils.data import random_split
+
+    from tests.fakes import load_example
+
+    mod = load_example("in_memory_split")
+    accuracy, logits = await mod.main(1_000, batch_size=32)
+    assert [len(b) for b in logits] == [32] * 6 + [8]
+    data, rule = mod.dataset(1_000)
+    _, val = random_split(data, [0.8, 0.2], generator=torch.Generator().manual_seed(1))
+    x, y = data.tensors[0][val.indices], data.tensors[1][val.indices]
+    with torch.inference_mode():
+        want = mod.classifier(rule)(x)
+    torch.testing.assert_close(torch.cat(logits), want)
+    assert accuracy == int((want.argmax(dim=1) == y).sum()) / len(y)
+    assert 0.85 < accuracy < 1.0  # the 5% of flipped labels are missed
