@@ -30,7 +30,7 @@ def assert_same_batches(ours, theirs):
         assert type(a) is type(b) is list
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=True):
-            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride()
             assert torch.equal(x, y)
 
 
@@ -163,3 +163,12 @@ async def test_small_batches_start_no_fetch_thread():
     async for _ in AsyncLoader(dataset(40), batch_size=8):
         names |= {t.name for t in threading.enumerate()}
     assert not any(n.startswith("asyncnn:loader:fetch") for n in names)
+
+
+@pytest.mark.parametrize("width", [4, 8192])  # on the loop, on the thread
+async def test_a_channels_last_tensor_batches_contiguous_as_stack_makes_it(width):
+    images = torch.randn(20, 3, width // 4, 4).contiguous(memory_format=torch.channels_last)
+    ds = TensorDataset(images, torch.arange(20))
+    got = await gathered(AsyncLoader(ds, batch_size=8))
+    assert_same_batches(got, list(DataLoader(ds, batch_size=8)))
+    assert all(b[0].is_contiguous() for b in got)

@@ -246,7 +246,8 @@ class Gather:
             raise TypeError("not plain integer indices")  # taken one by one, as given
         for m in self.maps:
             index = m[index]
-        return [t[index] for t in self.tensors]
+        # contiguous, as torch.stack makes it (a channels-last tensor's rows keep its layout)
+        return [t[index].contiguous() for t in self.tensors]
 
     @property
     def in_memory(self) -> bool:
