@@ -85,6 +85,7 @@ async def test_a_subclass_with_its_own_getitem_is_indexed_by_it():
     got = await gathered(AsyncLoader(ds, batch_size=4))
     assert [b[0].tolist() for b in got] == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18]]
     assert gatherer(Labelled(torch.arange(10.0)), default_collate) is not None
+    assert gatherer(TensorDataset(torch.eye(4).to_sparse()), default_collate) is None
 
 
 async def test_a_collate_of_ones_own_gets_the_samples():

@@ -265,8 +265,8 @@ def gatherer(source: Any, collate: Any) -> Gather | None:
     while _is(source, Subset):
         subsets.append(source.indices)
         source = source.dataset
-    if not _is(source, TensorDataset):
-        return None
+    if not _is(source, TensorDataset) or any(t.layout != torch.strided for t in source.tensors):
+        return None  # (sparse tensors: default_collate refuses them anyway)
     try:
         maps = [torch.as_tensor(m) for m in subsets]
     except (TypeError, ValueError, RuntimeError):
