@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate, random_split
 
 from asyncnn import AsyncLoader, LoaderError
-from asyncnn.loader import batches as loader_batches
-from asyncnn.loader.flow import gatherer
+from asyncnn.loader import gather as loader_gather
+from asyncnn.loader.gather import gatherer
 
 
 def dataset(n=50, width=3):
@@ -141,10 +141,10 @@ def test_the_batch_size_decides_loop_or_thread():
     assert small is not None and wide is not None
     assert small.row_bytes == 3 * 4 + 8 + 4 * 8
     loader = AsyncLoader(dataset(), batch_size=64)
-    assert loader_batches._on_loop(loader._config(), small)
-    assert not loader_batches._on_loop(loader._config(), wide)
+    assert loader_gather.on_loop(loader._config(), small)
+    assert not loader_gather.on_loop(loader._config(), wide)
     pinned = dataclasses.replace(loader._config(), pin_memory=True)  # the collate thread's work
-    assert not loader_batches._on_loop(pinned, small)
+    assert not loader_gather.on_loop(pinned, small)
 
 
 @pytest.mark.parametrize("width", [3, 4096])

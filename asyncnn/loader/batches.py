@@ -29,21 +29,19 @@ from .choice import (
     set_by_fetching,
 )
 from .config import LoaderConfig, usable_cores
-from .flow import Entry, Gather, collate_batch, fetch_and_collate, fetch_many, finish, gatherer
+from .flow import Entry, collate_batch, fetch_and_collate, fetch_many, finish
+from .gather import Gather
 from .plan import batch_count, batches_of, epoch_indices
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
-__all__ = ["IO_BOUND", "gather_for", "produce_map_batches"]
+__all__ = ["IO_BOUND", "produce_map_batches"]
 
 IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
 SPREAD_WAIT = 0.002  # seconds a batch waits on I/O, at the least, for spreading it over threads
 # to pay (each part is a thread hand-off: an in-memory dataset's 8 samples take ~20 us, and
 # the few microseconds of reading the clocks made them look like waiting)
 PROBE = 8  # samples fetched alone first, to measure that
-ON_LOOP_BYTES = 128 * 1024  # a TensorDataset batch this small is gathered on the loop: ~40 us
-# at the most (a random gather of 256 KiB took 80 us on the 2-core VM), less than handing it to
-# a thread and back costs the loop (~90 us of its CPU, ~230 us of a batch's time)
 
 
 class _Epoch(Protocol):
@@ -177,14 +175,6 @@ class _Feeds:
             await self.collator.run(self.pool.close, ())
 
 
-def gather_for(cfg: LoaderConfig) -> tuple[Gather | None, bool]:
-    """A sync map-style source's :class:`Gather` (None unless it is a ``TensorDataset`` read
-    on threads), and whether its batches are gathered on the loop (then no fetch thread is
-    needed)."""
-    gather = None if cfg.kind != "map" or cfg.processes else gatherer(cfg.source, cfg.collate)
-    return gather, gather is not None and _on_loop(cfg, gather)
-
-
 async def produce_map_batches(
     ep: _Epoch, pool: ThreadWorker | None, collator: ThreadWorker, gather: Gather | None
 ) -> None:
@@ -208,13 +198,6 @@ async def produce_map_batches(
         await _deliver(ep, feeds, count)
     finally:
         await finish(feeds.close())
-
-
-def _on_loop(cfg: LoaderConfig, gather: Gather) -> bool:
-    """Is each batch cheaper to gather on the loop than to hand to a thread? Small batches
-    of host tensors, neither pinned nor copied to a device (both are the collate thread's)."""
-    small = gather.row_bytes * cfg.batch_size <= ON_LOOP_BYTES
-    return small and gather.in_memory and not cfg.pin_memory and cfg.device is None
 
 
 async def _gather_on_loop(

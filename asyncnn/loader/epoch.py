@@ -20,9 +20,10 @@ import torch
 from ..devices import map_tensors
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .batches import Gather, gather_for, produce_map_batches
+from .batches import produce_map_batches
 from .config import LoaderConfig
 from .flow import GetitemsError, Slots, async_chunks, sync_batches
+from .gather import Gather, gather_for
 from .plan import END, batch_plan, epoch_indices, next_or_end, rows
 from .reorder import Failed, Reassembler, collate_failed
 

@@ -9,16 +9,12 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Iterator
 from typing import Any
 
-import torch
-from torch.utils.data import Subset, TensorDataset, default_collate
-
 from ..executors import ThreadWorker
 from .plan import next_chunk
 from .reorder import Failed, collate_failed
 
 __all__ = [
     "Entry",
-    "Gather",
     "GetitemsError",
     "Slots",
     "async_chunks",
@@ -26,7 +22,6 @@ __all__ = [
     "fetch_and_collate",
     "fetch_many",
     "finish",
-    "gatherer",
     "read_batch",
     "sync_batches",
     "to_collate",
@@ -126,8 +121,8 @@ def fetch_and_collate(
     gather: tuple[Callable[[list[int]], Any], Callable[[Any], Any]] | None = None,
 ) -> Entry:
     """Decoding work: fetch (after ``head``, already fetched) and collate on one thread.
-    ``head`` is emptied with the rest: its samples are freed here too. ``gather``: (what
-    ``gatherer`` returned, the placing of a collated batch), for sources whose batch is one
+    ``head`` is emptied with the rest: its samples are freed here too. ``gather``: (a
+    ``loader.gather.Gather``, the placing of a collated batch), for sources whose batch is one
     indexing per tensor; an index it cannot take is fetched one by one to name it."""
     if gather is not None and not head:
         take, place = gather
@@ -225,64 +220,6 @@ def fetch_many(source: Any, indices: list[int]) -> list[Any]:
         )
         return [Failed(i, err) for i in indices]
     return _one_by_one(source, indices)
-
-
-class Gather:
-    """A ``TensorDataset``'s batch (through any ``Subset``s of it) in one indexing per tensor:
-    ``t[indices]``, which is what ``default_collate`` makes of its samples (a list of
-    ``torch.stack``-ed tensors), without indexing each sample and stacking them (64 samples of
-    32 floats: ~15 us instead of ~500). Indices that are not plain integers raise ``TypeError``
-    (the caller then fetches them one by one, as the dataset would)."""
-
-    __slots__ = ("maps", "row_bytes", "tensors")
-
-    def __init__(self, tensors: tuple[torch.Tensor, ...], maps: list[torch.Tensor]) -> None:
-        self.tensors, self.maps = tensors, maps
-        self.row_bytes = sum(t[0].numel() * t.element_size() for t in tensors if len(t))
-
-    def __call__(self, idxs: list[int]) -> list[torch.Tensor]:
-        index = torch.as_tensor(idxs)
-        if index.dtype != torch.long or index.dim() != 1:
-            raise TypeError("not plain integer indices")  # taken one by one, as given
-        for m in self.maps:
-            index = m[index]
-        # contiguous, as torch.stack makes it (a channels-last tensor's rows keep its layout)
-        return [t[index].contiguous() for t in self.tensors]
-
-    @property
-    def in_memory(self) -> bool:
-        """Every tensor is in host memory (indexing a device's is a launch, not a copy)."""
-        return all(t.device.type == "cpu" for t in self.tensors)
-
-
-def gatherer(source: Any, collate: Any) -> Gather | None:
-    """A :class:`Gather` for a ``TensorDataset`` (or a ``Subset`` of one, as ``random_split``
-    makes) collated by torch's ``default_collate``; None for any other source or collate, or
-    a subclass with its own ``__getitem__``."""
-    if collate is not default_collate:
-        return None
-    subsets: list[Any] = []  # the Subsets' index lists, outermost first
-    while _is(source, Subset):
-        subsets.append(source.indices)
-        source = source.dataset
-    if not _is(source, TensorDataset) or any(t.layout != torch.strided for t in source.tensors):
-        return None  # (sparse tensors: default_collate refuses them anyway)
-    try:
-        maps = [torch.as_tensor(m) for m in subsets]
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if any(m.dtype != torch.long or m.dim() != 1 for m in maps):
-        return None  # not plain integer indices: as the Subset takes them, one by one
-    return Gather(tuple(source.tensors), maps)
-
-
-def _is(source: Any, cls: type) -> bool:
-    """``source`` indexes as ``cls`` does (its class may be a subclass that only adds)."""
-    kind = type(source)
-    return isinstance(source, cls) and all(
-        getattr(kind, name, None) is getattr(cls, name, None)
-        for name in ("__getitem__", "__getitems__")
-    )
 
 
 def _one_by_one(source: Any, indices: list[int]) -> list[Any]:
