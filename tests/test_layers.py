@@ -35,7 +35,7 @@ LAYERS = [
     {"runtime"},
     {"stats"},
     {"loader.plan", "loader.reorder", "loader.config"},
-    {"loader.flow", "loader.choice", "loader.transport"},
+    {"loader.flow", "loader.gather", "loader.choice", "loader.transport"},
     {"loader.processes"},
     {"loader.batches"},
     {"loader.epoch"},
