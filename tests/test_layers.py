@@ -36,7 +36,7 @@ LAYERS = [
     {"stats"},
     {"loader.plan", "loader.reorder", "loader.config"},
     {"loader.flow", "loader.gather", "loader.choice", "loader.transport"},
-    {"loader.processes"},
+    {"loader.processes", "loader.probe"},
     {"loader.batches"},
     {"loader.epoch"},
     {"loader"},

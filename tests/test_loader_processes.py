@@ -21,6 +21,7 @@ import torch
 
 from asyncnn import AsyncLoader, LoaderError
 from asyncnn.loader import batches as loader_batches
+from asyncnn.loader import probe as loader_probe
 from asyncnn.loader.choice import pickles, processes_unsuitable
 from asyncnn.loader.config import LoaderConfig
 
@@ -348,7 +349,7 @@ async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
     # the core for part of it (steal time, which Linux's schedstat does not show), so the
     # measured share of computing can fall below the production threshold. Any share above a
     # tenth is computing for this test: what it checks is the hand-off itself.
-    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)
+    monkeypatch.setattr(loader_probe, "IO_BOUND", 0.1)
     loader = AsyncLoader(Samples(160, spin=0.0005), batch_size=8)  # 4 ms a batch: decoding
     got = await batches(loader)
     assert [i for b in got for i in b["i"].tolist()] == list(range(160))
@@ -379,7 +380,7 @@ async def test_auto_gives_workers_the_dataset_as_it_was_before_the_probe_opened_
     # pickles: auto kept threads for the very pattern that lets worker processes open their
     # own. Now the workers get the dataset as it was before it fetched, in every epoch.
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
-    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)  # as above: computing, on any VM
+    monkeypatch.setattr(loader_probe, "IO_BOUND", 0.1)  # as above: computing, on any VM
     ds = LazyHandle(160, spin=0.0005)
     loader = AsyncLoader(ds, batch_size=8)
     for epoch in (1, 2):
@@ -395,7 +396,7 @@ async def test_auto_gives_workers_the_dataset_as_it_was_before_the_probe_opened_
 
 async def test_threads_means_thread_workers_even_for_costly_decoding(monkeypatch):
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
-    monkeypatch.setattr(loader_batches, "IO_BOUND", 0.1)
+    monkeypatch.setattr(loader_probe, "IO_BOUND", 0.1)
     loader = AsyncLoader(Samples(160, spin=0.0005), batch_size=8, threads=2)
     got = await batches(loader)
     assert {int(p) for b in got for p in b["pid"]} == {os.getpid()}

@@ -13,7 +13,6 @@ finish with ``ordered=False``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -21,27 +20,16 @@ import torch
 
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .choice import (
-    attributes,
-    for_workers,
-    processes_unsuitable,
-    remember_fetching,
-    set_by_fetching,
-)
+from .choice import for_workers, processes_unsuitable
 from .config import LoaderConfig, usable_cores
-from .flow import Entry, collate_batch, fetch_and_collate, fetch_many, finish
+from .flow import Entry, collate_batch, fetch_and_collate, finish
 from .gather import Gather
 from .plan import batch_count, batches_of, epoch_indices
+from .probe import probe, timed_fetch
 from .processes import CollateError, Fetched, ProcessPool, WorkerDied
 from .reorder import Failed, collate_failed
 
-__all__ = ["IO_BOUND", "produce_map_batches"]
-
-IO_BOUND = 0.5  # a fetch that computed less than this share of its time was waiting on I/O
-SPREAD_WAIT = 0.002  # seconds a batch waits on I/O, at the least, for spreading it over threads
-# to pay (each part is a thread hand-off: an in-memory dataset's 8 samples take ~20 us, and
-# the few microseconds of reading the clocks made them look like waiting)
-PROBE = 8  # samples fetched alone first, to measure that
+__all__ = ["produce_map_batches"]
 
 
 class _Epoch(Protocol):
@@ -56,37 +44,6 @@ class _Epoch(Protocol):
     def _place(self, batch: Any) -> Any: ...
 
     def _check(self, samples: list[Any]) -> list[Any]: ...
-
-
-def _timed_fetch(source: Any, idxs: list[int]) -> tuple[list[Any], float, float]:
-    """On a fetch thread: the samples, the CPU seconds this thread computed fetching them
-    (decoding, which holds the GIL), and the seconds it waited (on I/O, or for the GIL). Time
-    spent ready to run but waiting for a core (other processes busy) is neither, where Linux
-    says how much it was: on a loaded machine cheap samples do not look costly or slow."""
-    queued = _queued()  # reading it costs ~35 us of CPU: outside what is timed
-    wall, cpu = time.perf_counter(), time.thread_time()
-    samples = fetch_many(source, idxs)
-    computed = time.thread_time() - cpu
-    took = time.perf_counter() - wall
-    off_core = min(took * 0.9, _queued() - queued)
-    return samples, computed, max(0.0, took - off_core - computed)
-
-
-def waits(computed: float, waited: float, samples: int, batch_size: int) -> bool:
-    """Is fetching I/O-bound enough to spread each batch over threads? It must mostly wait
-    (compute under ``IO_BOUND`` of its time), and a batch must wait long enough at that rate
-    (``SPREAD_WAIT``) to pay for the hand-offs."""
-    busy = computed / max(1e-9, computed + waited)
-    return busy < IO_BOUND and waited / max(1, samples) * batch_size >= SPREAD_WAIT
-
-
-def _queued() -> float:
-    """Seconds this thread has spent runnable but waiting for a core (0 where unknown)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 class _Feeds:
@@ -238,13 +195,16 @@ def _start_threads(
     ahead = asyncio.Event()  # computing: the second fetcher runs too
     waiting: list[bool] = []  # non-empty: batches are spread over the threads (I/O-bound)
     probed: list[bool] = []  # non-empty once the first samples were measured
-    # A TensorDataset's batch is one indexing per tensor: nothing to measure.
-    if (cfg.workers is not None and cfg.worker_kind == "thread") or gather is not None:
+    if gather is not None:  # one indexing per tensor: nothing to measure, nothing to spread
         probed.append(True)
-        if cfg.workers is not None and cfg.workers > 1 and gather is None:
+        ahead.set()
+    elif cfg.workers is not None and cfg.worker_kind == "thread":
+        probed.append(True)
+        if cfg.workers > 1:
             waiting.append(True)
             widen.set()
         ahead.set()
+    gathered = None if gather is None else (gather, ep._place)
 
     async def fetcher(i: int) -> None:
         if i:
@@ -261,7 +221,7 @@ def _start_threads(
             handing_off = False
             if not probed:  # the first batch: a few samples show what fetching is
                 probed.append(True)
-                head, spread, per_batch, idxs = await _probe(pool, cfg, idxs)
+                head, spread, per_batch, idxs = await probe(pool, cfg, idxs)
                 if spread:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
                     widen.set()
@@ -284,7 +244,7 @@ def _start_threads(
                         skip,
                         ep._finish_batch,
                         head,
-                        gather and (gather, ep._place),
+                        gathered,
                     ),
                 )
             feeds.put(k, entry)
@@ -295,38 +255,6 @@ def _start_threads(
         asyncio.create_task(fetcher(i), name="asyncnn:loader-fetch")
         for i in range(min(max(2, cfg.fetch_threads), batches) or 1)
     ]
-
-
-async def _probe(
-    pool: ThreadWorker, cfg: LoaderConfig, idxs: list[int]
-) -> tuple[list[Any], bool, float, list[int]]:
-    """The first batch's first samples, fetched alone on a thread and timed: (the samples,
-    whether fetching waits enough to spread batches over threads, the CPU seconds a batch
-    computes at this rate, the batch's indices left to fetch).
-
-    What the dataset sets while it fetches (a handle it opens lazily in ``__getitem__``: an
-    HDF5 file, an LMDB environment, a connection) is remembered with its value before, so
-    that worker processes can get the dataset as it was (``choice.for_workers``)."""
-    source = cfg.source
-    before = attributes(source)
-    head, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
-    per_sample = cpu / max(1, len(head))
-    spread = waits(cpu, waited, len(head), cfg.batch_size)
-    idxs = idxs[PROBE:]
-    if idxs:
-        # A second look. Waiting for the GIL reads as waiting: confirm before spreading what
-        # may be decoding over many threads (the worst choice for it). And the first call on a
-        # fresh thread pays its warm-up (an in-memory dataset's first 8 samples took 10-20x
-        # their cost): the cheaper look is the rate, or processes would take over for it.
-        more, cpu, waited = await pool.run(_timed_fetch, (source, idxs[:PROBE]))
-        spread = spread and waits(cpu, waited, len(more), cfg.batch_size)
-        per_sample = min(per_sample, cpu / max(1, len(more)))
-        head += more  # one list, emptied (its samples freed) where it is collated
-        idxs = idxs[PROBE:]
-    after = attributes(source)
-    if before is not None and after is not None:
-        remember_fetching(source, set_by_fetching(before, after))
-    return head, spread, per_sample * cfg.batch_size, idxs
 
 
 async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
@@ -378,7 +306,7 @@ async def _spread(pool: ThreadWorker, source: Any, idxs: list[int], threads: int
         return []
     size = -(-len(idxs) // threads)
     parts = [idxs[i : i + size] for i in range(0, len(idxs), size)]
-    got = await asyncio.gather(*(pool.run(_timed_fetch, (source, p)) for p in parts))
+    got = await asyncio.gather(*(pool.run(timed_fetch, (source, p)) for p in parts))
     return [s for fetched in got for s in fetched[0]]
 
 

@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from asyncnn.loader.batches import waits
 from asyncnn.loader.choice import as_before_fetching, attributes, pickles, set_by_fetching
 from asyncnn.loader.plan import batch_count, batch_plan, epoch_indices, rows, source_kind
+from asyncnn.loader.probe import waits
 from asyncnn.loader.reorder import Reassembler
 
 
