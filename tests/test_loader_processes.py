@@ -225,6 +225,101 @@ async def test_no_worker_outlives_a_cancelled_or_failing_consumer():
     assert not multiprocessing.active_children()
 
 
+class Rows:
+    """Sample ``i``: a row of 1,024 float32 (batches of 64: 256 KiB, sent through the pipe and
+    past its buffer), decoded in ~1 ms (a batch in ~64 ms: workers are mid-batch most of the
+    time)."""
+
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        return torch.full((1_024,), float(i))
+
+
+async def test_an_early_exit_stops_workers_that_hold_unread_batches(monkeypatch):
+    """Workers with batches in hand that nobody will read (larger than a pipe's buffer) stop
+    when asked, leaving the jobs queued behind: none has to be terminated. (They once blocked
+    writing to a pipe the parent no longer read, so every early exit and Ctrl-C waited 5 s a
+    worker before terminating them.)"""
+    from multiprocessing.process import BaseProcess
+
+    terminated: list[int | None] = []
+    terminate = BaseProcess.terminate
+    monkeypatch.setattr(
+        BaseProcess, "terminate", lambda p: (terminated.append(p.pid), terminate(p))[-1]
+    )
+    ended = asyncio.Event()
+    close = loader_batches.ProcessPool.close
+
+    def closing(pool):
+        try:
+            close(pool)
+        finally:  # on the thread that closes the pool
+            loop.call_soon_threadsafe(ended.set)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loader_batches.ProcessPool, "close", closing)
+    loader = AsyncLoader(Rows(), batch_size=64, worker_kind="process", workers=2, prefetch=4)
+    async with contextlib.aclosing(aiter(loader)) as it:
+        async for b in it:
+            assert b.shape == (64, 1_024)
+            break  # both workers are decoding a batch that nobody will read
+    with anyio.fail_after(60):
+        await ended.wait()
+    assert terminated == []
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.hang_guard(90)
+async def test_ctrl_c_ends_a_script_with_process_workers_and_leaves_none(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole process group, workers included. The script
+    ends with KeyboardInterrupt and no worker is left."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, multiprocessing, sys
+            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+            from tests.test_loader_processes import Rows
+            from asyncnn import AsyncLoader
+
+            async def main():
+                while True:
+                    async for b in AsyncLoader(Rows(), batch_size=64, worker_kind="process",
+                                               workers=2):
+                        pids = [p.pid for p in multiprocessing.active_children()]
+                        print(*pids, flush=True)
+                        await asyncio.sleep(0.05)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 (starting it does not wait)
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job
+        # A shell that runs this suite in the background ignores SIGINT in its children.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    workers: set[int] = set()
+    for _ in range(3):
+        line = await anyio.to_thread.run_sync(proc.stdout.readline)
+        assert line, "the script ended early"
+        workers |= {int(p) for p in line.split()}
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = await anyio.to_thread.run_sync(proc.communicate)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, err[-2000:]
+    assert workers and all(gone(p) for p in workers)
+
+
 @pytest.mark.hang_guard(60)
 async def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = tmp_path / "parent.py"

@@ -27,6 +27,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -126,9 +127,11 @@ def _serve(
     init: Callable[[int], None] | None,
     jobs: Any,
     results: Connection,
+    stop: Any,
     parent: int,
 ) -> None:
-    """A worker process: batches until told to stop, or until its parent is gone."""
+    """A worker process: batches until told to stop (``stop`` set: the jobs still queued are
+    left), or until its parent is gone."""
     # What the parent held is never collected here: no parent object's finalizer runs in a
     # worker, and its pages stay shared (copy-on-write) rather than touched by the collector.
     gc.freeze()
@@ -148,7 +151,7 @@ def _serve(
             if os.getppid() != parent:
                 return
             continue
-        if job is None:
+        if job is None or stop.is_set():
             return
         k, idxs = job
         failures, batch = fetch_batch(source, collate, idxs, skip)
@@ -197,7 +200,7 @@ class ProcessPool:
         self._results: list[Connection] = []
         self._procs: list[Any] = []
         self._closing = False
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._stop = self._ctx.Event()
         self._receiver = threading.Thread(
             target=self._receive, name="asyncnn:loader-receive", daemon=True
         )
@@ -210,7 +213,7 @@ class ProcessPool:
             p = self._ctx.Process(
                 target=_serve,
                 args=(i, workers, source, collate, skip, seed + i, init, jobs, results_w),
-                kwargs={"parent": os.getpid()},
+                kwargs={"stop": self._stop, "parent": os.getpid()},
                 name=f"asyncnn:loader-worker:{i}",
                 daemon=True,
             )
@@ -227,11 +230,13 @@ class ProcessPool:
 
     def _receive(self) -> None:
         """The receiver thread: results to the loop (unpickled here, off the loop); a worker
-        that ends unasked is reported once, after what it sent."""
+        that ends unasked is reported once, after what it sent. It reads until every worker
+        has ended, closing too (what is read then is dropped): a worker writing a batch
+        larger than the pipe's buffer must not block on it while it is asked to stop."""
         conns = {c: i for i, c in enumerate(self._results)}
         sentinels = {p.sentinel: i for i, p in enumerate(self._procs)}
-        while not self._closing and sentinels:
-            for r in mp_wait([self._wake_r, *conns, *sentinels]):
+        while sentinels:
+            for r in mp_wait([*conns, *sentinels]):
                 if r in conns:
                     self._take(conns, r)
                 elif r in sentinels:
@@ -248,6 +253,8 @@ class ProcessPool:
             self._post(receive(conn))
         except Exception as exc:
             i = conns.pop(conn)
+            if self._closing:  # stopped mid-send: nobody waits for its batch
+                return
             proc = self._procs[i]
             proc.join(_WATCH)  # a worker that died mid-send: its sentinel will say how
             if proc.exitcode is None:  # alive, yet its batch was lost in transit
@@ -262,17 +269,20 @@ class ProcessPool:
             self._post((i, -1, [], 0, err))
 
     def _post(self, item: Fetched) -> None:
+        if self._closing:  # the epoch is over: nobody waits for it
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             self._loop.call_soon_threadsafe(self._deliver, item)
 
     def close(self) -> None:
         """Stop every worker (asked, then terminated, then killed) and the receiver."""
         self._closing = True
-        self._wake_w.send(None)
+        self._stop.set()  # the jobs queued behind a worker's current batch are left
         for q in self._jobs:
-            q.put(None)
+            q.put(None)  # wakes a worker waiting for a job
+        end = time.monotonic() + _JOIN  # for the current batches of all of them together
         for p in self._procs:
-            p.join(_JOIN)
+            p.join(max(0.0, end - time.monotonic()))
         for p in self._procs:
             if p.exitcode is None:
                 p.terminate()
@@ -285,7 +295,7 @@ class ProcessPool:
         for q in self._jobs:
             q.cancel_join_thread()  # a stopped worker reads no more: do not wait to flush
             q.close()
-        for c in (*self._results, self._wake_r, self._wake_w):
+        for c in self._results:
             c.close()
         for p in self._procs:
             p.close()
