@@ -274,84 +274,68 @@ async def test_an_early_exit_stops_workers_that_hold_unread_batches(monkeypatch)
     assert not multiprocessing.active_children()
 
 
+async def script_with_workers(tmp_path, loop_body, **popen):
+    """Start a script whose ``main()`` runs ``loop_body`` (an ``async for b in AsyncLoader(...)``
+    that prints its workers' pids for each batch) and return it once two workers have shown."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import asyncio, multiprocessing, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "from tests.test_loader_processes import Rows, Samples\n"
+        "from asyncnn import AsyncLoader\n\n"
+        "async def main():\n"
+        + textwrap.indent(textwrap.dedent(loop_body), "    ")
+        + "\nasyncio.run(main())\n"
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 (starting it does not wait)
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, **popen
+    )
+    assert proc.stdout is not None
+    pids: set[int] = set()
+    while len(pids) < 2:
+        line = await anyio.to_thread.run_sync(proc.stdout.readline)
+        assert line, "the script ended early"
+        pids |= {int(p) for p in line.split()}
+    return proc, pids
+
+
 @pytest.mark.hang_guard(90)
 async def test_ctrl_c_ends_a_script_with_process_workers_and_leaves_none(tmp_path):
     """Ctrl-C in a terminal: SIGINT to the whole process group, workers included. The script
     ends with KeyboardInterrupt and no worker is left."""
-    script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import asyncio, multiprocessing, sys
-            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-            from tests.test_loader_processes import Rows
-            from asyncnn import AsyncLoader
-
-            async def main():
-                while True:
-                    async for b in AsyncLoader(Rows(), batch_size=64, worker_kind="process",
-                                               workers=2):
-                        pids = [p.pid for p in multiprocessing.active_children()]
-                        print(*pids, flush=True)
-                        await asyncio.sleep(0.05)
-
-            asyncio.run(main())
-            """
-        )
-    )
-    proc = subprocess.Popen(  # noqa: ASYNC220 (starting it does not wait)
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
+    proc, workers = await script_with_workers(
+        tmp_path,
+        """
+        while True:
+            async for b in AsyncLoader(Rows(), batch_size=64, worker_kind="process", workers=2):
+                print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+                await asyncio.sleep(0.05)
+        """,
         stderr=subprocess.PIPE,
-        text=True,
         start_new_session=True,  # a process group of its own, as a terminal's job
         # A shell that runs this suite in the background ignores SIGINT in its children.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert proc.stdout is not None
-    workers: set[int] = set()
-    for _ in range(3):
-        line = await anyio.to_thread.run_sync(proc.stdout.readline)
-        assert line, "the script ended early"
-        workers |= {int(p) for p in line.split()}
     os.killpg(proc.pid, signal.SIGINT)
     _, err = await anyio.to_thread.run_sync(proc.communicate)
     assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, err[-2000:]
-    assert workers and all(gone(p) for p in workers)
+    assert all(gone(p) for p in workers)
 
 
 @pytest.mark.hang_guard(60)
 async def test_workers_exit_when_their_parent_is_killed(tmp_path):
-    script = tmp_path / "parent.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import asyncio, sys
-            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-            from tests.test_loader_processes import Samples
-            from asyncnn import AsyncLoader
-
-            async def main():
-                async for b in AsyncLoader(Samples(10_000, spin=0.001), batch_size=4,
-                                           worker_kind="process", workers=2):
-                    print(*sorted(set(int(p) for p in b["pid"])), flush=True)
-                    await asyncio.sleep(0.05)
-
-            asyncio.run(main())
-            """
-        )
+    parent, pids = await script_with_workers(
+        tmp_path,
+        """
+        async for b in AsyncLoader(Samples(10_000, spin=0.001), batch_size=4,
+                                   worker_kind="process", workers=2):
+            print(*sorted(set(int(p) for p in b["pid"])), flush=True)
+            await asyncio.sleep(0.05)
+        """,
     )
-    parent = subprocess.Popen(  # noqa: ASYNC220 (starting it does not wait)
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
-    )
-    pids: set[int] = set()
-    assert parent.stdout is not None
-    while len(pids) < 2:
-        line = await anyio.to_thread.run_sync(parent.stdout.readline)
-        assert line, "the parent script ended early"
-        pids |= {int(p) for p in line.split()}
     parent.kill()
     parent.wait()
+    assert parent.stdout is not None
     parent.stdout.close()
     await all_gone(pids)
 
