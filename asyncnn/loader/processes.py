@@ -245,8 +245,9 @@ class ProcessPool:
                     while conn in conns and conn.poll(0):  # what it sent before it ended
                         self._take(conns, conn)
                     conns.pop(conn, None)
-                    self._procs[i].join(_WATCH)  # its pipe closed first: let it be reaped
-                    self._lost(i, _describe(self._procs[i].exitcode))
+                    if not self._closing:  # (closing, close() reaps the workers, alone)
+                        self._procs[i].join(_WATCH)  # its pipe closed first: let it be reaped
+                        self._lost(i, _describe(self._procs[i].exitcode))
 
     def _take(self, conns: dict[Connection, int], conn: Connection) -> None:
         try:
@@ -280,7 +281,12 @@ class ProcessPool:
         self._stop.set()  # the jobs queued behind a worker's current batch are left
         for q in self._jobs:
             q.put(None)  # wakes a worker waiting for a job
+        # The receiver reads (and drops) what the workers still send, and ends once every one
+        # of them has; the workers are reaped here, only after it (a process joined from two
+        # threads at once can look alive to one of them, and be terminated, after it ended).
         end = time.monotonic() + _JOIN  # for the current batches of all of them together
+        if self._receiver.is_alive():
+            self._receiver.join(_JOIN)
         for p in self._procs:
             p.join(max(0.0, end - time.monotonic()))
         for p in self._procs:
