@@ -137,11 +137,6 @@ class PipelineStats(Mapping[str, StageStats]):
         )
 
 
-def _busy(timed_seconds: float, timed: int, calls: int) -> float:
-    # Loop stages time a sample of their calls: the sample's mean stands for every call.
-    return timed_seconds / timed * max(calls, timed) if timed else 0.0
-
-
 class HasStats(Protocol):
     """Anything with a ``stats()`` snapshot (a ``Pipeline``): what metrics exporters take."""
 
@@ -152,8 +147,7 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
     """``stats()`` from the runtime's read-only view of run number ``run``."""
     stages: dict[str, StageStats] = {}
     for s in view.stages:
-        calls = s.batches + s.failures + s.retries
-        busy = _busy(s.busy, s.timed, calls) / (view.elapsed * s.workers) if view.elapsed else 0.0
+        busy = s.busy / (view.elapsed * s.workers) if view.elapsed else 0.0
         stages[s.name] = StageStats(
             name=s.name,
             runs_on=s.runs_on,

@@ -126,6 +126,14 @@ class StageProbe:
         if obs is not None:
             obs("batch_done", self.name, size=size, seconds=seconds)
 
+    def spent(self) -> float:
+        """Seconds inside the stage's calls so far: ``busy``, or for a stage that times a
+        sample of its calls (cheap loop stages), the sample's mean for every call."""
+        if not self.timed:
+            return 0.0
+        calls = self.batches + self.failures + self.retries
+        return self.busy / self.timed * max(calls, self.timed)
+
     def waited(self, seconds: float) -> None:
         """Workers waited ``seconds`` for room downstream."""
         self.blocked += seconds

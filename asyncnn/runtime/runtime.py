@@ -102,7 +102,9 @@ class Runtime:
         self.ranked = False  # queues hand out the most urgent request first (``rank``)
         self.deadlines: Deadlines | None = None  # requests' deadlines (made by the first one)
         self.control = (  # predictive admission: None without max_in_flight
-            None if max_in_flight is None else Admission(max_in_flight, self.ledger, self.need)
+            None
+            if max_in_flight is None
+            else Admission(max_in_flight, self.ledger, self.need, self.worker_busy)
         )
 
     def _outbox(self, targets: tuple[Target, ...], probe: StageProbe) -> Outbox:
@@ -190,6 +192,11 @@ class Runtime:
             queues.update((id(c), c) for c in (*ctx.ports, ctx.inbox))
         for ch in queues.values():
             ch.rank(_urgency, aging, clock)
+
+    def worker_busy(self) -> list[float]:
+        """Each stage's seconds inside calls so far, per worker (admission's measure of how
+        busy the stages were in a window)."""
+        return [c.probe.spent() / max(1, c.workers) for c in self.stages]
 
     def need(self) -> float:
         """Seconds one request's calls take through every stage, as measured so far: at a
@@ -282,7 +289,7 @@ class Runtime:
             rows=p.rows,
             retries=p.retries,
             released=dict(p.released),
-            busy=p.busy,
+            busy=p.spent(),
             timed=p.timed,
             blocked=p.blocked,
             running=p.active,

@@ -38,7 +38,7 @@ class StageView:
     rows: int
     retries: int
     released: dict[str, int]
-    busy: float  # seconds inside the timed calls
+    busy: float  # seconds inside calls (a stage timing a sample of its calls: estimated)
     timed: int  # calls timed
     blocked: float
     running: int

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from asyncnn.batching import Request
-from asyncnn.runtime.admission import WINDOW, Admission
+from asyncnn.runtime.admission import MOST, ROOM, WINDOW, Admission
 from asyncnn.runtime.ledger import Ledger
 
 
@@ -71,3 +71,39 @@ def test_nothing_measured_admits(loop):
     adm = Admission(100, ledger, lambda: 0.0)
     admit(ledger, loop, 0)
     assert adm.check(0.0, 0, 0.0001) is None  # no rate yet: no prediction
+
+
+def measured(loop, ended, stage_busy):
+    """An admission over one window of ``WINDOW`` in which ``ended`` requests ended and each
+    stage's workers spent ``stage_busy[i]`` seconds (per worker) inside calls."""
+    ledger = Ledger()
+    clock = [[0.0] * len(stage_busy)]
+    adm = Admission(100, ledger, lambda: 0.002, lambda: clock[0])
+    reqs = [admit(ledger, loop, i) for i in range(ended + 4)]
+    assert adm.check(0.0, 0, None) is None
+    for r in reqs[:ended]:
+        ledger.complete(r, None)
+    clock[0] = list(stage_busy)
+    assert adm.check(WINDOW, 0, None) is None
+    return ledger, adm
+
+
+def test_a_window_with_room_counts_the_rate_the_stages_could_serve(loop):
+    # Four requests in flight and 9 ended in 50 ms (180/s), but the busiest stage was inside
+    # calls 5% of the time: it had room, and serves at least ROOM / 5% = 10x that rate. A
+    # FastAPI app with six clients was refused so: ~22 ms predicted for one 0.1 ms call.
+    ledger, adm = measured(loop, 9, [0.001, 0.05 * WINDOW])
+    assert adm.rate == pytest.approx(180.0 * ROOM / 0.05)
+    assert len(ledger) == 4
+    assert adm.check(WINDOW, 0, WINDOW + 0.010) is None  # ~1 ms behind 4, plus 2 ms
+    # The same window with its stage busy half the time or more: the rate stands as measured.
+    ledger, adm = measured(loop, 9, [ROOM * WINDOW, 0.0])
+    assert adm.rate == pytest.approx(180.0)
+    assert adm.check(WINDOW, 0, WINDOW + 0.010) is not None  # 22 ms behind 4 at 180/s
+
+
+def test_room_is_not_guessed_without_timed_calls_and_is_bounded(loop):
+    _, adm = measured(loop, 9, [0.0, 0.0])  # no call timed in the window: nothing to judge by
+    assert adm.rate == pytest.approx(180.0)
+    _, adm = measured(loop, 9, [1e-9])  # a sliver of use: scaled at most MOST times
+    assert adm.rate == pytest.approx(180.0 * MOST)
