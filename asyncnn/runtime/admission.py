@@ -59,13 +59,15 @@ class Admission:
         limit: int,
         ledger: Ledger,
         base: Callable[[], float],
-        busy: Callable[[], Sequence[float]] | None = None,
+        busy: Callable[[], tuple[Sequence[float], bool]] | None = None,
     ) -> None:
         self.limit = limit
         self._ledger = ledger
         ledger.by_priority = {}
         self._base = base
-        self._busy = busy  # each stage's seconds inside calls so far, per worker
+        # Each stage's seconds inside calls so far, per worker, and whether any stage has every
+        # worker inside a call now.
+        self._busy = busy
         self._busy_at: Sequence[float] = ()
         self._since: float | None = None
         self._ended = 0
@@ -94,16 +96,18 @@ class Admission:
         self._since, self._ended = now, self._ended_now()
         self.base = self._base()
         if self._busy is not None:
-            self._busy_at = self._busy()
+            self._busy_at = self._busy()[0]
 
     def _room(self, span: float) -> float:
         """How much faster than measured the window's requests could have been served: 1 when
         its busiest stage was inside calls ``ROOM`` of the time or more, else ``ROOM / use``
-        (at most ``MOST``). 1 when no stage timed a call in it (nothing to judge by)."""
+        (at most ``MOST``). 1 when no stage timed a call in it (nothing to judge by), and when
+        a stage has every worker inside a call now: a call is counted when it ends, so a
+        window shorter than a stage's calls can look idle while that stage is full."""
         if self._busy is None:
             return 1.0
-        now = self._busy()
-        if len(now) != len(self._busy_at):
+        now, full = self._busy()
+        if full or len(now) != len(self._busy_at):
             return 1.0
         use = max((b - a for a, b in zip(self._busy_at, now, strict=True)), default=0.0) / span
         if use <= 0.0 or use >= ROOM:

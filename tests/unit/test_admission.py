@@ -73,17 +73,18 @@ def test_nothing_measured_admits(loop):
     assert adm.check(0.0, 0, 0.0001) is None  # no rate yet: no prediction
 
 
-def measured(loop, ended, stage_busy):
+def measured(loop, ended, stage_busy, full=False):
     """An admission over one window of ``WINDOW`` in which ``ended`` requests ended and each
-    stage's workers spent ``stage_busy[i]`` seconds (per worker) inside calls."""
+    stage's workers spent ``stage_busy[i]`` seconds (per worker) inside calls; ``full``: at
+    its end a stage has every worker inside a call."""
     ledger = Ledger()
-    clock = [[0.0] * len(stage_busy)]
+    clock = [([0.0] * len(stage_busy), False)]
     adm = Admission(100, ledger, lambda: 0.002, lambda: clock[0])
     reqs = [admit(ledger, loop, i) for i in range(ended + 4)]
     assert adm.check(0.0, 0, None) is None
     for r in reqs[:ended]:
         ledger.complete(r, None)
-    clock[0] = list(stage_busy)
+    clock[0] = (list(stage_busy), full)
     assert adm.check(WINDOW, 0, None) is None
     return ledger, adm
 
@@ -107,3 +108,10 @@ def test_room_is_not_guessed_without_timed_calls_and_is_bounded(loop):
     assert adm.rate == pytest.approx(180.0)
     _, adm = measured(loop, 9, [1e-9])  # a sliver of use: scaled at most MOST times
     assert adm.rate == pytest.approx(180.0 * MOST)
+
+
+def test_a_stage_with_every_worker_in_a_call_is_not_judged_idle(loop):
+    # Calls are counted when they end: a window shorter than a stage's calls (a transformer's
+    # batch) in which only a short call ended looks idle while the stage is full.
+    _, adm = measured(loop, 9, [0.05 * WINDOW], full=True)
+    assert adm.rate == pytest.approx(180.0)
