@@ -19,7 +19,9 @@ answered took 11 ms. So a window is also judged by how busy its busiest stage wa
 each stage's seconds inside calls per worker, and whether a stage has every worker inside a
 call now): below ``ROOM`` of the time it had room, and the rate it served is scaled to what it
 would serve at ``ROOM`` use. At ``ROOM`` or more (saturated, the loop's share of the cores
-taken into account), or with a stage full now, the rate stands as measured.
+taken into account) the rate stands as measured. A call still running counts up to the window's
+end (``StageProbe.spent``): a window shorter than a stage's calls, in which only a short call
+ended, would otherwise look idle while the stage is full.
 """
 
 from __future__ import annotations
@@ -60,14 +62,13 @@ class Admission:
         limit: int,
         ledger: Ledger,
         base: Callable[[], float],
-        busy: Callable[[], tuple[Sequence[float], bool]] | None = None,
+        busy: Callable[[], Sequence[float]] | None = None,
     ) -> None:
         self.limit = limit
         self._ledger = ledger
         ledger.by_priority = {}
         self._base = base
-        # Each stage's seconds inside calls so far, per worker, and whether any stage has every
-        # worker inside a call now.
+        # Each stage's seconds inside calls so far (running ones up to now), per worker.
         self._busy = busy
         self._busy_at: Sequence[float] = ()
         self._since: float | None = None
@@ -94,23 +95,18 @@ class Admission:
                 self.rate = seen if not self.rate else self.rate + ALPHA * (seen - self.rate)
             self._start(now, busy)
 
-    def _start(self, now: float, busy: tuple[Sequence[float], bool] | None = None) -> None:
+    def _start(self, now: float, busy: Sequence[float] | None = None) -> None:
         """Open a window at ``now``; ``busy``: the stages' reading already taken now."""
         self._since, self._ended = now, self._ended_now()
         self.base = self._base()
         if self._busy is not None:
-            self._busy_at = (busy or self._busy())[0]
+            self._busy_at = self._busy() if busy is None else busy
 
-    def _room(self, span: float, busy: tuple[Sequence[float], bool] | None) -> float:
+    def _room(self, span: float, now: Sequence[float] | None) -> float:
         """How much faster than measured the window's requests could have been served: 1 when
         its busiest stage was inside calls ``ROOM`` of the time or more, else ``ROOM / use``
-        (at most ``MOST``). 1 when no stage timed a call in it (nothing to judge by), and when
-        a stage has every worker inside a call now: a call is counted when it ends, so a
-        window shorter than a stage's calls can look idle while that stage is full."""
-        if busy is None:
-            return 1.0
-        now, full = busy
-        if full or len(now) != len(self._busy_at):
+        (at most ``MOST``); 1 when no stage timed a call in it (nothing to judge by)."""
+        if now is None or len(now) != len(self._busy_at):
             return 1.0
         use = max((b - a for a, b in zip(self._busy_at, now, strict=True)), default=0.0) / span
         if use <= 0.0 or use >= ROOM:

@@ -9,6 +9,7 @@ costs more than such a call), unless an event subscriber wants every ``batch_don
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ class StageProbe:
         "misses",
         "name",
         "observe",
+        "opened",
         "padded_tokens",
         "real_tokens",
         "released",
@@ -101,6 +103,7 @@ class StageProbe:
         self.timed = 0  # calls timed (all of them, or a sample for cheap loop stages)
         self.blocked = 0.0  # seconds its workers waited for room downstream (backpressure)
         self.active = 0  # calls running now
+        self.opened = 0.0  # the sum of their start times (perf_counter), for time running now
         self.latency = LatencyHistogram()
         self.rows = 0  # batching stages: rows in the batches formed (for the mean batch size)
         self.retries = 0  # batched stages: re-runs of part of a failed batch
@@ -126,13 +129,30 @@ class StageProbe:
         if obs is not None:
             obs("batch_done", self.name, size=size, seconds=seconds)
 
-    def spent(self) -> float:
+    def begin(self, t0: float) -> None:
+        """A timed call started at ``t0`` (``time.perf_counter``): it is running."""
+        self.active += 1
+        self.opened += t0
+
+    def end(self, t0: float) -> None:
+        """The call :meth:`begin` counted at ``t0`` is no longer running (ended, failed, or
+        handed on: its time is counted by ``timed_call``, or not at all)."""
+        self.active -= 1
+        self.opened = self.opened - t0 if self.active else 0.0  # (no rounding left behind)
+
+    def spent(self, now: float | None = None) -> float:
         """Seconds inside the stage's calls so far: ``busy``, or for a stage that times a
-        sample of its calls (cheap loop stages), the sample's mean for every call."""
+        sample of its calls (cheap loop stages), the sample's mean for every call; plus the
+        time so far of the timed calls running at ``now`` (``time.perf_counter``; read when
+        None), which ``busy`` counts only once they end."""
+        running = 0.0
+        if self.active:
+            running = self.active * (time.perf_counter() if now is None else now) - self.opened
         if not self.timed:
-            return 0.0
-        calls = self.batches + self.failures + self.retries
-        return self.busy / self.timed * max(calls, self.timed)
+            return running
+        # Calls ended (a batching stage counts a batch when it starts: not the running ones).
+        calls = self.batches + self.failures + self.retries - self.active
+        return self.busy / self.timed * max(calls, self.timed) + running
 
     def waited(self, seconds: float) -> None:
         """Workers waited ``seconds`` for room downstream."""

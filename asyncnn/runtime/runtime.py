@@ -193,11 +193,11 @@ class Runtime:
         for ch in queues.values():
             ch.rank(_urgency, aging, clock)
 
-    def worker_busy(self) -> tuple[list[float], bool]:
-        """Each stage's seconds inside calls so far, per worker, and whether a stage has every
-        worker inside a call now (admission's measure of how busy the stages were)."""
-        spent = [c.probe.spent() / max(1, c.workers) for c in self.stages]
-        return spent, any(c.probe.active >= max(1, c.workers) for c in self.stages)
+    def worker_busy(self) -> list[float]:
+        """Each stage's seconds inside calls so far, per worker, the calls running now counted
+        up to now (admission's measure of how busy the stages were)."""
+        now = time.perf_counter()
+        return [c.probe.spent(now) / max(1, c.workers) for c in self.stages]
 
     def need(self) -> float:
         """Seconds one request's calls take through every stage, as measured so far: at a

@@ -7,6 +7,7 @@ import pytest
 from asyncnn.batching import Request
 from asyncnn.runtime.admission import MOST, ROOM, WINDOW, Admission
 from asyncnn.runtime.ledger import Ledger
+from asyncnn.runtime.probe import StageProbe
 
 
 @pytest.fixture
@@ -73,18 +74,17 @@ def test_nothing_measured_admits(loop):
     assert adm.check(0.0, 0, 0.0001) is None  # no rate yet: no prediction
 
 
-def measured(loop, ended, stage_busy, full=False):
+def measured(loop, ended, stage_busy):
     """An admission over one window of ``WINDOW`` in which ``ended`` requests ended and each
-    stage's workers spent ``stage_busy[i]`` seconds (per worker) inside calls; ``full``: at
-    its end a stage has every worker inside a call."""
+    stage's workers spent ``stage_busy[i]`` seconds (per worker) inside calls."""
     ledger = Ledger()
-    clock = [([0.0] * len(stage_busy), False)]
+    clock = [[0.0] * len(stage_busy)]
     adm = Admission(100, ledger, lambda: 0.002, lambda: clock[0])
     reqs = [admit(ledger, loop, i) for i in range(ended + 4)]
     assert adm.check(0.0, 0, None) is None
     for r in reqs[:ended]:
         ledger.complete(r, None)
-    clock[0] = (list(stage_busy), full)
+    clock[0] = list(stage_busy)
     assert adm.check(WINDOW, 0, None) is None
     return ledger, adm
 
@@ -110,8 +110,47 @@ def test_room_is_not_guessed_without_timed_calls_and_is_bounded(loop):
     assert adm.rate == pytest.approx(180.0 * MOST)
 
 
-def test_a_stage_with_every_worker_in_a_call_is_not_judged_idle(loop):
-    # Calls are counted when they end: a window shorter than a stage's calls (a transformer's
-    # batch) in which only a short call ended looks idle while the stage is full.
-    _, adm = measured(loop, 9, [0.05 * WINDOW], full=True)
-    assert adm.rate == pytest.approx(180.0)
+def test_a_stage_inside_a_long_call_is_not_judged_idle(loop):
+    # A window shorter than a stage's calls (a transformer's batch) in which only a short call
+    # ended: counted when calls end, the stage looked idle (5%) while its one worker was
+    # inside a call the whole window; the running call counts up to the window's end.
+    probe = StageProbe("model")  # two workers: one ends a short call, one is in a long one
+    probe.batches += 2  # (a batching stage counts a batch when it starts)
+    probe.begin(9.99)
+    probe.begin(10.0)
+    ledger = Ledger()
+    now = [10.0]
+    adm = Admission(100, ledger, lambda: 0.002, lambda: [probe.spent(now[0]) / 2])
+    reqs = [admit(ledger, loop, i) for i in range(13)]
+    assert adm.check(0.0, 0, None) is None
+    for r in reqs[:9]:
+        ledger.complete(r, None)
+    probe.end(9.99)
+    probe.timed_call(0.05 * WINDOW + 0.01, 9)  # the short call ended in the window
+    now[0] = 10.0 + WINDOW
+    assert adm.check(WINDOW, 0, None) is None
+    assert adm.rate == pytest.approx(180.0)  # busy over half the window: as measured
+    assert probe.spent(now[0]) == pytest.approx(0.05 * WINDOW + 0.01 + WINDOW)
+
+
+def test_a_probe_counts_running_calls_once():
+    probe = StageProbe("s")
+    assert probe.spent(5.0) == 0.0
+    probe.begin(1.0)
+    probe.begin(2.0)
+    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # two calls running
+    probe.end(1.0)
+    probe.timed_call(2.0, 4)
+    probe.batches += 1
+    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # one ended (2 s), one running (1 s)
+    # A batching stage counts a batch when it starts: the running one is not also taken as
+    # a mean call of those ended.
+    probe.batches += 1
+    assert probe.spent(4.0) == pytest.approx(2.0 + 2.0)
+    probe.end(2.0)
+    assert probe.opened == 0.0 and probe.active == 0
+    # A loop stage timing one call in many: the sample's mean stands for every call.
+    loop_stage = StageProbe("cheap")
+    loop_stage.timed_call(0.001, 1)
+    loop_stage.batches += 64
+    assert loop_stage.spent(0.0) == pytest.approx(0.064)

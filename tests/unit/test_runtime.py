@@ -1,5 +1,7 @@
 """A Runtime built but not started: capacity, observers, view, progress and stall location."""
 
+import time
+
 import torch
 
 from asyncnn import Batching, Graph, Stage
@@ -71,6 +73,17 @@ def test_locate_oldest_blames_a_busy_stage_or_says_between_stages():
     rt.stages[1].probe.active = 1  # a thread stage inside a call
     where = rt.locate_oldest()
     assert where["stage"] == "b" and where["calls_running"] == 1
+
+
+def test_worker_busy_counts_the_calls_running_now():
+    # Admission's reading of how busy each stage was: a call still running counts up to now,
+    # per worker of its stage (a call is timed when it ends).
+    rt = build(Stage(f, name="a"), Stage(f, name="b", workers=2))
+    assert rt.worker_busy() == [0.0, 0.0]
+    rt.stages[1].probe.begin(time.perf_counter() - 1.0)  # one of two workers, in a call for 1 s
+    a, b = rt.worker_busy()
+    assert a == 0.0 and 0.5 <= b < 0.6
+    assert rt.view().stages[1].running == 1
 
 
 def test_progress_counts_calls_and_ended_requests():

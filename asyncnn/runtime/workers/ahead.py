@@ -41,6 +41,7 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
     inbox, ledger, probe, outbox = ctx.inbox, ctx.ledger, ctx.probe, ctx.outbox
     run, call = threads.run, ctx.call
     held: deque[tuple[Envelope, int, asyncio.Future[Any]]] = deque()
+    head = 0.0  # when the first held call started: it counts as running, the rest wait
     ended = False
     try:
         while True:
@@ -62,7 +63,9 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
                 # while it waited.
                 args = env.payload if join else (env.payload,)
                 fut = run(_clocked, (call, args), reqs[0].future if len(reqs) == 1 else _All(reqs))
-                probe.active += 1
+                if not held:
+                    head = time.perf_counter()
+                    probe.begin(head)
                 held.append((env, len(reqs), fut))
             if not held:
                 return  # ended, and every call's output sent
@@ -71,7 +74,10 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
                 done = await fut  # (output, seconds) from ``_clocked``, or SKIPPED
             except Exception as exc:
                 done = exc
-            probe.active -= 1
+            probe.end(head)
+            if held:  # the next call starts as this one ends (its thread takes it at once)
+                head = time.perf_counter()
+                probe.begin(head)
             if isinstance(done, Exception):
                 ctx.fail(env.requests, done)
                 continue

@@ -229,11 +229,11 @@ async def _run_items(
         budget = [spec.max_retries if spec.max_retries is not None else -1]
     span = None if ctx.tracing is None else _open_batch(ctx, items, reason, box)
     t0 = time.perf_counter()
-    probe.active += 1
+    probe.begin(t0)
     try:
         out, rows, parts, done = await call(items)
     except Exception as exc:
-        probe.active -= 1
+        probe.end(t0)
         if span is not None:
             ctx.tracing.close_batch(span, ctx.name, [], time.perf_counter() - t0, exc)
         if len(items) > 1 and spec.isolate_failures and not isinstance(exc, _NEVER_RERUN):

@@ -54,11 +54,11 @@ async def run_launch(ctx: StageContext, worker: ThreadWorker, launched: Channel[
                 if spans:
                     run = tracing.within(tracing.context_of(spans[0][1]), call)
             t0 = time.perf_counter()
-            probe.active += 1
+            probe.begin(t0)
             try:
                 out, done = await worker.run(device.launch, (run, args, to_host))
             except Exception as exc:
-                probe.active -= 1
+                probe.end(t0)
                 if traced is not None:
                     traced(time.perf_counter() - t0)
                 ctx.fail(env.requests, exc)
@@ -84,7 +84,7 @@ async def run_complete(
                 try:
                     await waiter.run(done.wait, ())
                 except Exception as exc:  # an asynchronous CUDA error surfaces here
-                    probe.active -= 1
+                    probe.end(t0)
                     if traced is not None:
                         traced(time.perf_counter() - t0)
                     ctx.fail(env.requests, exc)
@@ -100,7 +100,7 @@ def settle(ctx: StageContext, job: Launched, counts: bool) -> Envelope:
     env, out, done, t0, traced = job
     probe = ctx.probe
     done.release()
-    probe.active -= 1
+    probe.end(t0)
     # From launch to completion: on a device, calls in flight overlap, so busy time can
     # exceed wall time per worker (a busy fraction above 1 means overlap).
     took = time.perf_counter() - t0

@@ -99,18 +99,18 @@ async def _timed(ctx: StageContext, invoke: Invoke, env: Envelope, n: int, carri
     probe, tracing, now = ctx.probe, ctx.tracing, time.perf_counter
     spans = None if tracing is None else tracing.open(ctx.name, env.requests)
     t0 = now()
-    probe.active += 1
+    probe.begin(t0)
     try:
         if spans is not None and carries:
             out = await invoke(tracing.carry(spans, env.payload))
         else:
             out = await invoke(env.payload)
     except BaseException:
-        probe.active -= 1
+        probe.end(t0)
         if spans is not None:
             tracing.close(spans, now() - t0)
         raise
-    probe.active -= 1
+    probe.end(t0)
     took = now() - t0
     probe.timed_call(took, n)
     if spans is not None:

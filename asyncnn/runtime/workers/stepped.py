@@ -195,7 +195,11 @@ async def _step(ctx: StageContext, stepper: Stepper, call: _Model, group: list[S
         outs.extend(zip(part, outputs, done, strict=True))
 
     t0 = time.perf_counter()
-    failed = await _bisect(ctx, call, "step", group, [s.state for s in group], take)
+    ctx.probe.begin(t0)
+    try:
+        failed = await _bisect(ctx, call, "step", group, [s.state for s in group], take)
+    finally:
+        ctx.probe.end(t0)
     ctx.probe.timed_call(time.perf_counter() - t0, len(group))
     ctx.probe.batches += 1
     stepper.remove(failed)
