@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import check_whole
+from .errors import check_whole, keyword_options
 
 __all__ = [
     "PRIORITY_LIMIT",
@@ -142,6 +142,7 @@ class Envelope:
         return f"<Envelope of {len(self.requests)} request(s)>"
 
 
+@keyword_options
 @dataclass(frozen=True, kw_only=True)
 class Batching:
     """How a stage merges requests into batches.

@@ -17,7 +17,10 @@ names the value and the fix; ``GraphError`` is also a ``ValueError`` so that eit
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
+from typing import Any, TypeVar
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -34,6 +37,7 @@ __all__ = [
     "check_whole",
     "describe",
     "first_of",
+    "keyword_options",
     "text_of",
 ]
 
@@ -122,6 +126,42 @@ def check_whole(value: object, label: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{label}={value!r} must be a whole number >= {low}")
     return value
+
+
+_Options = TypeVar("_Options", bound=type)
+
+
+def keyword_options(cls: _Options) -> _Options:
+    """For an options dataclass whose fields past the first positional ones are keyword-only:
+    a call with too many positional arguments is a ``TypeError`` that writes the call with
+    keywords (``Batching(64)``: "write Batching(max_size=64)") instead of Python's "takes 1
+    positional argument but 2 were given"."""
+    init: Any = getattr(cls, "__init__")  # noqa: B009
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    positional = sum(1 for f in dataclasses.fields(cls) if f.init and not f.kw_only)
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        extra = args[positional:]
+        if extra:
+            named = zip(names[positional:], extra, strict=False)
+            given = ", ".join(f"{k}={_short_repr(v)}" for k, v in named)
+            if len(extra) > len(names) - positional:
+                given += ", ..."
+            call = ", ".join([*(f"<{n}>" for n in names[:positional]), given])
+            takes = f"{names[0]} positionally and " if positional else ""
+            raise TypeError(
+                f"{cls.__name__} takes {takes}its options by keyword: write {cls.__name__}({call})"
+            )
+        init(self, *args, **kwargs)
+
+    setattr(cls, "__init__", checked)  # noqa: B010
+    return cls
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"<{type(value).__name__}>"
 
 
 def first_of(

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .batching import Batching
     from .stepping import Stepping
 
+from .errors import keyword_options
 from .executors import is_module
 
 __all__ = ["Executor", "Stage", "is_module"]
@@ -52,6 +53,7 @@ def _default_name(fn: object) -> str:
     return "lambda" if name == "<lambda>" else str(name)
 
 
+@keyword_options
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Stage:
     """One step of a pipeline.

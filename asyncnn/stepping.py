@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import check_whole
+from .errors import check_whole, keyword_options
 
 __all__ = ["StepModel", "Stepping", "check_step_model"]
 
@@ -41,6 +41,7 @@ class StepModel(Protocol):
     def step(self, states: list[Any]) -> tuple[list[Any], list[bool]]: ...
 
 
+@keyword_options
 @dataclass(frozen=True, kw_only=True)
 class Stepping:
     """How a step stage forms its active set.

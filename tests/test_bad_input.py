@@ -453,6 +453,15 @@ def test_bad_configuration_is_refused_at_construction():
         Batching(max_delay=-0.1)
     with pytest.raises(TypeError, match=r"batch=.* must be asyncnn\.Batching"):
         Stage(abs, batch={"max_size": 8})
+    # Options passed positionally: the call written with keywords, not Python's "takes 1
+    # positional argument but 2 were given".
+    with pytest.raises(TypeError, match=r"write Batching\(max_size=64, max_delay=0\.01\)"):
+        Batching(64, 0.01)
+    with pytest.raises(TypeError, match=r"takes fn positionally .* write Stage\(<fn>, name='m'\)"):
+        Stage(abs, "m")
+    with pytest.raises(TypeError, match=r"write Stepping\(max_active=8\)"):
+        asyncnn.Stepping(8)
+    assert Batching(max_size=8).max_size == 8 and Stage(abs, name="m").name == "m"
 
 
 # 24
