@@ -27,8 +27,11 @@ def collector(pipe: HasStats) -> Any:
     ``asyncnn_stage_rows_total``, ``asyncnn_stage_busy_ratio``,
     ``asyncnn_stage_backpressure_seconds_total``, ``asyncnn_stage_queue_depth``,
     ``asyncnn_stage_queue_peak_depth``, ``asyncnn_stage_latency_seconds`` (a summary with
-    quantiles 0.5/0.9/0.99), ``asyncnn_requests_total{outcome=...}`` and
-    ``asyncnn_requests_in_flight``.
+    quantiles 0.5/0.9/0.99), ``asyncnn_stage_released_batches_total{reason=...}``,
+    ``asyncnn_stage_deadline_misses_total{reason=...}``, ``asyncnn_stage_slack_seconds`` (a
+    histogram: seconds left to the deadline when a batching stage dispatched a request),
+    ``asyncnn_requests_total{outcome=...}``, ``asyncnn_requests_timed_out_total``,
+    ``asyncnn_requests_overloaded_total`` and ``asyncnn_requests_in_flight``.
 
     Raises:
         ImportError: prometheus-client is missing (``pip install prometheus-client``).
@@ -158,7 +161,7 @@ def _deadlines(core: Any, st: PipelineStats) -> Iterator[Any]:
         "Requests a stage ended by their deadline before computing them, by reason",
         labels=["stage", "reason"],
     )
-    slack = core.SummaryMetricFamily(
+    slack = core.HistogramMetricFamily(
         "asyncnn_stage_slack_seconds",
         "Seconds left to the deadline when a batching stage dispatched a request",
         labels=["stage"],
@@ -168,11 +171,13 @@ def _deadlines(core: Any, st: PipelineStats) -> Iterator[Any]:
             released.add_metric([s.name, reason], float(getattr(s, f"released_{reason}")))
         for reason, n in s.deadline_misses.items():
             misses.add_metric([s.name, reason], float(n))
-        for q, v in ((0.5, s.slack_p50), (0.99, s.slack_p99)):
-            slack.add_sample(
-                "asyncnn_stage_slack_seconds", {"stage": s.name, "quantile": str(q)}, v
-            )
+        buckets = [(_le(le), float(n)) for le, n in s.slack_buckets]
+        slack.add_metric([s.name], [*buckets, ("+Inf", float(s.slack_count))], s.slack_sum)
     yield from (released, misses, slack)
+
+
+def _le(bound: float) -> str:
+    return f"{bound:g}"  # 0.001, 0.0025, 1, 10: as Prometheus clients write their bounds
 
 
 class PrometheusServer:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .runtime import RuntimeView, StepStats
+from .runtime.probe import SLACK_BOUNDS
 
 __all__ = ["HasStats", "PipelineStats", "StageStats", "StepStats", "snapshot"]
 
@@ -36,7 +37,9 @@ class StageStats:
     Deadlines (``send(x, timeout=...)``): ``deadline_misses`` counts the requests this stage
     ended with ``TimeoutError`` before computing them, by reason (``expired``: the deadline had
     passed; ``hopeless``: less time was left than a call takes); ``slack_p50``/``slack_p99``:
-    seconds left to their deadline when a batching stage dispatched them; and
+    seconds left to their deadline when a batching stage dispatched them (``slack_buckets``:
+    ``(le, count)`` pairs, how many had at most ``le`` seconds left, as a Prometheus histogram's
+    buckets, with ``slack_count`` and ``slack_sum``); and
     ``priority_inversions``: requests dispatched ahead of a more urgent waiting one (by aging,
     or a batch that could not hold the urgent request).
 
@@ -82,6 +85,9 @@ class StageStats:
     deadline_misses: dict[str, int] = field(default_factory=lambda: dict(_NO_MISSES))
     slack_p50: float = 0.0
     slack_p99: float = 0.0
+    slack_buckets: tuple[tuple[float, int], ...] = ()
+    slack_count: int = 0
+    slack_sum: float = 0.0
     priority_inversions: int = 0
 
     @property
@@ -179,6 +185,9 @@ def snapshot(view: RuntimeView, run: int = 0) -> PipelineStats:
             deadline_misses=dict(s.misses or _NO_MISSES),
             slack_p50=s.slack[0] if s.slack else 0.0,
             slack_p99=s.slack[1] if s.slack else 0.0,
+            slack_buckets=tuple(zip(SLACK_BOUNDS, s.slack_buckets, strict=True)),
+            slack_count=s.slack_count,
+            slack_sum=s.slack_sum,
             priority_inversions=s.inversions,
         )
     return PipelineStats(

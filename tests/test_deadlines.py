@@ -339,6 +339,12 @@ async def test_auto_batching_answers_correctly_and_says_why_it_released():
     assert 'asyncnn_stage_deadline_misses_total{reason="expired",stage="m"}' in text
     assert "asyncnn_requests_timed_out_total 0.0" in text
     assert "asyncnn_requests_overloaded_total 0.0" in text
+    # Slack at dispatch, a histogram: every request had at most its 5 s left, none 1 ms or less.
+    assert "# TYPE asyncnn_stage_slack_seconds histogram" in text
+    assert 'asyncnn_stage_slack_seconds_bucket{le="5",stage="m"} 200.0' in text
+    assert 'asyncnn_stage_slack_seconds_bucket{le="0.001",stage="m"} 0.0' in text
+    assert 'asyncnn_stage_slack_seconds_count{stage="m"} 200.0' in text
+    assert st.slack_count == 200 and 0 < st.slack_sum <= 200 * 5
 
 
 async def test_bad_timeouts_and_priorities_are_refused_before_admission():

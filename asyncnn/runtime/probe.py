@@ -8,6 +8,7 @@ costs more than such a call), unless an event subscriber wants every ``batch_don
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,9 +17,11 @@ from typing import Any
 from ..batcher import REASONS
 from ..pacing import ServiceTimes
 
-__all__ = ["LOOP_SAMPLE", "LatencyHistogram", "StageProbe"]
+__all__ = ["LOOP_SAMPLE", "SLACK_BOUNDS", "LatencyHistogram", "StageProbe"]
 
 LOOP_SAMPLE = 64  # loop and inline stages time one call in this many
+# The upper bounds (seconds) of the slack-at-dispatch histogram's exported buckets.
+SLACK_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 TOP = 1e-6 * 2**30  # seconds (~18 min): this long or longer lands in the last bucket
@@ -26,15 +29,19 @@ TOP = 1e-6 * 2**30  # seconds (~18 min): this long or longer lands in the last b
 
 class LatencyHistogram:
     """Seconds per call in log-spaced buckets (8 per doubling, 1 µs to ~18 min): quantiles
-    within ~9% from 250 counters, however many calls."""
+    within ~9% from 250 counters, however many calls; their sum; and, given ``bounds``
+    (seconds, ascending), exact counts between them (``cumulative``)."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("at", "bounds", "counts", "sum", "total")
     PER_DOUBLING = 8
     BUCKETS = 8 * 30 + 1
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Sequence[float] = ()) -> None:
         self.counts = [0] * self.BUCKETS
         self.total = 0
+        self.sum = 0.0
+        self.bounds = tuple(bounds)
+        self.at = [0] * (len(self.bounds) + 1)  # at[i]: values in (bounds[i-1], bounds[i]]
 
     def add(self, seconds: float) -> None:
         if seconds <= 1e-6:
@@ -45,6 +52,10 @@ class LatencyHistogram:
             i = self.BUCKETS - 1
         self.counts[i] += 1
         self.total += 1
+        self.sum += seconds
+        bounds = self.bounds
+        if bounds:  # (past the last bound, or NaN: only in the total)
+            self.at[bisect.bisect_left(bounds, seconds) if seconds <= bounds[-1] else -1] += 1
 
     def quantile(self, q: float) -> float:
         """The q-quantile (0..1) in seconds: the geometric middle of its bucket; 0 if empty."""
@@ -59,6 +70,15 @@ class LatencyHistogram:
                     return 1e-6
                 return 1e-6 * 2 ** ((i - 0.5) / self.PER_DOUBLING)
         return 1e-6 * 2 ** ((self.BUCKETS - 1) / self.PER_DOUBLING)
+
+    def cumulative(self) -> tuple[int, ...]:
+        """For each of the ``bounds`` it was made with: how many values were at most it (a
+        Prometheus histogram's buckets, exact)."""
+        out, seen = [], 0
+        for n in self.at[:-1]:
+            seen += n
+            out.append(seen)
+        return tuple(out)
 
 
 class StageProbe:
@@ -112,7 +132,7 @@ class StageProbe:
         # Requests ended before compute because of their deadline: passed ("expired"), or
         # closer than this stage's service time ("hopeless").
         self.misses = {"expired": 0, "hopeless": 0}
-        self.slack = LatencyHistogram()  # seconds to their deadline at dispatch (batching)
+        self.slack = LatencyHistogram(SLACK_BOUNDS)  # seconds to deadline at dispatch (batching)
         self.inversions = 0  # dispatches ahead of a more urgent waiting request (aging, buckets)
         self.service = ServiceTimes()  # seconds per call by its size, fitted online
         self.real_tokens = 0  # padded stages: rows x each request's own length

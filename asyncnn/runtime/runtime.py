@@ -301,6 +301,9 @@ class Runtime:
             stepping=None if p.stepping is None else _step_stats(p.stepping, elapsed),
             misses=dict(p.misses),
             slack=(p.slack.quantile(0.5), p.slack.quantile(0.99)) if p.slack.total else None,
+            slack_buckets=p.slack.cumulative(),
+            slack_count=p.slack.total,
+            slack_sum=p.slack.sum,
             inversions=p.inversions + ctx.inbox.inversions,
         )
 

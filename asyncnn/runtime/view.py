@@ -49,6 +49,11 @@ class StageView:
     stepping: StepStats | None = None
     misses: dict[str, int] | None = None  # deadline misses before compute, by reason
     slack: tuple[float, float] | None = None  # p50, p99 seconds to the deadline at dispatch
+    # Requests dispatched with a deadline: how many had at most each of probe.SLACK_BOUNDS
+    # seconds left, all of them, and the sum of their seconds left.
+    slack_buckets: tuple[int, ...] = ()
+    slack_count: int = 0
+    slack_sum: float = 0.0
     inversions: int = 0
 
 

@@ -131,26 +131,3 @@ def test_a_stage_inside_a_long_call_is_not_judged_idle(loop):
     assert adm.check(WINDOW, 0, None) is None
     assert adm.rate == pytest.approx(180.0)  # busy over half the window: as measured
     assert probe.spent(now[0]) == pytest.approx(0.05 * WINDOW + 0.01 + WINDOW)
-
-
-def test_a_probe_counts_running_calls_once():
-    probe = StageProbe("s")
-    assert probe.spent(5.0) == 0.0
-    probe.begin(1.0)
-    probe.begin(2.0)
-    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # two calls running
-    probe.end(1.0)
-    probe.timed_call(2.0, 4)
-    probe.batches += 1
-    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # one ended (2 s), one running (1 s)
-    # A batching stage counts a batch when it starts: the running one is not also taken as
-    # a mean call of those ended.
-    probe.batches += 1
-    assert probe.spent(4.0) == pytest.approx(2.0 + 2.0)
-    probe.end(2.0)
-    assert probe.opened == 0.0 and probe.active == 0
-    # A loop stage timing one call in many: the sample's mean stands for every call.
-    loop_stage = StageProbe("cheap")
-    loop_stage.timed_call(0.001, 1)
-    loop_stage.batches += 64
-    assert loop_stage.spent(0.0) == pytest.approx(0.064)

@@ -3,6 +3,8 @@
 import math
 import sys
 
+import pytest
+
 from asyncnn.runtime.probe import LatencyHistogram, StageProbe
 
 
@@ -70,3 +72,36 @@ def test_the_histogram_takes_any_length_of_time():
         h.add(seconds)  # a request's slack may be ~forever: the last bucket holds it
     assert h.total == 7 and h.counts[-1] == 5  # ~18 minutes and longer (an hour), and NaN
     assert 0.0 < h.quantile(0.2) < 0.0025 and 1000.0 < h.quantile(1.0) < 2000.0
+
+
+def test_a_probe_counts_running_calls_once():
+    probe = StageProbe("s")
+    assert probe.spent(5.0) == 0.0
+    probe.begin(1.0)
+    probe.begin(2.0)
+    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # two calls running
+    probe.end(1.0)
+    probe.timed_call(2.0, 4)
+    probe.batches += 1
+    assert probe.spent(3.0) == pytest.approx(2.0 + 1.0)  # one ended (2 s), one running (1 s)
+    # A batching stage counts a batch when it starts: the running one is not also taken as
+    # a mean call of those ended.
+    probe.batches += 1
+    assert probe.spent(4.0) == pytest.approx(2.0 + 2.0)
+    probe.end(2.0)
+    assert probe.opened == 0.0 and probe.active == 0
+    # A loop stage timing one call in many: the sample's mean stands for every call.
+    loop_stage = StageProbe("cheap")
+    loop_stage.timed_call(0.001, 1)
+    loop_stage.batches += 64
+    assert loop_stage.spent(0.0) == pytest.approx(0.064)
+
+
+def test_the_slack_histogram_counts_exactly_at_its_bounds():
+    h = LatencyHistogram((0.001, 0.5, 1.0))
+    for seconds in (0.0005, 0.001, 0.4929, 0.5, 0.5001, 2.0, math.inf, math.nan):
+        h.add(seconds)
+    # At most 1 ms: two; at most 0.5 s: two more (0.4929 s is not rounded up to a bucket
+    # edge); at most 1 s: one more; the rest only in the total (+Inf).
+    assert h.cumulative() == (2, 4, 5) and h.total == 8
+    assert LatencyHistogram().cumulative() == ()
