@@ -90,7 +90,8 @@ def options(
     if drain_timeout is not None and not drain_timeout >= 0:
         raise ValueError(f"Pipeline: drain_timeout={drain_timeout!r} must be >= 0 or None")
     given = as_plan(stages)
-    plan = resolve_workers(given, usable_cores())
+    cores = usable_cores()
+    plan = resolve_workers(given, cores)
     if output_device is not None and str(output_device) != "cpu":
         raise ValueError(
             f"Pipeline: output_device={output_device!r}: use 'cpu' (results on the host) "
@@ -104,7 +105,7 @@ def options(
         queue_size=queue_size,
         drain_timeout=drain_timeout,
         output_device=output_device,
-        torch_threads=resolve_threads(given, torch_threads, plan),
+        torch_threads=resolve_threads(given, torch_threads, plan, cores),
         microbatch=microbatch,
         max_request_rows=max_request_rows,
         stall_timeout=stall_timeout,
@@ -181,12 +182,17 @@ def resolve_workers(plan: Plan, cores: int) -> Plan:
 
 
 def resolve_threads(
-    plan: Plan, threads: int | Literal["auto"] | None, resolved: Plan | None = None
+    plan: Plan,
+    threads: int | Literal["auto"] | None,
+    resolved: Plan | None = None,
+    cores: int | None = None,
 ) -> int | None:
     """torch intra-op threads per compute thread: ``"auto"`` shares the caller's count between
     the CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
-    workers). ``plan`` is the plan as given (a ``workers="auto"`` stage counts as compute);
-    ``resolved``, the same plan after ``resolve_workers``, says how many workers each has."""
+    workers), except that one compute thread never gets every core (``cores``: the usable
+    ones): one is left to the event loop. ``plan`` is the plan as given (a ``workers="auto"``
+    stage counts as compute); ``resolved``, the same plan after ``resolve_workers``, says how
+    many workers each has."""
     if threads is None:
         return None
     if threads == "auto":
@@ -200,7 +206,15 @@ def resolve_threads(
         # value, since torch.set_num_threads in any thread changes the default for new ones.
         import torch
 
-        return max(1, torch.get_num_threads() // compute)
+        budget = torch.get_num_threads()
+        if compute == 1:
+            # A call's parallel region waits for its slowest thread; spread over every core,
+            # one of its threads shares a core with the loop, which a service keeps busy, and
+            # each op waits for it: a small model's calls behind FastAPI took 17 ms instead of
+            # 0.5 on 2 cores (2 threads against 1). Several workers keep the plain split: each
+            # of them runs its own call (workers="auto" is the setting for serving).
+            budget = min(budget, max(1, (cores or usable_cores()) - 1))
+        return max(1, budget // compute)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(
             f"Pipeline: torch_threads={threads!r} must be 'auto', None or a whole number >= 1"

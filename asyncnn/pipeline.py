@@ -49,10 +49,12 @@ class Pipeline(Requests):
             CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
             workers) share the intra-op threads of the thread that builds the pipeline,
             ``torch.get_num_threads() // compute threads`` each, so several stages do not
-            oversubscribe the cores and one stage gets all of them (a new thread may otherwise
-            start with fewer: torch's setting is process-wide and any library may lower it). An
-            int sets it; ``None`` never touches it. torch's setting is restored when the
-            pipeline stops.
+            oversubscribe the cores; a single compute thread gets every usable core but one,
+            which is left to the event loop (a call's parallel region waits for its slowest
+            thread, and one on the loop's core makes every op wait for the loop). A new thread
+            may otherwise start with fewer: torch's setting is process-wide and any library may
+            lower it. An int sets it; ``None`` never touches it. torch's setting is restored
+            when the pipeline stops.
         microbatch: split each request's rows (dim 0) into pieces of this many rows that flow
             through the stages one after another, so that stages work on different parts of one
             large request at once; the result is concatenated back. Chains only; stages must

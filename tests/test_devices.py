@@ -272,16 +272,26 @@ async def test_torch_threads_option_sets_and_restores():
 
 
 def test_torch_threads_auto_divides_cores_between_compute_stages(monkeypatch):
+    from asyncnn import options
+
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(options, "usable_cores", lambda: 8)
     four = Pipeline([nn.ReLU(), Stage(nn.ReLU(), workers=3)])
     assert four.torch_threads == 2  # 4 compute threads share the caller's 8
-    one = Pipeline([nn.ReLU(), abs])  # one compute thread gets them all
-    assert one.torch_threads == 8
+    one = Pipeline([nn.ReLU(), abs])  # one compute thread: every core but the loop's
+    assert one.torch_threads == 7
+    monkeypatch.setattr(options, "usable_cores", lambda: 2)
+    assert Pipeline([nn.ReLU()]).torch_threads == 1  # 2 cores: one for the loop
+    monkeypatch.setattr(options, "usable_cores", lambda: 64)
+    assert Pipeline([nn.ReLU()]).torch_threads == 8  # the caller's count, where cores are left
     io_only = Pipeline([abs])  # no compute stage: torch is left alone
     assert io_only.torch_threads is None
 
 
-async def test_auto_threads_survive_a_library_lowering_torchs_default():
+async def test_auto_threads_survive_a_library_lowering_torchs_default(monkeypatch):
+    from asyncnn import options
+
+    monkeypatch.setattr(options, "usable_cores", lambda: 64)  # (one core for the loop aside)
     seen = []
 
     def lower():

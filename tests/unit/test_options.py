@@ -79,6 +79,22 @@ def test_auto_threads_share_the_callers_count_between_compute_threads():
     assert resolve_threads(plan, 3) == 3 and resolve_threads(plan, None) is None
 
 
+def test_a_single_compute_thread_leaves_the_event_loop_a_core(monkeypatch):
+    # One worker's parallel region spread over every core has a thread on the loop's core,
+    # and each of its ops waits for that thread while the loop is busy serving.
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    plan = as_plan([Stage(torch.nn.Linear(2, 2))])
+    assert resolve_threads(plan, "auto", cores=8) == 7
+    assert resolve_threads(plan, "auto", cores=2) == 1
+    assert resolve_threads(plan, "auto", cores=1) == 1
+    assert resolve_threads(plan, "auto", cores=64) == 8  # the caller's count: cores to spare
+    assert resolve_threads(plan, 8, cores=2) == 8  # an explicit count is never changed
+    two = as_plan([Stage(torch.nn.Linear(2, 2), workers=2)])
+    assert resolve_threads(two, "auto", cores=8) == 4  # workers run calls of their own
+
+
 # -- workers="auto": the cores split between compute stages ----------------------------------
 
 
