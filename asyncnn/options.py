@@ -152,9 +152,11 @@ def split_cores(cores: int, auto_stages: int, fixed_threads: int) -> int:
 
 
 def _compute(stage: Stage) -> bool:
-    """Does ``stage`` run torch compute on threads (a module, or a stage placed on the CPU)?"""
+    """Does ``stage`` run torch compute on threads (a module, a step model, or a stage placed
+    on the CPU)?"""
     return stage.runs_on == "thread" and (
         is_module(stage.fn)
+        or stage.step is not None
         or (stage.device is not None and str(stage.device) == "cpu")
         or stage.workers == "auto"
     )
@@ -188,7 +190,7 @@ def resolve_threads(
     cores: int | None = None,
 ) -> int | None:
     """torch intra-op threads per compute thread: ``"auto"`` shares the caller's count between
-    the CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
+    the CPU compute threads (module, step, ``device="cpu"`` or ``workers="auto"`` stages, counting
     workers), except that one compute thread never gets every core (``cores``: the usable
     ones): one is left to the event loop. ``plan`` is the plan as given (a ``workers="auto"``
     stage counts as compute); ``resolved``, the same plan after ``resolve_workers``, says how

@@ -46,8 +46,8 @@ class Pipeline(Requests):
         output_device: where results are returned: ``"cpu"`` (default; a placed CUDA stage
             copies its output back on a copy stream) or ``None`` (left where the stage put it).
         torch_threads: torch intra-op threads for the stage threads. ``"auto"`` (default): the
-            CPU compute threads (module, ``device="cpu"`` or ``workers="auto"`` stages, counting
-            workers) share the intra-op threads of the thread that builds the pipeline,
+            CPU compute threads (module, step, ``device="cpu"`` or ``workers="auto"`` stages,
+            counting workers) share the intra-op threads of the thread that builds the pipeline,
             ``torch.get_num_threads() // compute threads`` each, so several stages do not
             oversubscribe the cores; a single compute thread gets every usable core but one,
             which is left to the event loop (a call's parallel region waits for its slowest

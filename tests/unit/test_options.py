@@ -95,6 +95,25 @@ def test_a_single_compute_thread_leaves_the_event_loop_a_core(monkeypatch):
     assert resolve_threads(two, "auto", cores=8) == 4  # workers run calls of their own
 
 
+def test_a_step_model_counts_as_compute(monkeypatch):
+    # A step model need not be a module: its thread runs the model's steps all the same.
+    import torch
+
+    from asyncnn import Stepping
+
+    class Steps:
+        def admit(self, inputs):
+            return inputs
+
+        def step(self, states):
+            return states, [True] * len(states)
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    plan = as_plan([Stage(Steps(), step=Stepping(max_active=4))])
+    assert resolve_threads(plan, "auto", cores=8) == 7
+    assert resolve_threads(plan, "auto", cores=2) == 1
+
+
 # -- workers="auto": the cores split between compute stages ----------------------------------
 
 
