@@ -16,12 +16,12 @@ rate the stages could serve them, so ``ahead / rate`` is about the time a reques
 the pipeline, counted again on top of its own calls. Counted so, a pipeline with a 10 ms I/O
 stage on 64 workers refused 66-74% of urgent requests with 20 ms deadlines while those it
 answered took 11 ms. So a window is also judged by how busy its busiest stage was (``busy``:
-each stage's seconds inside calls per worker, and whether a stage has every worker inside a
-call now): below ``ROOM`` of the time it had room, and the rate it served is scaled to what it
-would serve at ``ROOM`` use. At ``ROOM`` or more (saturated, the loop's share of the cores
-taken into account) the rate stands as measured. A call still running counts up to the window's
-end (``StageProbe.spent``): a window shorter than a stage's calls, in which only a short call
-ended, would otherwise look idle while the stage is full.
+each stage's seconds inside calls per worker): below ``ROOM`` of the time it had room, and
+the rate it served is scaled to what it would serve at ``ROOM`` use. At ``ROOM`` or more
+(saturated, the loop's share of the cores taken into account) the rate stands as measured. A
+call still running counts up to the window's end (``StageProbe.spent``): a window shorter than
+a stage's calls, in which only a short call ended, would otherwise look idle while the stage
+is full.
 """
 
 from __future__ import annotations

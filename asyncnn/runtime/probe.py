@@ -9,6 +9,7 @@ costs more than such a call), unless an event subscriber wants every ``batch_don
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -74,11 +75,7 @@ class LatencyHistogram:
     def cumulative(self) -> tuple[int, ...]:
         """For each of the ``bounds`` it was made with: how many values were at most it (a
         Prometheus histogram's buckets, exact)."""
-        out, seen = [], 0
-        for n in self.at[:-1]:
-            seen += n
-            out.append(seen)
-        return tuple(out)
+        return tuple(itertools.accumulate(self.at[:-1]))
 
 
 class StageProbe:
