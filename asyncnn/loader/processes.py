@@ -4,7 +4,8 @@ Each worker process fetches whole batches (``__getitems__`` or a loop, as on a f
 collates them; the batch goes back through its pipe, small tensors inline and large ones
 through shared memory (``transport``). As in a ``DataLoader``, batch ``k`` goes to worker
 ``k % workers`` (with per-worker seeds, augmentations are reproducible), ``get_worker_info()``
-works inside the dataset, and ``default_collate`` writes straight into shared memory.
+works inside the dataset, and ``default_collate`` writes a batch too large for the pipe straight
+into shared memory (``transport.worker_collate``).
 
 The parent never blocks its event loop: a job (a batch's indices) is put on its worker's queue
 (a feeder thread writes it), and one receiver thread waits on every worker's result pipe and
@@ -40,7 +41,7 @@ import torch.multiprocessing as mp
 from ..errors import describe
 from .flow import fetch_many, to_collate
 from .reorder import Failed
-from .transport import receive, send
+from .transport import receive, send, worker_collate
 
 __all__ = ["CollateError", "Fetched", "ProcessPool", "WorkerDied"]
 
@@ -104,7 +105,7 @@ def fetch_batch(
 
 def _seed(seed: int, worker: int, workers: int, source: Any) -> None:
     """Seed the worker's generators and make ``torch.utils.data.get_worker_info()`` answer, as
-    in a DataLoader worker (``default_collate`` then collates into shared memory)."""
+    in a DataLoader worker."""
     random.seed(seed)
     torch.manual_seed(seed)
     if "numpy" in sys.modules:
@@ -138,6 +139,7 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     _seed(seed, worker, workers, source)
+    collate = worker_collate(collate)
     if init is not None:
         try:
             init(worker)

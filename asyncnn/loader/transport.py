@@ -11,11 +11,17 @@ one through shared memory, where the fixed cost is small against its size.
 
 One message: a header (the buffers' sizes, then the pickle stream), followed by one message per
 buffer. Only the parent reads what its own forked worker wrote to a pipe they alone hold.
+
+The same line decides where a worker's ``default_collate`` stacks a batch (``worker_collate``):
+inside a worker torch's collates every tensor into a new shared-memory segment, ~0.26 ms a
+tensor on the 2-core VM, which for a batch the pipe carries anyway is pure loss (a Hugging Face
+dataset's batch of three small tensors: fetch and collate 3.0 ms in a worker instead of 2.1).
 """
 
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import pickle
 import struct
@@ -25,8 +31,11 @@ from typing import Any
 
 import torch
 import torch.multiprocessing  # registers torch's reductions, read below
+from torch.utils.data import default_collate
+from torch.utils.data._utils import collate as torch_collate
+from torch.utils.data._utils import worker as torch_worker
 
-__all__ = ["INLINE_BYTES", "receive", "send"]
+__all__ = ["INLINE_BYTES", "receive", "send", "worker_collate"]
 
 INLINE_BYTES = 256 * 1024  # tensors up to this size are copied through the pipe
 
@@ -43,6 +52,27 @@ def _inline(obj: Any) -> bool:
         and not obj.is_quantized
         and obj.nbytes <= INLINE_BYTES
     )
+
+
+def _stack(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
+    """torch's collating of tensors, into shared memory only when the batch is too large for
+    the pipe (torch's own test for a worker, ``get_worker_info()``, hidden from it otherwise)."""
+    if sum(t.nbytes for t in batch) > INLINE_BYTES:
+        return torch_collate.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    info, torch_worker._worker_info = torch_worker._worker_info, None
+    try:
+        return torch_collate.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    finally:
+        torch_worker._worker_info = info
+
+
+def worker_collate(collate: Any) -> Any:
+    """What a worker process collates with: ``default_collate`` made to stack small batches in
+    the worker's own memory (``_stack``); any other collate as it is."""
+    table = getattr(torch_collate, "default_collate_fn_map", None)
+    if collate is not default_collate or not isinstance(table, dict):
+        return collate
+    return functools.partial(torch_collate.collate, collate_fn_map={**table, torch.Tensor: _stack})
 
 
 class _Writer(pickle.Pickler):

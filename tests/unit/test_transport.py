@@ -5,10 +5,13 @@ sent."""
 import multiprocessing
 import threading
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
+from torch.utils.data._utils import worker as torch_worker
 
-from asyncnn.loader.transport import INLINE_BYTES, receive, send
+from asyncnn.loader.transport import INLINE_BYTES, receive, send, worker_collate
 
 
 def round_trip(item):
@@ -63,3 +66,40 @@ def test_a_value_that_does_not_pickle_sends_nothing():
     finally:
         r.close()
         w.close()
+
+
+@pytest.fixture
+def in_a_worker():
+    """``get_worker_info()`` answers, as in a worker process (torch's collate then stacks
+    every tensor into a new shared-memory segment)."""
+    before = torch_worker._worker_info
+    info = torch_worker.WorkerInfo(id=0, num_workers=2, seed=0, dataset=None)
+    torch_worker._worker_info = info
+    yield info
+    torch_worker._worker_info = before
+
+
+def test_a_worker_collates_a_batch_for_the_pipe_in_its_own_memory(in_a_worker):
+    samples = [
+        {"ids": torch.arange(64) + i, "y": torch.tensor(i), "np": np.full(3, i, np.float32)}
+        for i in range(32)
+    ]
+    want = default_collate(samples)
+    assert want["ids"].is_shared()  # torch's, inside a worker: a segment for 16 KiB
+    got = worker_collate(default_collate)(samples)
+    assert not any(got[k].is_shared() for k in ("ids", "y", "np"))
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert torch.utils.data.get_worker_info() is in_a_worker  # answered again after
+
+
+def test_a_worker_collates_a_batch_too_large_for_the_pipe_into_shared_memory(in_a_worker):
+    rows = [torch.randn(INLINE_BYTES // 4 // 2 + 1) for _ in range(2)]  # a row past half
+    got = worker_collate(default_collate)(rows)
+    assert got.is_shared() and torch.equal(got, torch.stack(rows))
+
+
+def test_a_users_collate_is_left_as_it_is():
+    def mine(samples):
+        return samples
+
+    assert worker_collate(mine) is mine
