@@ -21,6 +21,7 @@ import torch
 
 from asyncnn import AsyncLoader, LoaderError
 from asyncnn.loader import batches as loader_batches
+from asyncnn.loader import choice as loader_choice
 from asyncnn.loader import probe as loader_probe
 from asyncnn.loader.choice import pickles, processes_unsuitable
 from asyncnn.loader.config import LoaderConfig
@@ -384,6 +385,8 @@ def test_auto_says_why_it_keeps_threads():
     assert "too little" in processes_unsuitable(config(ds), 100, 2, 0.0001)
     assert "one core" in processes_unsuitable(config(ds), 100, 1, ms)
     assert "too few" in processes_unsuitable(config(ds), 5, 2, ms)
+    assert "0.20 s on a thread" in processes_unsuitable(config(ds), 41, 2, ms)
+    assert processes_unsuitable(config(ds), 1000, 2, 0.0006) is None  # 0.6 ms a batch pays
     assert "cannot be forked" in processes_unsuitable(
         config(ds, multiprocessing_context="spawn"), 100, 2, ms
     )
@@ -426,6 +429,7 @@ def test_a_dataset_whose_pickle_writes_large_buffers_as_they_are_pickles():
 
 async def test_auto_hands_costly_decoding_to_processes(monkeypatch):
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loader_choice, "MIN_EPOCH_SECONDS", 0.0)  # a short epoch, to be quick
     # The spin holds a core for 0.5 ms of wall time; on a shared VM the hypervisor may take
     # the core for part of it (steal time, which Linux's schedstat does not show), so the
     # measured share of computing can fall below the production threshold. Any share above a
@@ -461,6 +465,7 @@ async def test_auto_gives_workers_the_dataset_as_it_was_before_the_probe_opened_
     # pickles: auto kept threads for the very pattern that lets worker processes open their
     # own. Now the workers get the dataset as it was before it fetched, in every epoch.
     monkeypatch.setattr(loader_batches, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loader_choice, "MIN_EPOCH_SECONDS", 0.0)  # a short epoch, to be quick
     monkeypatch.setattr(loader_probe, "IO_BOUND", 0.1)  # as above: computing, on any VM
     ds = LazyHandle(160, spin=0.0005)
     loader = AsyncLoader(ds, batch_size=8)
