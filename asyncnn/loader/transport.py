@@ -57,7 +57,7 @@ def _inline(obj: Any) -> bool:
 def _stack(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
     """torch's collating of tensors, into shared memory only when the batch is too large for
     the pipe (torch's own test for a worker, ``get_worker_info()``, hidden from it otherwise)."""
-    if sum(t.nbytes for t in batch) > INLINE_BYTES:
+    if sum(t.numel() * t.element_size() for t in batch) > INLINE_BYTES:  # (sparse: no nbytes)
         return torch_collate.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
     info, torch_worker._worker_info = torch_worker._worker_info, None
     try:

@@ -98,6 +98,12 @@ def test_a_worker_collates_a_batch_too_large_for_the_pipe_into_shared_memory(in_
     assert got.is_shared() and torch.equal(got, torch.stack(rows))
 
 
+def test_a_worker_refuses_sparse_samples_as_torch_does(in_a_worker):
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(RuntimeError, match="Batches of sparse tensors are not currently supported"):
+        worker_collate(default_collate)([sparse, sparse])
+
+
 def test_a_users_collate_is_left_as_it_is():
     def mine(samples):
         return samples
