@@ -113,13 +113,16 @@ class Channel(Generic[T]):
     # -- sending ---------------------------------------------------------------------------------
 
     def send_nowait(self, item: T) -> None:
-        """Append ``item`` now; ``WouldBlock`` when full, ``ClosedResourceError`` when closed."""
+        """Append ``item`` now; ``WouldBlock`` when full, ``ClosedResourceError`` when closed.
+        Once ranked, a full channel still takes an item of a more urgent class than one it
+        holds (``RankedBuffer.outranks``): the bound never holds it behind work it outranks."""
         buf = self._buf
         n = len(buf)
         if n >= self._capacity or self._closed:
             if self._closed:
                 raise ClosedResourceError
-            raise WouldBlock
+            if type(buf) is not RankedBuffer or not buf.outranks(item):
+                raise WouldBlock
         buf.append(item)
         if n >= self._peak:
             self._peak = n + 1
@@ -177,8 +180,16 @@ class Channel(Generic[T]):
             k -= 1
 
     def has_room(self) -> bool:
-        """True when ``send_nowait`` would succeed now."""
+        """True when ``send_nowait`` would succeed now for any item."""
         return not self._closed and len(self._buf) < self._capacity
+
+    def takes(self, item: T) -> bool:
+        """True when ``send_nowait(item)`` would succeed now (room, or, once ranked, ``item``
+        outranks an item waiting)."""
+        if self._closed:
+            return False
+        buf = self._buf
+        return len(buf) < self._capacity or (type(buf) is RankedBuffer and buf.outranks(item))
 
     async def wait_room(self) -> None:
         """Wait until the channel has room (or is closed). Waiters are served first come, first

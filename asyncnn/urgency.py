@@ -10,6 +10,11 @@ Lower ``priority`` is more urgent (0 is the default; negative numbers are allowe
 less urgent class goes first once it has waited ``aging`` seconds per level it is behind the most
 urgent waiting item: a class is delayed at most that long, never starved. Items with no deadline
 (``math.inf``) come after those with one, in arrival order. Sync, with an injected clock.
+
+A full channel that ranks still lets in an item of a more urgent class than one it holds
+(``outranks``): a queue's bound holds a class back behind its own kind and less urgent ones,
+never behind work it outranks. What passes the bound so is bounded by the more urgent requests
+in flight (each is held by its caller anyway).
 """
 
 from __future__ import annotations
@@ -81,6 +86,15 @@ class RankedBuffer(Generic[T]):
 
     def __len__(self) -> int:
         return self._n
+
+    def outranks(self, item: T) -> bool:
+        """``item`` is of a more urgent class than some item waiting here (a full ranked
+        channel lets it in past its bound: see ``Channel.send_nowait``)."""
+        heaps = self._heaps
+        for p in reversed(self._classes):  # the least urgent class that has an item
+            if heaps[p]:
+                return self._key(item)[0] < p
+        return False
 
     def waiting_upto(self, priority: int) -> int:
         """How many items of class ``priority`` or a more urgent one wait."""

@@ -76,6 +76,37 @@ async def test_priority_orders_every_queue_and_survives_every_hop():
     assert third[1:] == urgent_first
 
 
+async def test_an_urgent_request_passes_a_full_queue_behind_the_input_fan_out():
+    # The input goes to two stages (a join after): an input task sends each request to both.
+    # With stage a's queue full of normal requests and the input task holding one more, an
+    # urgent request goes straight into a's queue (it outranks what waits there) and is
+    # computed next, not after the requests that were ahead of it in admission.
+    seen, beside = [], []
+    a, gate = gated("a", seen)
+    g = Graph()
+    x = g.input()
+    joined = g.add(
+        Stage(lambda p, q: p, name="join", executor="inline"),
+        g.add(a, x),
+        g.add(recorder("b", beside), x),
+    )
+    g.output(joined)
+    async with Pipeline(g, queue_size=2) as pipe:
+        blocker = asyncio.ensure_future(pipe.send(-1))
+        await until(lambda: seen == [-1])
+        normal = [asyncio.ensure_future(pipe.send(i, priority=1)) for i in range(6)]
+        await until(lambda: beside == [-1, 0, 1])  # 0, 1 in a's queue; the input task holds 2
+        await asyncio.sleep(0.01)
+        urgent = asyncio.ensure_future(pipe.send(100, priority=0))
+        await until(lambda: 100 in beside)  # it went past admission's queue
+        gate.set()
+        assert await urgent == 100
+        assert await asyncio.gather(blocker, *normal) == [-1, *range(6)]
+        stats = pipe.stats()
+    assert seen == [-1, 100, 0, 1, 2, 3, 4, 5]
+    assert stats.completed == 8 and stats.in_flight == 0
+
+
 async def test_a_lower_number_is_more_urgent_and_negative_priorities_work():
     seen = []
     a, gate = gated("a", seen)

@@ -28,6 +28,7 @@ class Outlet(Protocol):
     def send_nowait(self, item: Envelope) -> None: ...
     async def send(self, item: Envelope) -> None: ...
     def has_room(self) -> bool: ...
+    def takes(self, item: Envelope) -> bool: ...
     def add_senders(self, n: int) -> None: ...
     def sender_done(self) -> None: ...
     def statistics(self) -> ChannelStatistics: ...
@@ -63,6 +64,16 @@ class Outbox:
 
     def has_room(self) -> bool:
         return all(ch.has_room() for ch in self.channels)
+
+    def send_now(self, env: Envelope) -> bool:
+        """Send ``env`` (one request's, not a merged batch) to every consumer now when each
+        takes it (``Channel.takes``); else send nothing and return False."""
+        channels = self.channels
+        if not all(ch.takes(env) for ch in channels):
+            return False
+        for i, ch in enumerate(channels):
+            ch.send_nowait(env if i == 0 else Envelope(env.payload, env.requests, env.chunk))
+        return True
 
     async def send(self, env: Envelope) -> None:
         """Send ``env`` to every consumer, waiting for room (counted as backpressure)."""

@@ -34,7 +34,7 @@ from .probe import StageProbe
 from .supervisor import Supervisor
 from .view import RuntimeView, StageView, StepStats
 from .wiring import SINK, NodeWiring, Target, wire
-from .workers.edges import Sink, run_input
+from .workers.edges import Router, Sink, run_input
 
 __all__ = ["Runtime"]
 
@@ -91,6 +91,8 @@ class Runtime:
             for i, (node, nw) in enumerate(zip(plan.nodes, w.nodes, strict=True))
         ]
         self._input_outbox = self._outbox(w.input_outs, StageProbe("input"))
+        # The input task's state: admission routes an urgent request past what it holds.
+        self.router = Router(self._input_outbox) if w.input_task else None
         first = self._input_outbox.channels[0]
         # Without an input task the first stage's port is admission (wire() ensures a channel).
         assert w.input_task or isinstance(first, Channel)
@@ -168,9 +170,7 @@ class Runtime:
         self.ledger.clock = asyncio.get_running_loop().time  # deadlines are on the loop's clock
         if self.wiring.input_task:
             self._input_outbox.open(1)
-            sup.spawn(
-                "input", run_input, self.admission, self._input_outbox, self.ledger, self.microbatch
-            )
+            sup.spawn("input", run_input, self.admission, self.router, self.ledger, self.microbatch)
         for ctx in self.stages:
             start_stage(ctx, sup)
         return sup
@@ -226,6 +226,9 @@ class Runtime:
         waits on the result anyway, and it may wait in the admission queue's overflow."""
         self.ledger.admit(req)
         env = Envelope(payload, [req])
+        router = self.router
+        if router is not None and router.held is not None and router.route(env):
+            return
         if over:
             self.admission.send_over(env)
         else:

@@ -4,6 +4,7 @@ aging lifts a waiting class; a channel switches to it in place."""
 import math
 
 import pytest
+from anyio import WouldBlock
 
 from asyncnn.channels import Channel
 from asyncnn.urgency import RankedBuffer
@@ -85,3 +86,45 @@ def test_a_channel_ranks_in_place_buffer_and_overflow_alike():
     ch.close()
     assert repr(ch.poll()) == "END"
     assert ch.inversions == 0
+
+
+def test_a_full_ranked_channel_takes_a_more_urgent_class_past_its_bound_and_no_other():
+    now = [0.0]
+    ch = Channel(2, "c")
+    ch.rank(key, 1.0, lambda: now[0])
+    assert ch.takes((5, 1.0, 0.0))  # room: anything
+    ch.send_nowait((1, 1.0, 0.0))
+    ch.send_nowait((0, 2.0, 0.0))
+    assert not ch.has_room()
+    assert not ch.takes((1, 0.1, 0.0))  # its own class, however near its deadline: the bound
+    assert not ch.takes((2, 0.1, 0.0))
+    with pytest.raises(WouldBlock):
+        ch.send_nowait((1, 0.1, 0.0))
+    assert ch.takes((0, 9.0, 0.0)) and ch.takes((-3, 9.0, 0.0))  # outranks class 1 waiting
+    ch.send_nowait((0, 9.0, 0.0))
+    assert len(ch) == 3
+    assert ch.poll() == (0, 2.0, 0.0) and ch.poll() == (0, 9.0, 0.0)
+    assert ch.takes((5, 1.0, 0.0))  # 1 of 2: room again for any class
+    ch.close()
+    assert not ch.takes((-9, 0.0, 0.0))  # closed: nothing
+
+
+def test_a_fifo_channel_never_takes_past_its_bound():
+    ch = Channel(1, "fifo")
+    ch.send_nowait((1, 1.0, 0.0))
+    assert not ch.takes((-5, 0.0, 0.0))
+    with pytest.raises(WouldBlock):
+        ch.send_nowait((-5, 0.0, 0.0))
+
+
+def test_outranks_compares_with_the_least_urgent_class_that_waits():
+    now = [0.0]
+    b = buffer(now)
+    assert not b.outranks((0, 1.0, 0.0))  # nothing waits
+    b.append((0, 1.0, 0.0))
+    b.append((2, 1.0, 0.0))
+    assert b.outranks((1, 9.0, 0.0)) and not b.outranks((2, 0.0, 0.0))
+    b.popleft()
+    b.popleft()  # class 2 left: its heap is empty, class 0 is not there either
+    b.append((1, 1.0, 0.0))
+    assert b.outranks((0, 9.0, 0.0)) and not b.outranks((1, 0.0, 0.0))

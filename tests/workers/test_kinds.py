@@ -11,7 +11,7 @@ from asyncnn.batching import Envelope
 from asyncnn.channels import Channel
 from asyncnn.runtime.joins import PartTable
 from asyncnn.runtime.workers.batched import run_former
-from asyncnn.runtime.workers.edges import Sink, run_collector, run_input
+from asyncnn.runtime.workers.edges import Router, Sink, run_collector, run_input
 from asyncnn.runtime.workers.placed import Launched, run_complete
 from tests.workers.helpers import admit, drained, feed, make_ctx
 
@@ -127,7 +127,7 @@ async def test_the_input_task_splits_micro_batches_and_the_sink_reassembles_them
     feed(admission, Envelope(torch.arange(5.0), [req]))
     outbox = Outbox([first], [False], StageProbe("input"))
     outbox.open(1)
-    await run_input(admission, outbox, led, microbatch=2)
+    await run_input(admission, Router(outbox), led, microbatch=2)
     chunks = drained(first)
     assert [e.chunk for e in chunks] == [(0, 3), (1, 3), (2, 3)]
     done = Channel[None](1, "sinks")

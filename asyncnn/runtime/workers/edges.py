@@ -11,17 +11,44 @@ from ..context import Outbox, StageContext
 from ..joins import PartTable
 from ..ledger import Ledger
 
-__all__ = ["Sink", "run_collector", "run_input"]
+__all__ = ["Router", "Sink", "run_collector", "run_input"]
+
+
+class Router:
+    """The input task's state, shared with admission: the envelope it waits to send while a
+    first stage's queue is full (``held``). A request of a more urgent class admitted meanwhile
+    goes to the first stages at once (``route``) when each takes it (its queue ranks, and it
+    outranks what waits there): it does not wait in admission behind a less urgent request
+    for room that the next batch formed would not have given it (measured: an urgent request
+    reached its batch one batch later, ~10 ms at 150% load, in a graph with a join)."""
+
+    __slots__ = ("held", "outbox")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.held: Envelope | None = None
+
+    def route(self, env: Envelope) -> bool:
+        """Send ``env`` (one request, just admitted) past the held envelope; True when sent."""
+        held = self.held
+        if held is None or env.requests[0].priority >= held.requests[0].priority:
+            return False
+        return self.outbox.send_now(env)
 
 
 async def run_input(
-    admission: Channel[Envelope], outbox: Outbox, ledger: Ledger, microbatch: int | None
+    admission: Channel[Envelope], router: Router, ledger: Ledger, microbatch: int | None
 ) -> None:
     """Between admission and the first stages: micro-batch splitting and input fan-out."""
+    outbox = router.outbox
     try:
         while (env := await admission.next()) is not END:
             if microbatch is None:
-                await outbox.send(env)
+                router.held = env
+                try:
+                    await outbox.send(env)
+                finally:
+                    router.held = None
                 continue
             try:
                 parts = split_rows(env.payload, microbatch)
@@ -128,6 +155,9 @@ class Sink:
         ledger.complete(req, result)
 
     def has_room(self) -> bool:
+        return not self._closed
+
+    def takes(self, env: Envelope) -> bool:
         return not self._closed
 
     def add_senders(self, n: int) -> None:
