@@ -65,13 +65,37 @@ async def test_a_batch_waits_for_the_completer_when_it_could_overtake_or_block()
         ctx.outbox.channels[0].close()  # no room at the consumer
         assert not hand_on_now(ctx, launched, _job(ctx))
         tg.cancel_scope.cancel()
-    split = make_ctx(lambda x: x, merged=False, batch=Batching(max_size=2))
+    fine = make_ctx(lambda x: x, merged=True, batch=Batching(max_size=2))
     async with anyio.create_task_group() as tg:
         tg.start_soon(launched.next)
         await anyio.wait_all_tasks_blocked()
-        # A consumer that takes one envelope per request may need more than one slot.
-        assert not hand_on_now(split, launched, _job(split))
-        fine = make_ctx(lambda x: x, merged=True, batch=Batching(max_size=2))
         assert hand_on_now(fine, launched, _job(fine))
         assert len(fine.outbox.channels[0]) == 1
         tg.cancel_scope.cancel()
+
+
+def _two(ctx):
+    reqs = [admit(ctx, 0), admit(ctx, 1)]
+    parts = [torch.zeros(1, 2), torch.ones(1, 2)]
+    env = Envelope(torch.cat(parts), reqs, None, [1, 1], parts)
+    return Launched(env, env.payload, Completion(None), 0.0)
+
+
+async def test_a_batch_split_for_its_consumer_goes_on_at_once_when_each_request_has_a_slot():
+    # A consumer that takes one envelope per request (a join's port, a stage that does not
+    # batch): the batch goes on from the runner when the channel has a slot for each.
+    launched = Channel[Launched](16)
+    split = make_ctx(lambda x: x, merged=False, batch=Batching(max_size=2))
+    out = split.outbox.channels[0]
+    for _ in range(255):
+        out.send_nowait(Envelope(None, []))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(launched.next)
+        await anyio.wait_all_tasks_blocked()
+        assert not hand_on_now(split, launched, _two(split))  # one slot for two requests
+        out.poll()
+        assert hand_on_now(split, launched, _two(split))
+        tg.cancel_scope.cancel()
+    sent = out.drain_nowait()[-2:]
+    assert [[r.id for r in env.requests] for env in sent] == [[0], [1]]
+    assert torch.equal(sent[1].payload, torch.ones(1, 2)) and split.probe.timed == 1

@@ -117,7 +117,8 @@ def settle(ctx: StageContext, job: Launched, counts: bool) -> Envelope:
 def hand_on_now(ctx: StageContext, launched: Channel[Launched], job: Launched) -> bool:
     """Send a finished call's output on at once, as the completer would, when nothing can
     order it behind (the completer waits with nothing in hand) and its one consumer takes it
-    as it is without waiting (a sink, a batching stage with room); True when it went.
+    without waiting (a sink, a batching stage with room; a channel with a slot for each
+    request of a batch split for it); True when it went.
 
     Through the completer, a CPU batch's requests ended a loop trip after their runner had
     formed and started its next batch: under overload that pull files a hundred requests,
@@ -125,8 +126,14 @@ def hand_on_now(ctx: StageContext, launched: Channel[Launched], job: Launched) -
     single = ctx.outbox.single
     if single is None or not job.done.done or len(launched) or not launched.receivers_waiting():
         return False
-    if job.env.parts is not None and not ctx.outbox.merged[0]:
-        return False  # split into one envelope per request: may need more than one slot
+    parts = job.env.parts
+    if parts is not None and not ctx.outbox.merged[0]:
+        # Split into one envelope per request (a join's port, a stage that does not batch):
+        # when its channel has a slot for each, all of them at once.
+        if type(single) is not Channel or single.room() < len(parts):
+            return False
+        single.extend_nowait(settle(ctx, job, False).split())
+        return True
     if not single.has_room():
         return False
     single.send_nowait(settle(ctx, job, False))
