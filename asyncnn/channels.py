@@ -93,6 +93,7 @@ class Channel(Generic[T]):
         "_peak",
         "_putters",
         "_senders",
+        "_watchers",
         "name",
     )
 
@@ -109,6 +110,8 @@ class Channel(Generic[T]):
         self._nudged = False
         self._peak = 0
         self._senders = 0
+        # (priority, future): woken when an item of a more urgent class arrives (``watch``).
+        self._watchers: list[tuple[int, asyncio.Future[None]]] = []
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -128,6 +131,8 @@ class Channel(Generic[T]):
             self._peak = n + 1
         if self._getters:
             self._wake(self._getters)
+        if self._watchers:
+            self._arrived(item)
 
     def send_over(self, item: T) -> None:
         """Append ``item`` even when the channel is full: past ``capacity`` it waits in an
@@ -141,6 +146,8 @@ class Channel(Generic[T]):
         if self._overflow or len(self._buf) >= self._capacity:
             if type(self._buf) is RankedBuffer:
                 self._buf.append(item)  # ranked: one heap, past the bound too (see rank)
+                if self._watchers:
+                    self._arrived(item)
             else:
                 self._overflow.append(item)
             return
@@ -178,6 +185,9 @@ class Channel(Generic[T]):
         while getters and k:
             self._wake(getters)
             k -= 1
+        if self._watchers:
+            for item in items:
+                self._arrived(item)
 
     def has_room(self) -> bool:
         """True when ``send_nowait`` would succeed now for any item."""
@@ -274,6 +284,33 @@ class Channel(Generic[T]):
         buf = self._buf
         return buf.inversions if isinstance(buf, RankedBuffer) else 0
 
+    def holds_above(self, priority: int) -> bool:
+        """An item of a more urgent class than ``priority`` waits (never in a FIFO)."""
+        buf = self._buf
+        return type(buf) is RankedBuffer and buf.holds_above(priority)
+
+    @property
+    def ranked(self) -> bool:
+        return type(self._buf) is RankedBuffer
+
+    def wake_on_room(self, fut: asyncio.Future[None]) -> None:
+        """Set ``fut`` when room is made, as for a sender waiting in ``send`` (for a sender that
+        waits on something else too; hand the wake-up on with ``pass_room`` if it is not used)."""
+        self._putters.append(fut)
+
+    def pass_room(self) -> None:
+        """A wake-up for room that its sender will not use goes to the next sender waiting."""
+        if self._putters and len(self._buf) < self._capacity:
+            self._wake(self._putters)
+
+    def watch(self, fut: asyncio.Future[None], priority: int) -> None:
+        """Set ``fut`` once an item of a more urgent class than ``priority`` arrives (a ranked
+        channel's consumer that waits on something else meanwhile; ``unwatch`` after)."""
+        self._watchers.append((priority, fut))
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        self._watchers = [w for w in self._watchers if w[1] is not fut]
+
     def receivers_waiting(self) -> bool:
         """A receiver waits for an item now."""
         return any(not f.done() for f in self._getters)
@@ -349,6 +386,16 @@ class Channel(Generic[T]):
         return f"<Channel {self.name!r} {len(self)}/{self._capacity} {state}>"
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _arrived(self, item: T) -> None:
+        """Wake the watchers that ``item`` outranks (a ranked channel; see ``watch``)."""
+        buf = self._buf
+        if type(buf) is not RankedBuffer:
+            return
+        cls = buf.priority(item)
+        for priority, fut in self._watchers:
+            if cls < priority and not fut.done():
+                fut.set_result(None)
 
     async def _wait(self, waiters: deque[asyncio.Future[None]], front: bool = False) -> None:
         fut = asyncio.get_running_loop().create_future()

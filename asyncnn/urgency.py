@@ -87,6 +87,10 @@ class RankedBuffer(Generic[T]):
     def __len__(self) -> int:
         return self._n
 
+    def priority(self, item: T) -> int:
+        """``item``'s class."""
+        return self._key(item)[0]
+
     def outranks(self, item: T) -> bool:
         """``item`` is of a more urgent class than some item waiting here (a full ranked
         channel lets it in past its bound: see ``Channel.send_nowait``)."""
@@ -94,6 +98,16 @@ class RankedBuffer(Generic[T]):
         for p in reversed(self._classes):  # the least urgent class that has an item
             if heaps[p]:
                 return self._key(item)[0] < p
+        return False
+
+    def holds_above(self, priority: int) -> bool:
+        """An item of a more urgent class than ``priority`` waits here."""
+        heaps = self._heaps
+        for p in self._classes:
+            if p >= priority:
+                return False
+            if heaps[p]:
+                return True
         return False
 
     def waiting_upto(self, priority: int) -> int:

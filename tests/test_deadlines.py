@@ -107,6 +107,32 @@ async def test_an_urgent_request_passes_a_full_queue_behind_the_input_fan_out():
     assert stats.completed == 8 and stats.in_flight == 0
 
 
+@pytest.mark.parametrize("kind", ["async", "thread"])
+async def test_an_urgent_request_is_not_held_back_by_a_stage_blocked_on_a_full_next_queue(kind):
+    # a -> b, b holding its first call: b's queue fills with normal requests and a's worker
+    # waits with one more in hand. An urgent request arriving at a lets that one past b's
+    # bound and goes through a at once, so b computes it next (it came after three of them).
+    seen = []
+    b, gate = gated("b", seen)
+
+    async def a_async(x):
+        return x
+
+    a = Stage(a_async if kind == "async" else (lambda x: x), name="a", workers=1)
+    async with Pipeline([a, b], queue_size=2) as pipe:
+        blocker = asyncio.ensure_future(pipe.send(-1))
+        await until(lambda: seen == [-1])
+        normal = [asyncio.ensure_future(pipe.send(i, priority=1)) for i in range(6)]
+        await until(lambda: pipe.stats()["b"].queue_depth == 2)
+        await asyncio.sleep(0.02)  # a's worker waits for room with its next output in hand
+        urgent = asyncio.ensure_future(pipe.send(100, priority=0))
+        await until(lambda: pipe.stats()["b"].queue_depth >= 4)  # past the bound: 2 + 100
+        gate.set()
+        assert await urgent == 100
+        assert await asyncio.gather(blocker, *normal) == [-1, *range(6)]
+    assert seen[:2] == [-1, 100] and sorted(seen[2:]) == list(range(6))
+
+
 async def test_a_lower_number_is_more_urgent_and_negative_priorities_work():
     seen = []
     a, gate = gated("a", seen)

@@ -128,3 +128,21 @@ def test_outranks_compares_with_the_least_urgent_class_that_waits():
     b.popleft()  # class 2 left: its heap is empty, class 0 is not there either
     b.append((1, 1.0, 0.0))
     assert b.outranks((0, 9.0, 0.0)) and not b.outranks((1, 0.0, 0.0))
+
+
+async def test_a_watcher_wakes_only_for_an_item_of_a_more_urgent_class():
+    import asyncio
+
+    ch = Channel(1, "c")
+    ch.rank(key, 1.0, lambda: 0.0)
+    fut = asyncio.get_running_loop().create_future()
+    ch.watch(fut, 1)
+    ch.send_nowait((1, 0.1, 0.0))  # its own class, however near its deadline
+    ch.send_over((2, 0.0, 0.0))
+    assert not fut.done() and not ch.holds_above(1)
+    ch.send_over((0, 9.0, 0.0))  # past the bound, and more urgent: woken
+    assert fut.done() and ch.holds_above(1) and not ch.holds_above(0)
+    ch.unwatch(fut)
+    assert not ch._watchers
+    fifo = Channel(1, "fifo")
+    assert not fifo.ranked and not fifo.holds_above(5)

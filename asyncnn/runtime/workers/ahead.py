@@ -28,7 +28,7 @@ from typing import Any
 from ...batching import Envelope
 from ...channels import EMPTY, END
 from ...executors import SKIPPED, ThreadWorker, returned_coroutine
-from ..context import StageContext
+from ..context import StageContext, send_on
 
 __all__ = ["AHEAD", "run_ahead"]
 
@@ -43,6 +43,10 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
     held: deque[tuple[Envelope, int, asyncio.Future[Any]]] = deque()
     head = 0.0  # when the first held call started: it counts as running, the rest wait
     ended = False
+
+    def held_above(priority: int) -> bool:  # a call this worker holds is more urgent
+        return any(e.requests[0].priority < priority for e, _, _ in held)
+
     try:
         while True:
             # Hand over what waits, up to AHEAD calls behind the first; wait for an item only
@@ -92,7 +96,8 @@ async def run_ahead(ctx: StageContext, threads: ThreadWorker, join: bool) -> Non
             probe.items += n
             probe.batches += 1
             env.payload = out
-            await outbox.send(env)  # no wait while there is room (a thread call costs far more)
+            # No wait while there is room (a thread call costs far more).
+            await send_on(ctx, env, held_above)
     finally:
         for _, _, fut in held:  # stopped early: the threads skip what they have not started
             fut.cancel()

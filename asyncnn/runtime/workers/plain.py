@@ -18,7 +18,7 @@ from anyio import WouldBlock
 from ...batching import Envelope
 from ...channels import EMPTY, END, Channel
 from ...executors import Invoke, returned_coroutine
-from ..context import StageContext
+from ..context import StageContext, send_on
 
 __all__ = ["run_plain"]
 
@@ -79,7 +79,12 @@ async def run_plain(
             # ``chan.send_nowait(env)`` inlined for its common case: below its peak depth (so
             # below capacity: no new peak, and no overflow, which waits only behind a full
             # buffer), no receiver to wake, open.
-            if chan is not None and len(chan._buf) < chan._peak and not chan._getters:
+            if (
+                chan is not None
+                and len(chan._buf) < chan._peak
+                and not chan._getters
+                and not chan._watchers
+            ):
                 if not chan._closed:
                     chan._buf.append(env)
                     continue
@@ -89,7 +94,7 @@ async def run_plain(
                     continue
                 except WouldBlock:
                     pass
-            await outbox.send(env)
+            await send_on(ctx, env)
     finally:
         outbox.sender_done()
 
