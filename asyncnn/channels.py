@@ -127,8 +127,8 @@ class Channel(Generic[T]):
             if type(buf) is not RankedBuffer or not buf.outranks(item):
                 raise WouldBlock
         buf.append(item)
-        if n >= self._peak:
-            self._peak = n + 1
+        if n >= self._peak:  # never past capacity: the plain worker reads it as "room left"
+            self._peak = min(n + 1, self._capacity)
         if self._getters:
             self._wake(self._getters)
         if self._watchers:

@@ -103,6 +103,9 @@ def test_a_full_ranked_channel_takes_a_more_urgent_class_past_its_bound_and_no_o
     assert ch.takes((0, 9.0, 0.0)) and ch.takes((-3, 9.0, 0.0))  # outranks class 1 waiting
     ch.send_nowait((0, 9.0, 0.0))
     assert len(ch) == 3
+    # The peak stays at the bound: the plain worker's inlined send reads "below the peak" as
+    # room, and must not append an ordinary item past the bound after an urgent one passed it.
+    assert ch.statistics().peak_depth == 2
     assert ch.poll() == (0, 2.0, 0.0) and ch.poll() == (0, 9.0, 0.0)
     assert ch.takes((5, 1.0, 0.0))  # 1 of 2: room again for any class
     ch.close()
