@@ -18,7 +18,8 @@ asyncio futures, so the channel works on asyncio and uvloop alike; it knows noth
 
 The plain stage worker (``runtime/workers/plain.py``), the runtime's hottest loop, inlines the
 common case of ``poll`` and ``send_nowait`` and so reads ``_buf`` (re-read each time: ``rank``
-replaces it), ``_overflow``, ``_putters``, ``_getters``, ``_peak`` and ``_closed`` directly:
+replaces it), ``_overflow``, ``_putters``, ``_getters``, ``_peak`` (kept at or under the bound),
+``_watchers`` and ``_closed`` directly:
 change their meaning and change it there too (``tests/test_channels.py`` and the worker tests
 cover both paths).
 """
