@@ -64,3 +64,17 @@ def test_started_tunes_the_collector_and_puts_it_back():
         assert gc.get_freeze_count() > 0  # what existed is out of the collector's reach
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_cpu_timed_counts_full_calls_only_and_starts_afresh():
+    from asyncnn.bench.workloads_slo import MAX_SIZE, _CpuTimed
+
+    model = _CpuTimed(torch.nn.Linear(4, 4))
+    assert model.take() == (0.0, 0.0)  # no full call yet
+    model(torch.ones(3, 4))  # a partial batch: not a full call's cost
+    assert model.take() == (0.0, 0.0)
+    for _ in range(3):
+        model(torch.ones(MAX_SIZE, 4))
+    p50, p90 = model.take()
+    assert 0.0 < p50 <= p90  # the thread's CPU seconds of a full batch
+    assert model.take() == (0.0, 0.0)  # taken: the next run starts afresh

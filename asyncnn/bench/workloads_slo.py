@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -75,10 +76,37 @@ class Tally:
     loop: LoopWatch = field(default_factory=LoopWatch)  # what stopped the loop meanwhile
     call: float = 0.0  # the stage's call, p50 seconds, over this run
     calibrated: float = 0.0  # the full batch's call the deadlines were set from (closed loop)
+    cpu: float = 0.0  # a full batch's call in CPU seconds of its thread, p50, over this run
+    cpu_p90: float = 0.0  # the same, p90
+    calibrated_cpu: float = 0.0  # the same in the closed loop the deadlines were set from
 
     def goodput(self, cls: str | None = None) -> float:
         n = sum(self.in_time.values()) if cls is None else self.in_time[cls]
         return n / self.seconds
+
+
+class _CpuTimed(torch.nn.Module):
+    """The model, with the CPU seconds its thread spent on each full batch (``take``). A call
+    that takes longer in wall time waited for a core (or the GIL); one that takes more CPU
+    time did the same work more slowly: the machine, not the runtime's scheduling (on the
+    2-core VM the same 64 rows took 13-25 ms of CPU within one second)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._full: list[float] = []  # appended by the runners' threads (atomic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.thread_time()
+        y = self.model(x)
+        if x.shape[0] == MAX_SIZE:
+            self._full.append(time.thread_time() - t0)
+        return y
+
+    def take(self) -> tuple[float, float]:
+        """The p50 and p90 CPU seconds of the full calls since the last ``take`` (0.0: none)."""
+        full, self._full = self._full, []
+        return (percentile(full, 50), percentile(full, 90)) if full else (0.0, 0.0)
 
 
 def _schedule(rate: float, seconds: float, seed: int) -> list[tuple[float, bool]]:
@@ -165,7 +193,7 @@ def _started() -> Iterator[None]:
 
 
 def slo(ctx: Context) -> list[Row]:
-    model = bench_mlp()
+    model = _CpuTimed(bench_mlp())
     torch.manual_seed(2)
     rows = [torch.randn(1, 512) for _ in range(64)]
     seconds = 1.0 if ctx.quick else 2.0
@@ -177,19 +205,23 @@ def slo(ctx: Context) -> list[Row]:
                     pipe.send, rows, 4 * MAX_SIZE, 8 * MAX_SIZE * (2 if ctx.quick else 4)
                 )
             m.extra["call"] = pipe.stats()["model"].latency_p50
+        m.extra["cpu"] = model.take()[0]
         return m
 
-    def calibrate() -> tuple[float, float]:
-        """(capacity, a full batch's call inside the pipeline under full load): the medians of
-        two closed-loop runs, taken right before the settings they pace run."""
+    def calibrate() -> tuple[float, float, float]:
+        """(capacity, a full batch's call inside the pipeline under full load, its CPU
+        seconds): the medians of two closed-loop runs, taken right before the settings they
+        pace run."""
         caps = [run_on_loop(ctx.loop, capacity) for _ in range(2)]
-        return statistics.median(m.rate for m in caps), statistics.median(
-            m.extra["call"] for m in caps
+        return (
+            statistics.median(m.rate for m in caps),
+            statistics.median(m.extra["call"] for m in caps),
+            statistics.median(m.extra["cpu"] for m in caps),
         )
 
     systems = _systems()
     results: dict[tuple[str, float], list[Tally]] = {}
-    calibrations: list[tuple[float, float]] = []
+    calibrations: list[tuple[float, float, float]] = []
     steps, done = len(LOADS) * len(systems) * ctx.repeats, 0
     for r in range(ctx.repeats):
         for load in LOADS:
@@ -197,8 +229,8 @@ def slo(ctx: Context) -> list[Row]:
             # speed drifts 30% within minutes, and deadlines set from a fast minute were out
             # of reach in a slow one (urgent requests missed them even at 70% load).
             ctx.progress(f"capacity before {load:.0%} ({r + 1}/{ctx.repeats})", done / steps)
-            cap, full = calibrate()
-            calibrations.append((cap, full))
+            cap, full, cpu = calibrate()
+            calibrations.append((cap, full, cpu))
             tight, loose = TIGHT * full, LOOSE * full
             plan = _schedule(load * cap, seconds, seed=1000 * r + int(load * 100))
             for name, delay in systems.items():
@@ -210,12 +242,14 @@ def slo(ctx: Context) -> list[Row]:
                     tight: float = tight,
                     loose: float = loose,
                     full: float = full,
+                    cpu: float = cpu,
                 ) -> Tally:
                     async with _pipeline(model, delay) as pipe:
                         with _started():
                             tally = await _open_loop(pipe, rows, plan, tight, loose, seconds)
                         tally.call = pipe.stats()["model"].latency_p50
-                    tally.calibrated = full
+                    tally.calibrated, tally.calibrated_cpu = full, cpu
+                    tally.cpu, tally.cpu_p90 = model.take()
                     return tally
 
                 results.setdefault((name, load), []).append(run_on_loop(ctx.loop, run))
@@ -266,11 +300,33 @@ def verdicts(
     return out
 
 
+def _note(ts: list[Tally]) -> str:
+    """What one setting's runs at one load did, beyond goodput: by class, what ended how, the
+    loop, and the calls against the closed loop the deadlines were set from."""
+    urgent = [lat for t in ts for lat in t.latencies["urgent"]]
+    share = _median(ts, lambda t: t.in_time["urgent"] / max(1, t.offered["urgent"]))
+    worst = max(ts, key=lambda t: t.late)
+    return (
+        f"urgent: {_median(ts, lambda t: t.goodput('urgent')):.0f}/s in time ({share:.1%}), "
+        f"p50/p99 {percentile(urgent, 50) * 1e3 if urgent else 0:.1f}/"
+        f"{percentile(urgent, 99) * 1e3 if urgent else 0:.1f} ms; normal "
+        f"{_median(ts, lambda t: t.goodput('normal')):.0f}/s; missed "
+        f"{_median(ts, lambda t: t.missed):.0f}, shed {_median(ts, lambda t: t.shed):.0f}; "
+        f"latest end past a deadline {worst.late * 1e3:.1f} ms ({worst.loop.describe()}); "
+        f"calls p50 {_median(ts, lambda t: t.call) * 1e3:.1f} ms, "
+        f"{_median(ts, lambda t: t.call / t.calibrated if t.calibrated else 0):.2f}x the "
+        "closed-loop call the deadlines are set from; a full call's CPU time p50/p90 "
+        f"{_median(ts, lambda t: t.cpu) * 1e3:.1f}/{_median(ts, lambda t: t.cpu_p90) * 1e3:.1f} "
+        f"ms, {_median(ts, lambda t: t.cpu / t.calibrated_cpu if t.calibrated_cpu else 0):.2f}x "
+        "the closed loop's p50"
+    )
+
+
 def _rows(
     ctx: Context,
     results: dict[tuple[str, float], list[Tally]],
     names: list[str],
-    calibrations: list[tuple[float, float]],
+    calibrations: list[tuple[float, float, float]],
 ) -> list[Row]:
     out: list[Row] = []
     total = {n: sum(_median(results[n, load], Tally.goodput) for load in LOADS) for n in names}
@@ -288,24 +344,10 @@ def _rows(
                 max(rates),
                 unit="good req/s",
             )
-            urgent = [lat for t in ts for lat in t.latencies["urgent"]]
             normal = [lat for t in ts for lat in t.latencies["normal"]]
             row.p50_ms = percentile(normal, 50) * 1e3 if normal else None
             row.p99_ms = percentile(normal, 99) * 1e3 if normal else None
-            urgent_share = _median(ts, lambda t: t.in_time["urgent"] / max(1, t.offered["urgent"]))
-            row.note = (
-                f"urgent: {_median(ts, lambda t: t.goodput('urgent')):.0f}/s in time "
-                f"({urgent_share:.1%}), p50/p99 "
-                f"{percentile(urgent, 50) * 1e3 if urgent else 0:.1f}/"
-                f"{percentile(urgent, 99) * 1e3 if urgent else 0:.1f} ms; normal "
-                f"{_median(ts, lambda t: t.goodput('normal')):.0f}/s; missed "
-                f"{_median(ts, lambda t: t.missed):.0f}, shed {_median(ts, lambda t: t.shed):.0f}; "
-                f"latest end past a deadline {max(t.late for t in ts) * 1e3:.1f} ms "
-                f"({max(ts, key=lambda t: t.late).loop.describe()}); calls p50 "
-                f"{_median(ts, lambda t: t.call) * 1e3:.1f} ms, "
-                f"{_median(ts, lambda t: t.call / t.calibrated if t.calibrated else 0):.2f}x the "
-                "closed-loop call the deadlines are set from"
-            )
+            row.note = _note(ts)
             if name == "auto":
                 j = judged[load]
                 row.ratio, row.ratio_label = j.ratio, "of the best fixed setting at this load"
@@ -328,8 +370,8 @@ def _rows(
         f"{overall.high:.2f})"
     )
     summary.verdict = overall.verdict
-    caps = [c for c, _ in calibrations]
-    fulls = [f for _, f in calibrations]
+    caps = [c for c, _, _ in calibrations]
+    fulls = [f for _, f, _ in calibrations]
     summary.note = (
         f"capacity {min(caps):,.0f}–{max(caps):,.0f} req/s (closed loop, before each load of "
         f"each repeat); deadlines urgent {TIGHT * min(fulls) * 1e3:.0f}–"
