@@ -78,3 +78,12 @@ def test_cpu_timed_counts_full_calls_only_and_starts_afresh():
     p50, p90 = model.take()
     assert 0.0 < p50 <= p90  # the thread's CPU seconds of a full batch
     assert model.take() == (0.0, 0.0)  # taken: the next run starts afresh
+
+
+def test_the_note_compares_a_full_calls_cpu_time_with_the_closed_loop():
+    from asyncnn.bench.workloads_slo import Tally, _note
+
+    light = Tally(seconds=1.0)  # every call smaller than a full batch: nothing to compare
+    assert _note([light]).endswith("no full batch")
+    loaded = Tally(seconds=1.0, cpu=0.018, cpu_p90=0.024, calibrated_cpu=0.012)
+    assert "CPU time p50/p90 18.0/24.0 ms, 1.50x the closed loop's p50" in _note([loaded])

@@ -315,10 +315,18 @@ def _note(ts: list[Tally]) -> str:
         f"latest end past a deadline {worst.late * 1e3:.1f} ms ({worst.loop.describe()}); "
         f"calls p50 {_median(ts, lambda t: t.call) * 1e3:.1f} ms, "
         f"{_median(ts, lambda t: t.call / t.calibrated if t.calibrated else 0):.2f}x the "
-        "closed-loop call the deadlines are set from; a full call's CPU time p50/p90 "
-        f"{_median(ts, lambda t: t.cpu) * 1e3:.1f}/{_median(ts, lambda t: t.cpu_p90) * 1e3:.1f} "
-        f"ms, {_median(ts, lambda t: t.cpu / t.calibrated_cpu if t.calibrated_cpu else 0):.2f}x "
-        "the closed loop's p50"
+        f"closed-loop call the deadlines are set from; {_cpu(ts)}"
+    )
+
+
+def _cpu(ts: list[Tally]) -> str:
+    timed = [t for t in ts if t.cpu and t.calibrated_cpu]
+    if not timed:
+        return "no full batch"  # light load: every call smaller
+    return (
+        f"a full call's CPU time p50/p90 {_median(timed, lambda t: t.cpu) * 1e3:.1f}/"
+        f"{_median(timed, lambda t: t.cpu_p90) * 1e3:.1f} ms, "
+        f"{_median(timed, lambda t: t.cpu / t.calibrated_cpu):.2f}x the closed loop's p50"
     )
 
 
