@@ -221,7 +221,7 @@ def slo(ctx: Context) -> list[Row]:
 
     systems = _systems()
     results: dict[tuple[str, float], list[Tally]] = {}
-    calibrations: list[tuple[float, float, float]] = []
+    calibrations: list[tuple[float, float]] = []
     steps, done = len(LOADS) * len(systems) * ctx.repeats, 0
     for r in range(ctx.repeats):
         for load in LOADS:
@@ -230,7 +230,7 @@ def slo(ctx: Context) -> list[Row]:
             # of reach in a slow one (urgent requests missed them even at 70% load).
             ctx.progress(f"capacity before {load:.0%} ({r + 1}/{ctx.repeats})", done / steps)
             cap, full, cpu = calibrate()
-            calibrations.append((cap, full, cpu))
+            calibrations.append((cap, full))
             tight, loose = TIGHT * full, LOOSE * full
             plan = _schedule(load * cap, seconds, seed=1000 * r + int(load * 100))
             for name, delay in systems.items():
@@ -334,7 +334,7 @@ def _rows(
     ctx: Context,
     results: dict[tuple[str, float], list[Tally]],
     names: list[str],
-    calibrations: list[tuple[float, float, float]],
+    calibrations: list[tuple[float, float]],
 ) -> list[Row]:
     out: list[Row] = []
     total = {n: sum(_median(results[n, load], Tally.goodput) for load in LOADS) for n in names}
@@ -378,8 +378,8 @@ def _rows(
         f"{overall.high:.2f})"
     )
     summary.verdict = overall.verdict
-    caps = [c for c, _, _ in calibrations]
-    fulls = [f for _, f, _ in calibrations]
+    caps = [c for c, _ in calibrations]
+    fulls = [f for _, f in calibrations]
     summary.note = (
         f"capacity {min(caps):,.0f}–{max(caps):,.0f} req/s (closed loop, before each load of "
         f"each repeat); deadlines urgent {TIGHT * min(fulls) * 1e3:.0f}–"
