@@ -13,6 +13,7 @@ finish with ``ordered=False``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -20,9 +21,9 @@ import torch
 
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .choice import for_workers, processes_unsuitable
+from .choice import MIN_BATCHES_PER_CORE, for_workers, processes_unsuitable
 from .config import LoaderConfig, usable_cores
-from .flow import Entry, collate_batch, fetch_and_collate, finish
+from .flow import Entry, collate_batch, fetch_and_collate, finish, parts_of
 from .gather import Gather
 from .plan import batch_count, batches_of, epoch_indices
 from .probe import probe, timed_fetch
@@ -72,8 +73,9 @@ class _Feeds:
                 return t.exception()
         return None
 
-    async def start_processes(self, todo: Iterator[tuple[int, list[int]]]) -> None:
-        """Fetch the batches left in ``todo`` in worker processes from now on."""
+    async def start_processes(self, todo: Iterator[tuple[int, list[int]]], threads: int) -> None:
+        """Fetch the batches left in ``todo`` in worker processes from now on, each batch
+        spread over ``threads`` threads of its worker when more than one."""
         cfg = self.ep.cfg
 
         def arrived(item: Fetched) -> None:
@@ -95,6 +97,7 @@ class _Feeds:
             init=cfg.worker_init_fn,
             loop=asyncio.get_running_loop(),
             deliver=arrived,
+            threads=threads,
         )
         await self.collator.run(self.pool.start, ())
         self.ep.counters["process_epochs"] += 1
@@ -148,7 +151,7 @@ async def produce_map_batches(
     feeds = _Feeds(ep, collator)
     try:
         if cfg.processes:
-            await feeds.start_processes(todo)
+            await feeds.start_processes(todo, 1)
         else:
             assert pool is not None
             _start_threads(feeds, pool, todo, count, gather)
@@ -221,13 +224,19 @@ def _start_threads(
             handing_off = False
             if not probed:  # the first batch: a few samples show what fetching is
                 probed.append(True)
-                head, spread, per_batch, idxs = await probe(pool, cfg, idxs)
+                head, spread, per_batch, idxs, bound = await probe(pool, cfg, idxs)
                 if spread:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
-                    widen.set()
-                    ahead.set()
+                    if bound and await _use_processes(feeds, batches, per_batch, per_core=1):
+                        # ... but computing enough between waits to keep the GIL busy: the
+                        # rest of the epoch in processes, each spreading over threads
+                        await feeds.start_processes(todo, cfg.fetch_threads)
+                        handing_off = True
+                    else:
+                        widen.set()
+                        ahead.set()
                 elif await _use_processes(feeds, batches, per_batch):
-                    await feeds.start_processes(todo)  # the rest of the epoch, in processes
+                    await feeds.start_processes(todo, 1)  # the rest of the epoch, in processes
                     handing_off = True
                 else:
                     ahead.set()
@@ -257,14 +266,17 @@ def _start_threads(
     ]
 
 
-async def _use_processes(feeds: _Feeds, batches: int, per_batch: float) -> bool:
-    """``worker_kind="auto"``: should worker processes decode the rest of this epoch?"""
+async def _use_processes(
+    feeds: _Feeds, batches: int, per_batch: float, per_core: int = MIN_BATCHES_PER_CORE
+) -> bool:
+    """``worker_kind="auto"``: should worker processes fetch the rest of this epoch?"""
     cfg = feeds.ep.cfg
     if cfg.worker_kind != "auto":
         return False
     source = for_workers(cfg.source)
     why_not = await feeds.collator.run(
-        processes_unsuitable, (cfg, batches, usable_cores(), per_batch, source)
+        functools.partial(processes_unsuitable, per_core=per_core),
+        (cfg, batches, usable_cores(), per_batch, source),
     )
     if why_not is None:
         feeds.source = source
@@ -304,8 +316,7 @@ async def _spread(pool: ThreadWorker, source: Any, idxs: list[int], threads: int
     """An I/O-bound batch: its samples fetched in ``threads`` parts at once."""
     if not idxs:
         return []
-    size = -(-len(idxs) // threads)
-    parts = [idxs[i : i + size] for i in range(0, len(idxs), size)]
+    parts = parts_of(idxs, threads)
     got = await asyncio.gather(*(pool.run(timed_fetch, (source, p)) for p in parts))
     return [s for fetched in got for s in fetched[0]]
 

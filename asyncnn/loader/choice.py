@@ -2,7 +2,10 @@
 tests drive it directly.
 
 Processes are chosen only where they are safe and pay: the first samples showed that fetching
-computes (decoding holds the GIL, so threads cannot run it in parallel) and is costly enough
+computes (decoding holds the GIL, so threads cannot run it in parallel), or that it waits (on
+I/O) but computes enough between waits that the fetch threads would keep the GIL busy (a sync
+HTTP client's ~2 ms of Python a read: one process's threads top out at ~500 reads a second, and
+each worker process then spreads its batches over threads of its own), and is costly enough
 (an in-memory dataset is cheaper to index than to send between processes), the process may use
 two cores or more, the epoch is long enough to pay for starting them, workers can be forked
 (spawning one costs seconds), CUDA is not initialised here (a forked child could not use it),
@@ -31,6 +34,7 @@ __all__ = [
     "as_before_fetching",
     "attributes",
     "for_workers",
+    "gil_bound",
     "pickles",
     "processes_unsuitable",
     "remember_fetching",
@@ -47,6 +51,13 @@ MIN_BATCH_SECONDS = 0.0005
 # worker processes costs ~50 ms (the first batch 40 ms later than a thread's, on the 2-core VM),
 # which the workers must win back.
 MIN_EPOCH_SECONDS = 0.25
+
+
+def gil_bound(computed: float, waited: float, threads: int) -> bool:
+    """Would ``threads`` fetch threads keep one process's GIL busy, each fetch computing
+    ``computed`` seconds (holding it) and waiting ``waited`` (on I/O)? Then more threads cannot
+    go faster, and worker processes, each with threads of its own, can."""
+    return threads * computed >= computed + waited
 
 
 class _Discard:
@@ -153,11 +164,19 @@ def as_before_fetching(source: Any, initial: dict[str, Any]) -> Any:
 
 
 def processes_unsuitable(
-    cfg: LoaderConfig, batches: int, cores: int, per_batch: float, source: Any = None
+    cfg: LoaderConfig,
+    batches: int,
+    cores: int,
+    per_batch: float,
+    source: Any = None,
+    *,
+    per_core: int = MIN_BATCHES_PER_CORE,
 ) -> str | None:
     """Why worker processes should not take over an epoch of ``batches`` batches whose first
     samples computed, ``per_batch`` seconds a batch at that rate; None when they should.
-    ``source``: the dataset the workers would get, when not ``cfg.source``."""
+    ``source``: the dataset the workers would get, when not ``cfg.source``. ``per_core``: the
+    fewest batches left per core that pay for starting workers (1 for batches that wait on
+    I/O, each ~0.1 s or more: the epoch's length below is what decides)."""
     if per_batch < MIN_BATCH_SECONDS:
         return (
             f"a batch takes {per_batch * 1e3:.2f} ms to fetch, too little to pay for sending "
@@ -165,7 +184,7 @@ def processes_unsuitable(
         )
     if cores < 2:
         return "this process may use one core"
-    if batches - 1 < MIN_BATCHES_PER_CORE * cores:
+    if batches - 1 < per_core * cores:
         return f"the epoch has {batches} batches, too few to pay for starting workers"
     if (batches - 1) * per_batch < MIN_EPOCH_SECONDS:
         return (

@@ -22,6 +22,7 @@ __all__ = [
     "fetch_and_collate",
     "fetch_many",
     "finish",
+    "parts_of",
     "read_batch",
     "sync_batches",
     "to_collate",
@@ -220,6 +221,13 @@ def fetch_many(source: Any, indices: list[int]) -> list[Any]:
         )
         return [Failed(i, err) for i in indices]
     return _one_by_one(source, indices)
+
+
+def parts_of(indices: list[int], parts: int) -> list[list[int]]:
+    """``indices`` cut into at most ``parts`` runs of (nearly) equal length, in order: one
+    batch spread over that many fetch threads."""
+    size = max(1, -(-len(indices) // max(1, parts)))
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def _one_by_one(source: Any, indices: list[int]) -> list[Any]:

@@ -1,11 +1,13 @@
-"""Worker processes for a sync map-style dataset whose decoding computes (and so holds the GIL).
+"""Worker processes for a sync map-style dataset whose decoding computes (and so holds the GIL),
+or whose fetching waits on I/O but computes enough between waits to keep one process's GIL busy.
 
-Each worker process fetches whole batches (``__getitems__`` or a loop, as on a fetch thread) and
-collates them; the batch goes back through its pipe, small tensors inline and large ones
-through shared memory (``transport``). As in a ``DataLoader``, batch ``k`` goes to worker
-``k % workers`` (with per-worker seeds, augmentations are reproducible), ``get_worker_info()``
-works inside the dataset, and ``default_collate`` writes a batch too large for the pipe straight
-into shared memory (``transport.worker_collate``).
+Each worker process fetches whole batches (``__getitems__`` or a loop, as on a fetch thread;
+with ``threads`` > 1, in one part per thread of its own, at once, as the parent's fetch threads
+spread a batch that waits) and collates them; the batch goes back through its pipe, small
+tensors inline and large ones through shared memory (``transport``). As in a ``DataLoader``,
+batch ``k`` goes to worker ``k % workers`` (with per-worker seeds, augmentations are
+reproducible), ``get_worker_info()`` works inside the dataset, and ``default_collate`` writes a
+batch too large for the pipe straight into shared memory (``transport.worker_collate``).
 
 The parent never blocks its event loop: a job (a batch's indices) is put on its worker's queue
 (a feeder thread writes it), and one receiver thread waits on every worker's result pipe and
@@ -31,6 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
@@ -39,7 +42,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..errors import describe
-from .flow import fetch_many, to_collate
+from .flow import fetch_many, parts_of, to_collate
 from .reorder import Failed
 from .transport import receive, send, worker_collate
 
@@ -88,11 +91,15 @@ def _note(exc: BaseException, note: str) -> None:
 
 
 def fetch_batch(
-    source: Any, collate: Callable[[list[Any]], Any], idxs: list[int], skip: bool
+    source: Any,
+    collate: Callable[[list[Any]], Any],
+    idxs: list[int],
+    skip: bool,
+    fetch: Callable[[Any, list[int]], list[Any]] = fetch_many,
 ) -> tuple[list[Failed], Any]:
     """A worker's job: the failed samples (their errors made portable) and the collated batch
     of the good ones (None when none is left, or a sample failed and errors raise)."""
-    samples = fetch_many(source, idxs)
+    samples = fetch(source, idxs)
     failures = [Failed(s.index, _portable(s.error)) for s in samples if isinstance(s, Failed)]
     good = to_collate(samples, skip)
     if good is None:
@@ -101,6 +108,27 @@ def fetch_batch(
         return failures, collate(good)
     except Exception as exc:
         return failures, CollateError(_portable(exc))
+
+
+class _Spread:
+    """A worker's fetch for batches that wait on I/O: ``fetch_many`` in one part per thread,
+    at once, the samples in order. The worker's first sample is fetched alone, as the parent's
+    first samples are: a dataset that opens its handle (a client, a connection) on first use in
+    a process would otherwise open one per thread at once (``httpx.Client``: ~30 ms of CPU
+    each, a second a worker for 32 threads)."""
+
+    def __init__(self, worker: int, threads: int) -> None:
+        self.threads, self.warm = threads, False
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"asyncnn:loader-w{worker}")
+
+    def __call__(self, source: Any, idxs: list[int]) -> list[Any]:
+        head: list[Any] = []
+        if not self.warm:
+            self.warm = True
+            head, idxs = fetch_many(source, idxs[:1]), idxs[1:]
+        parts = parts_of(idxs, self.threads)
+        got = self.pool.map(lambda p: fetch_many(source, p), parts)
+        return head + [s for samples in got for s in samples]
 
 
 def _seed(seed: int, worker: int, workers: int, source: Any) -> None:
@@ -130,9 +158,10 @@ def _serve(
     results: Connection,
     stop: Any,
     parent: int,
+    threads: int = 1,
 ) -> None:
     """A worker process: batches until told to stop (``stop`` set: the jobs still queued are
-    left), or until its parent is gone."""
+    left), or until its parent is gone; each spread over ``threads`` when more than one."""
     # What the parent held is never collected here: no parent object's finalizer runs in a
     # worker, and its pages stay shared (copy-on-write) rather than touched by the collector.
     gc.freeze()
@@ -146,6 +175,26 @@ def _serve(
         except Exception as exc:
             send(results, (worker, -1, [], 0, _portable(exc)))
             return
+    spread = _Spread(worker, threads) if threads > 1 else None
+    try:
+        _jobs(worker, source, collate, skip, jobs, results, stop, parent, spread or fetch_many)
+    finally:
+        if spread is not None:
+            spread.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _jobs(
+    worker: int,
+    source: Any,
+    collate: Callable[[list[Any]], Any],
+    skip: bool,
+    jobs: Any,
+    results: Connection,
+    stop: Any,
+    parent: int,
+    fetch: Callable[[Any, list[int]], list[Any]],
+) -> None:
+    """A worker's loop: each job's batch fetched, collated and sent, until told to stop."""
     while True:
         try:
             job = jobs.get(timeout=_WATCH)
@@ -156,7 +205,7 @@ def _serve(
         if job is None or stop.is_set():
             return
         k, idxs = job
-        failures, batch = fetch_batch(source, collate, idxs, skip)
+        failures, batch = fetch_batch(source, collate, idxs, skip, fetch)
         if not send(results, (worker, k, failures, len(idxs), batch)):
             unsent = RuntimeError(
                 f"batch {k} cannot be sent from a worker process: {type(batch).__name__} does "
@@ -174,7 +223,8 @@ def _describe(code: int | None) -> str:
 
 
 class ProcessPool:
-    """``workers`` processes fetching and collating batches of ``source``.
+    """``workers`` processes fetching and collating batches of ``source`` (each batch spread
+    over ``threads`` threads of its worker when more than one).
 
     ``deliver`` (called on the loop) receives each ``Fetched`` result; ``(worker, -1, [], 0,
     error)`` says the epoch cannot go on: a ``WorkerDied``, or what ``init`` raised. ``start``
@@ -193,8 +243,10 @@ class ProcessPool:
         init: Callable[[int], None] | None,
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[Fetched], None],
+        threads: int = 1,
     ) -> None:
         self._ctx: Any = mp.get_context(context)
+        self._threads = threads
         self._args = (workers, source, collate, skip, seed, init)
         self._loop = loop
         self._deliver = deliver
@@ -215,7 +267,7 @@ class ProcessPool:
             p = self._ctx.Process(
                 target=_serve,
                 args=(i, workers, source, collate, skip, seed + i, init, jobs, results_w),
-                kwargs={"stop": self._stop, "parent": os.getpid()},
+                kwargs={"stop": self._stop, "parent": os.getpid(), "threads": self._threads},
                 name=f"asyncnn:loader-worker:{i}",
                 daemon=True,
             )
