@@ -71,7 +71,9 @@ class AsyncLoader:
             batches must pickle, and the dataset and ``worker_init_fn`` too unless workers
             are forked. ``"thread"``: fetch threads only. ``"auto"`` (default): threads, and
             if the first samples computed rather than waited, forked worker processes for the
-            rest of the epoch — only where that is safe and pays (see ``loader/choice.py``:
+            rest of the epoch; if they waited but computed enough between waits that the fetch
+            threads would keep the GIL busy (a sync HTTP client), worker processes that each
+            spread their batches over threads of their own — only where that is safe and pays (see ``loader/choice.py``:
             two cores or more, a long enough epoch, CUDA not initialised, a dataset that
             pickles, so holds no open file or connection). ``stats().process_epochs`` counts
             the epochs that used them.
