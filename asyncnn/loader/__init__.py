@@ -73,10 +73,10 @@ class AsyncLoader:
             if the first samples computed rather than waited, forked worker processes for the
             rest of the epoch; if they waited but computed enough between waits that the fetch
             threads would keep the GIL busy (a sync HTTP client), worker processes that each
-            spread their batches over threads of their own — only where that is safe and pays (see ``loader/choice.py``:
-            two cores or more, a long enough epoch, CUDA not initialised, a dataset that
-            pickles, so holds no open file or connection). ``stats().process_epochs`` counts
-            the epochs that used them.
+            spread their batches over threads of their own — only where that is safe and pays
+            (see ``loader/choice.py``: two cores or more, a long enough epoch, CUDA not
+            initialised, a dataset that pickles, so holds no open file or connection).
+            ``stats().process_epochs`` counts the epochs that used them.
         threads: the same as ``workers`` with ``worker_kind="thread"`` (kept for older code).
         multiprocessing_context: the start method of worker processes (``"fork"``,
             ``"spawn"``, ``"forkserver"``); default: Python's, as in a ``DataLoader``.

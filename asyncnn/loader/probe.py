@@ -80,12 +80,12 @@ async def probe(
         # their cost): the cheaper look is the rate, or processes would take over for it.
         more, cpu, waited = await pool.run(timed_fetch, (source, idxs[:PROBE]))
         again = waits(cpu, waited, len(more), cfg.batch_size)
+        second = cpu / max(1, len(more))
         # A first look that computed over twice the second's was the warm-up's (a client or a
         # handle opened on first use): the second look alone says what fetching is.
-        warm_up = cpu / max(1, len(more)) * WARM_UP < per_sample
-        spread = again if warm_up else spread and again
-        if cpu / max(1, len(more)) < per_sample:
-            per_sample, wait = cpu / max(1, len(more)), waited / max(1, len(more))
+        spread = again if second * WARM_UP < per_sample else spread and again
+        if second < per_sample:
+            per_sample, wait = second, waited / max(1, len(more))
         head += more  # one list, emptied (its samples freed) where it is collated
         idxs = idxs[PROBE:]
     after = attributes(source)
