@@ -21,7 +21,12 @@ import torch
 
 from ..errors import LoaderError, describe
 from ..executors import ThreadWorker
-from .choice import MIN_BATCHES_PER_CORE, for_workers, processes_unsuitable
+from .choice import (
+    MIN_BATCHES_PER_CORE,
+    MIN_WAITING_BATCHES_PER_CORE,
+    for_workers,
+    processes_unsuitable,
+)
 from .config import LoaderConfig, usable_cores
 from .flow import Entry, collate_batch, fetch_and_collate, finish, parts_of
 from .gather import Gather
@@ -227,7 +232,9 @@ def _start_threads(
                 head, spread, per_batch, idxs, bound = await probe(pool, cfg, idxs)
                 if spread:
                     waiting.append(True)  # mostly waiting on I/O: spread batches over threads
-                    if bound and await _use_processes(feeds, batches, per_batch, per_core=1):
+                    if bound and await _use_processes(
+                        feeds, batches, per_batch, per_core=MIN_WAITING_BATCHES_PER_CORE
+                    ):
                         # ... but computing enough between waits to keep the GIL busy: the
                         # rest of the epoch in processes, each spreading over threads
                         await feeds.start_processes(todo, cfg.fetch_threads)

@@ -31,6 +31,7 @@ __all__ = [
     "MIN_BATCHES_PER_CORE",
     "MIN_BATCH_SECONDS",
     "MIN_EPOCH_SECONDS",
+    "MIN_WAITING_BATCHES_PER_CORE",
     "as_before_fetching",
     "attributes",
     "for_workers",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 MIN_BATCHES_PER_CORE = 4  # fewer batches left than this per core: starting workers does not pay
+# ... for batches that wait on I/O (each ~0.1 s or more): the epoch's length decides instead
+MIN_WAITING_BATCHES_PER_CORE = 1
 # Cheaper batches cost less to fetch than to send between processes. Measured on the 2-core VM
 # (batches of 32 samples of three small tensors, decoding that holds the GIL, three rounds):
 # two worker processes against the fetch thread 1.18x at 0.25 ms a batch, 1.13x at 0.5, 1.30x
@@ -175,8 +178,8 @@ def processes_unsuitable(
     """Why worker processes should not take over an epoch of ``batches`` batches whose first
     samples computed, ``per_batch`` seconds a batch at that rate; None when they should.
     ``source``: the dataset the workers would get, when not ``cfg.source``. ``per_core``: the
-    fewest batches left per core that pay for starting workers (1 for batches that wait on
-    I/O, each ~0.1 s or more: the epoch's length below is what decides)."""
+    fewest batches left per core that pay for starting workers (``MIN_WAITING_BATCHES_PER_CORE``
+    for batches that wait on I/O: the epoch's length below is what decides)."""
     if per_batch < MIN_BATCH_SECONDS:
         return (
             f"a batch takes {per_batch * 1e3:.2f} ms to fetch, too little to pay for sending "
